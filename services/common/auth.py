@@ -1,0 +1,264 @@
+"""Identity and tokens: JWTs (HS256) signed with the deployment secret.
+
+User tokens carry ``sub`` = user id and ``role`` = ``user`` | ``admin``; service tokens carry
+``sub`` = ``service:<name>`` and ``role`` = ``service``. A service acting for a user sends its
+own token plus the user id in the ``x-agentplane-on-behalf-of`` metadata; only service
+identities may do that. The verified identity of the running RPC is in `current_identity()`.
+
+This module does not import grpc; the interceptors in `interceptors` and `client` do.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import enum
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import jwt
+
+from services.common.errors import PermissionDenied, Unauthenticated
+
+ALGORITHM = "HS256"
+ISSUER = "agentplane"
+SERVICE_PREFIX = "service:"
+AUTHORIZATION_METADATA_KEY = "authorization"
+ON_BEHALF_OF_METADATA_KEY = "x-agentplane-on-behalf-of"
+DEFAULT_USER_TTL_SECONDS = 24 * 3600
+DEFAULT_SERVICE_TTL_SECONDS = 3600
+
+
+class Role(enum.StrEnum):
+    """The role claim of a token."""
+
+    USER = "user"
+    ADMIN = "admin"
+    SERVICE = "service"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who is calling: the token's subject and role, and whom a service acts for."""
+
+    subject: str
+    role: Role
+    acting_for: str | None = None
+
+    @property
+    def user_id(self) -> str | None:
+        """The effective user: the user a service acts for, else the user itself; None for a bare service."""
+        if self.acting_for is not None:
+            return self.acting_for
+        return None if self.role is Role.SERVICE else self.subject
+
+    @property
+    def is_admin(self) -> bool:
+        """True for a user token with the admin role (never for services)."""
+        return self.role is Role.ADMIN
+
+    @property
+    def service_name(self) -> str | None:
+        """``chat`` for ``service:chat``; None for users."""
+        if self.role is Role.SERVICE:
+            return self.subject.removeprefix(SERVICE_PREFIX)
+        return None
+
+    def is_service(self, name: str | None = None) -> bool:
+        """True for a service identity (of service `name`, when given)."""
+        return self.role is Role.SERVICE and (name is None or self.service_name == name)
+
+
+def service_subject(name: str) -> str:
+    """The token subject of service `name` (``service:chat``)."""
+    return f"{SERVICE_PREFIX}{name}"
+
+
+def mint_token(secret: str, subject: str, role: Role | str, ttl_seconds: float | None = None) -> str:
+    """Sign a token for `subject` with `role`, valid for `ttl_seconds`."""
+    role = Role(role)
+    _check_subject(subject, role)
+    if ttl_seconds is None:
+        ttl_seconds = DEFAULT_SERVICE_TTL_SECONDS if role is Role.SERVICE else DEFAULT_USER_TTL_SECONDS
+    now = int(time.time())
+    claims = {
+        "sub": subject,
+        "role": role.value,
+        "iss": ISSUER,
+        "iat": now,
+        "exp": now + int(ttl_seconds),
+        "jti": uuid.uuid4().hex,
+    }
+    return jwt.encode(claims, secret, algorithm=ALGORITHM)
+
+
+def mint_service_token(secret: str, service: str, ttl_seconds: float | None = None) -> str:
+    """Sign a token for service `service` (subject ``service:<service>``)."""
+    return mint_token(secret, service_subject(service), Role.SERVICE, ttl_seconds)
+
+
+def verify_token(secret: str, token: str) -> Identity:
+    """Verify `token` and return its identity; raises `Unauthenticated` saying what is wrong."""
+    try:
+        claims = jwt.decode(
+            token,
+            secret,
+            algorithms=[ALGORITHM],
+            issuer=ISSUER,
+            options={"require": ["sub", "exp", "iat"]},
+        )
+    except jwt.ExpiredSignatureError:
+        raise Unauthenticated("token has expired", reason="TOKEN_EXPIRED") from None
+    except jwt.InvalidSignatureError:
+        raise Unauthenticated("token signature is invalid", reason="TOKEN_INVALID") from None
+    except jwt.DecodeError:
+        raise Unauthenticated("token is malformed", reason="TOKEN_MALFORMED") from None
+    except jwt.InvalidTokenError as exc:
+        raise Unauthenticated(f"token is invalid: {exc}", reason="TOKEN_INVALID") from None
+    try:
+        role = Role(str(claims.get("role")))
+    except ValueError:
+        raise Unauthenticated("token has no valid role claim", reason="TOKEN_INVALID") from None
+    subject = str(claims["sub"])
+    try:
+        _check_subject(subject, role)
+    except ValueError as exc:
+        raise Unauthenticated(str(exc), reason="TOKEN_INVALID") from None
+    return Identity(subject=subject, role=role)
+
+
+def parse_authorization(value: str | None) -> str:
+    """Extract the token from an ``authorization`` metadata value (``Bearer <token>``)."""
+    if not value:
+        raise Unauthenticated(
+            "missing authorization metadata (expected 'Bearer <token>')", reason="TOKEN_MISSING"
+        )
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated("authorization metadata must be 'Bearer <token>'", reason="TOKEN_MALFORMED")
+    return token.strip()
+
+
+def authenticate(secret: str, authorization: str | None, on_behalf_of: str | None) -> Identity:
+    """Turn request metadata into an identity, or raise Unauthenticated / PermissionDenied."""
+    identity = verify_token(secret, parse_authorization(authorization))
+    if on_behalf_of:
+        if identity.role is not Role.SERVICE:
+            raise PermissionDenied(
+                f"only service identities may act on behalf of a user ({ON_BEHALF_OF_METADATA_KEY})",
+                reason="ON_BEHALF_OF_NOT_ALLOWED",
+            )
+        if on_behalf_of.startswith(SERVICE_PREFIX):
+            raise PermissionDenied(
+                "a service may only act on behalf of a user", reason="ON_BEHALF_OF_NOT_ALLOWED"
+            )
+        identity = Identity(subject=identity.subject, role=identity.role, acting_for=on_behalf_of)
+    return identity
+
+
+def _check_subject(subject: str, role: Role) -> None:
+    if not subject:
+        raise ValueError("token subject must not be empty")
+    if (role is Role.SERVICE) != subject.startswith(SERVICE_PREFIX):
+        raise ValueError(f"subject {subject!r} does not match role {role.value!r}")
+
+
+# --- the identity of the running RPC -------------------------------------------------
+
+_identity: contextvars.ContextVar[Identity | None] = contextvars.ContextVar(
+    "agentplane_identity", default=None
+)
+
+
+def current_identity() -> Identity:
+    """The verified identity of the RPC being served; raises Unauthenticated outside one."""
+    identity = _identity.get()
+    if identity is None:
+        raise Unauthenticated("no authenticated identity for this call", reason="NO_IDENTITY")
+    return identity
+
+
+def optional_identity() -> Identity | None:
+    """The identity of the RPC being served, or None (exempt RPCs, background jobs)."""
+    return _identity.get()
+
+
+@contextmanager
+def identity_scope(identity: Identity | None) -> Iterator[None]:
+    """Run a block as `identity` (the auth interceptor uses this; so can tests and jobs)."""
+    token = _identity.set(identity)
+    try:
+        yield
+    finally:
+        _identity.reset(token)
+
+
+def require_user_id() -> str:
+    """The effective user id of the call; PermissionDenied for a service acting for nobody."""
+    user_id = current_identity().user_id
+    if user_id is None:
+        raise PermissionDenied("this call must be made by or on behalf of a user", reason="USER_REQUIRED")
+    return user_id
+
+
+def require_admin() -> Identity:
+    """The current identity, which must be an admin user."""
+    identity = current_identity()
+    if not identity.is_admin:
+        raise PermissionDenied("this call requires the admin role", reason="ADMIN_REQUIRED")
+    return identity
+
+
+def require_service(*names: str) -> Identity:
+    """The current identity, which must be one of the named services (any service if none named)."""
+    identity = current_identity()
+    if not identity.is_service() or (names and identity.service_name not in names):
+        wanted = " or ".join(names) if names else "a service"
+        raise PermissionDenied(f"this call is reserved for {wanted}", reason="SERVICE_REQUIRED")
+    return identity
+
+
+# --- what outgoing calls act for -----------------------------------------------------
+
+_outgoing_on_behalf_of: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "agentplane_outgoing_on_behalf_of", default=None
+)
+
+
+@contextmanager
+def acting_for(user_id: str | None) -> Iterator[None]:
+    """Make outgoing calls in this block carry `user_id` as on-behalf-of (background jobs)."""
+    token = _outgoing_on_behalf_of.set(user_id)
+    try:
+        yield
+    finally:
+        _outgoing_on_behalf_of.reset(token)
+
+
+def outgoing_on_behalf_of() -> str | None:
+    """The user outgoing calls act for: `acting_for(...)` if set, else the current RPC's effective user."""
+    explicit = _outgoing_on_behalf_of.get()
+    if explicit is not None:
+        return explicit
+    identity = _identity.get()
+    return identity.user_id if identity is not None else None
+
+
+class ServiceTokenProvider:
+    """Mints this service's token and re-mints it shortly before it expires (a `client.TokenProvider`)."""
+
+    def __init__(self, secret: str, service: str, ttl_seconds: float = DEFAULT_SERVICE_TTL_SECONDS) -> None:
+        self._secret = secret
+        self._service = service
+        self._ttl = ttl_seconds
+        self._token = ""
+        self._refresh_at = 0.0
+
+    def __call__(self) -> str:
+        now = time.time()
+        if now >= self._refresh_at:
+            self._token = mint_service_token(self._secret, self._service, self._ttl)
+            self._refresh_at = now + self._ttl * 0.8
+        return self._token

@@ -1,0 +1,158 @@
+"""grpc.aio server interceptors: request context, authentication, and domain-error translation.
+
+Each interceptor wraps the method handler's behaviour in an async "scope" that runs in the
+RPC's own task, so context variables set there (request id, identity) are visible to the
+servicer and isolated per call; unary and streaming RPCs are handled alike.
+Order matters: `server.default_interceptors` puts metrics outermost, then request
+context, then errors, then auth (so auth failures become proper statuses).
+"""
+
+from __future__ import annotations
+
+import abc
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from services.common import auth, logs
+from services.common.errors import AgentplaneError
+from services.common.rpc_errors import to_status
+
+log = logging.getLogger(__name__)
+
+# Health checks and reflection answer without a token (probes and grpcurl need them).
+AUTH_EXEMPT_PREFIXES: tuple[str, ...] = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+def metadata_value(context: grpc.aio.ServicerContext[Any, Any], key: str) -> str | None:
+    """The first value of metadata `key` on the incoming call, or None."""
+    for k, v in context.invocation_metadata() or ():
+        if k == key:
+            return v if isinstance(v, str) else v.decode()
+    return None
+
+
+class ScopeInterceptor(grpc.aio.ServerInterceptor, abc.ABC):
+    """Base: run every RPC's behaviour inside `scope(method, context)`."""
+
+    @abc.abstractmethod
+    def scope(
+        self, method: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AbstractAsyncContextManager[None]:
+        """An async context manager entered before the behaviour and exited after it (or its stream) ends."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        return wrap_handler(handler, handler_call_details.method, self.scope)  # type: ignore[attr-defined]
+
+
+def wrap_handler(
+    handler: grpc.RpcMethodHandler,
+    method: str,
+    scope: Callable[[str, Any], AbstractAsyncContextManager[None]],
+) -> grpc.RpcMethodHandler:
+    """A copy of `handler` whose behaviour runs inside `scope`."""
+    h: Any = handler
+    if h.unary_unary or h.stream_unary:
+        inner = h.unary_unary or h.stream_unary
+
+        async def unary(request: Any, context: Any) -> Any:
+            async with scope(method, context):
+                result = inner(request, context)
+                if inspect.isawaitable(result):
+                    result = await result
+                return result
+
+        factory = (
+            grpc.unary_unary_rpc_method_handler if h.unary_unary else grpc.stream_unary_rpc_method_handler
+        )
+        return factory(
+            unary, request_deserializer=h.request_deserializer, response_serializer=h.response_serializer
+        )
+
+    inner_stream = h.unary_stream or h.stream_stream
+
+    async def streaming(request: Any, context: Any) -> AsyncIterator[Any]:
+        async with scope(method, context):
+            result = inner_stream(request, context)
+            if inspect.isawaitable(result):  # a behaviour that writes with context.write()
+                await result
+                return
+            async for item in result:
+                yield item
+
+    factory = (
+        grpc.unary_stream_rpc_method_handler if h.unary_stream else grpc.stream_stream_rpc_method_handler
+    )
+    return factory(
+        streaming, request_deserializer=h.request_deserializer, response_serializer=h.response_serializer
+    )
+
+
+class RequestContextInterceptor(ScopeInterceptor):
+    """Takes `x-request-id` from the metadata (or makes one), sets it for logs and outgoing calls."""
+
+    @asynccontextmanager
+    async def scope(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
+        request_id = metadata_value(context, logs.REQUEST_ID_METADATA_KEY) or logs.new_request_id()
+        token = logs.set_request_id(request_id)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            log.debug(
+                "rpc finished", extra={"method": method, "duration_ms": (time.perf_counter() - start) * 1e3}
+            )
+            logs.reset_request_id(token)
+
+
+class ErrorInterceptor(ScopeInterceptor):
+    """Turns raised domain errors into statuses with ErrorInfo, and anything else into INTERNAL."""
+
+    @asynccontextmanager
+    async def scope(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
+        try:
+            yield
+        except AgentplaneError as exc:
+            if not isinstance(exc, auth.Unauthenticated | auth.PermissionDenied):
+                log.info("rpc failed: %s", exc, extra={"method": method, "reason": exc.reason})
+            await context.abort_with_status(to_status(exc))
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            log.exception("unexpected error in %s", method, extra={"method": method})
+            rid = logs.current_request_id()
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {rid})")
+
+
+class AuthInterceptor(ScopeInterceptor):
+    """Verifies the bearer token and on-behalf-of metadata; sets `auth.current_identity()`."""
+
+    def __init__(self, secret: str, exempt_prefixes: tuple[str, ...] = AUTH_EXEMPT_PREFIXES) -> None:
+        self._secret = secret
+        self._exempt = exempt_prefixes
+
+    @asynccontextmanager
+    async def scope(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
+        if method.startswith(self._exempt):
+            yield
+            return
+        identity = auth.authenticate(
+            self._secret,
+            metadata_value(context, auth.AUTHORIZATION_METADATA_KEY),
+            metadata_value(context, auth.ON_BEHALF_OF_METADATA_KEY),
+        )
+        with auth.identity_scope(identity):
+            yield

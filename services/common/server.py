@@ -1,0 +1,189 @@
+"""The gRPC server factory every service uses, and graceful shutdown on SIGTERM/SIGINT.
+
+`create_server` builds a grpc.aio server with the standard interceptors (metrics, request
+context, errors, auth), health and reflection, and binds it; tests pass port 0 and read
+the bound port from the returned `ServerHandle`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common.interceptors import AuthInterceptor, ErrorInterceptor, RequestContextInterceptor
+from services.common.metrics import MetricsInterceptor, RpcMetrics
+from services.common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+SERVER_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # Accept client keepalive pings every 10 s, even on idle connections (long streams).
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.so_reuseport", 0),
+]
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+def default_interceptors(secret: str, metrics: RpcMetrics | None = None) -> list[grpc.aio.ServerInterceptor]:
+    """The standard chain, outermost first: metrics, request context, errors, auth."""
+    return [
+        MetricsInterceptor(metrics or RpcMetrics.for_registry()),
+        RequestContextInterceptor(),
+        ErrorInterceptor(),
+        AuthInterceptor(secret),
+    ]
+
+
+@dataclass
+class ServerHandle:
+    """A built server: the grpc.aio server, its bound port, and its health servicer."""
+
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    service_names: list[str]
+    host: str = "127.0.0.1"
+    _on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    _stopped: bool = False
+
+    @property
+    def address(self) -> str:
+        """`host:port` to dial this server (loopback when bound to all interfaces)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "[::]", "") else self.host
+        return f"{host}:{self.port}"
+
+    def on_stop(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run `callback` after the server has stopped (close pools, cancel workers), last added first."""
+        self._on_stop.append(callback)
+
+    async def start(self) -> None:
+        """Start serving and mark every service (and the server, "") SERVING."""
+        await self.server.start()
+        await self.set_serving(True)
+
+    async def set_serving(self, serving: bool) -> None:
+        """Set the health status of every service (and of the server, "") at once."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ["", *self.service_names]:
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Go NOT_SERVING, refuse new calls, let in-flight calls finish within `grace` seconds, clean up."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self.set_serving(False)
+        await self.server.stop(grace)
+        for callback in reversed(self._on_stop):
+            try:
+                await callback()
+            except Exception:
+                log.exception("shutdown callback failed")
+
+
+def create_server(
+    settings: Settings,
+    service_name: str,
+    register: Callable[[grpc.aio.Server], None],
+    full_service_names: Sequence[str],
+    interceptors: Sequence[grpc.aio.ServerInterceptor] | None = None,
+    *,
+    metrics: RpcMetrics | None = None,
+    options: Sequence[tuple[str, Any]] = (),
+) -> ServerHandle:
+    """Build and bind (but not start) the server for `service_name`.
+
+    `register(server)` adds the service's servicers; `full_service_names` (for example
+    ``["agentplane.chat.v1.ChatService"]``) get health SERVING and reflection. The port comes
+    from ``settings.service(service_name)``; 0 binds an ephemeral port, returned in the handle.
+    `interceptors` default to `default_interceptors(settings.secret, metrics)`.
+    """
+    svc = settings.service(service_name)
+    chain = list(interceptors) if interceptors is not None else default_interceptors(settings.secret, metrics)
+    server = grpc.aio.server(interceptors=chain, options=[*SERVER_OPTIONS, *options])
+    register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = list(full_service_names)
+    reflection.enable_server_reflection([*names, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(svc.listen_address)
+    if port == 0:
+        raise OSError(f"could not bind {service_name} to {svc.listen_address}")
+    handle = ServerHandle(
+        server=server, port=port, health=health_servicer, service_names=names, host=svc.host
+    )
+    return handle
+
+
+async def run_until_signal(
+    handle: ServerHandle, grace: float, signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT)
+) -> None:
+    """Serve until SIGTERM/SIGINT (or until the server terminates), then stop gracefully.
+
+    On the signal, health goes NOT_SERVING for every service, then `server.stop(grace)`
+    refuses new calls and lets in-flight ones finish for up to `grace` seconds.
+    """
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    installed: list[signal.Signals] = []
+    for sig in signals:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+            installed.append(sig)
+    try:
+        waiter = asyncio.create_task(stop.wait())
+        terminated = asyncio.create_task(handle.server.wait_for_termination())
+        await asyncio.wait({waiter, terminated}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (waiter, terminated):
+            task.cancel()
+        log.info("shutting down", extra={"grace_seconds": grace})
+        await handle.stop(grace)
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+async def run_service(
+    settings: Settings,
+    service_name: str,
+    build: Callable[[Settings], Awaitable[ServerHandle]],
+) -> None:
+    """The body of `agentplane serve NAME`: logging, metrics endpoint, build, start, serve until a signal."""
+    from services.common.logs import configure_logging, register_secret
+    from services.common.metrics import start_metrics_server
+
+    configure_logging(service_name, settings.log_level)
+    register_secret(settings.secret)
+    register_secret(settings.encryption_key)
+    svc = settings.service(service_name)
+    metrics_server = start_metrics_server(svc.metrics_port, svc.host) if svc.metrics_port else None
+    handle = await build(settings)
+    await handle.start()
+    log.info(
+        "serving",
+        extra={"address": svc.listen_address, "port": handle.port, "metrics_port": svc.metrics_port},
+    )
+    try:
+        await run_until_signal(handle, settings.shutdown_grace_seconds)
+    finally:
+        if metrics_server is not None:
+            metrics_server.stop()
+        log.info("stopped")
