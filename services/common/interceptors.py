@@ -21,7 +21,7 @@ import grpc
 import grpc.aio
 
 from services.common import auth, logs
-from services.common.errors import AgentplaneError
+from services.common.errors import AgentplaneError, PermissionDenied, Unauthenticated
 from services.common.rpc_errors import to_status
 
 log = logging.getLogger(__name__)
@@ -126,11 +126,14 @@ class ErrorInterceptor(ScopeInterceptor):
         try:
             yield
         except AgentplaneError as exc:
-            if not isinstance(exc, auth.Unauthenticated | auth.PermissionDenied):
+            if not isinstance(exc, Unauthenticated | PermissionDenied):
                 log.info("rpc failed: %s", exc, extra={"method": method, "reason": exc.reason})
             await context.abort_with_status(to_status(exc))
         except grpc.aio.AbortError:
             raise
+        except NotImplementedError:
+            # The generated base servicers raise this for RPCs a service does not implement yet.
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented")
         except Exception:
             log.exception("unexpected error in %s", method, extra={"method": method})
             rid = logs.current_request_id()

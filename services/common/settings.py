@@ -68,8 +68,8 @@ class Settings:
         if secret is None:
             log.warning("AGENTPLANE_SECRET is not set; using the insecure development secret")
             secret = DEV_SECRET
-        elif len(secret) < 16:
-            raise SettingsError("AGENTPLANE_SECRET must be at least 16 characters long")
+        elif len(secret) < 32:
+            raise SettingsError("AGENTPLANE_SECRET must be at least 32 characters long")
         log_level = (_str(env, "AGENTPLANE_LOG_LEVEL") or "INFO").upper()
         if log_level not in _LOG_LEVELS:
             raise SettingsError(
