@@ -80,13 +80,14 @@ async def _run(args: argparse.Namespace, env: dict[str, str], data_dir: Path) ->
                 sys.executable, "-m", "services.cli.main", "serve", name, env=env
             )
         token = auth.mint_token(settings.secret, args.admin_user, auth.Role.ADMIN, 7 * 24 * 3600)
+        addresses = {n: settings.address(n) for n in args.services}
         info = {
-            "services": {n: settings.address(n) for n in args.services},
+            "services": addresses,
             "database_url": settings.database_url,
             "redis_url": settings.redis_url,
             "admin_token": token,
         }
-        lines = [f"{n:<10} {a}" for n, a in info["services"].items()]
+        lines = [f"{n:<10} {a}" for n, a in addresses.items()]
         text = "\n".join([*lines, f"admin token: {token}", "Ctrl-C to stop"])
         emit(args, info, text)
         sys.stdout.flush()

@@ -65,12 +65,7 @@ def outgoing_metadata(token: str | None) -> list[tuple[str, str]]:
     return md
 
 
-class _MetadataInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
+class _AddMetadata:
     """Adds auth, on-behalf-of and request-id metadata; explicit per-call metadata wins."""
 
     def __init__(self, token_provider: TokenProvider | None) -> None:
@@ -91,21 +86,33 @@ class _MetadataInterceptor(
             wait_for_ready=details.wait_for_ready,
         )
 
+
+# grpc.aio files each interceptor under one call kind only, so there is one class per kind.
+class _UnaryUnary(_AddMetadata, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
         return await continuation(self._details(client_call_details), request)
 
+
+class _UnaryStream(_AddMetadata, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
         return await continuation(self._details(client_call_details), request)
 
-    async def intercept_stream_unary(
-        self, continuation: Any, client_call_details: Any, request_iterator: Any
-    ) -> Any:
-        return await continuation(self._details(client_call_details), request_iterator)
 
+class _StreamUnary(_AddMetadata, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation: Any, client_call_details: Any, requests: Any) -> Any:
+        return await continuation(self._details(client_call_details), requests)
+
+
+class _StreamStream(_AddMetadata, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(
-        self, continuation: Any, client_call_details: Any, request_iterator: Any
+        self, continuation: Any, client_call_details: Any, requests: Any
     ) -> Any:
-        return await continuation(self._details(client_call_details), request_iterator)
+        return await continuation(self._details(client_call_details), requests)
+
+
+def metadata_interceptors(token_provider: TokenProvider | None) -> list[grpc.aio.ClientInterceptor]:
+    """The client interceptors (one per call kind) that add auth, on-behalf-of and request id."""
+    return [cls(token_provider) for cls in (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)]
 
 
 def create_channel(
@@ -114,6 +121,7 @@ def create_channel(
     token: str | None = None,
     token_provider: TokenProvider | None = None,
     retry_policy: dict[str, Any] | None = None,
+    retries: bool = True,
     options: Sequence[tuple[str, Any]] = (),
     interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
 ) -> grpc.aio.Channel:
@@ -121,13 +129,18 @@ def create_channel(
 
     Give either a fixed `token` or a `token_provider` (called once per call, so it can
     refresh, e.g. `auth.ServiceTokenProvider`). Retries of UNAVAILABLE are declared in the
-    service config; messages up to 16 MiB are allowed.
+    service config (`retries=False` turns them off); messages up to 16 MiB are allowed.
     """
     if token is not None and token_provider is not None:
         raise ValueError("give token or token_provider, not both")
     provider = token_provider or ((lambda: token) if token is not None else None)  # type: ignore[return-value]
+    base = [o for o in CHANNEL_OPTIONS if retries or o[0] != "grpc.enable_retries"]
+    if retries:
+        base.append(("grpc.service_config", service_config(retry_policy)))
+    else:
+        base.append(("grpc.enable_retries", 0))
     return grpc.aio.insecure_channel(
         address,
-        options=[*CHANNEL_OPTIONS, ("grpc.service_config", service_config(retry_policy)), *options],
-        interceptors=[_MetadataInterceptor(provider), *interceptors],
+        options=[*base, *options],
+        interceptors=[*metadata_interceptors(provider), *interceptors],
     )

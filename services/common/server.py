@@ -134,12 +134,16 @@ def create_server(
 
 
 async def run_until_signal(
-    handle: ServerHandle, grace: float, signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT)
+    handle: ServerHandle,
+    grace: float,
+    signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
+    on_ready: Callable[[], None] | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT (or until the server terminates), then stop gracefully.
+    """Serve until SIGTERM/SIGINT, then stop gracefully.
 
     On the signal, health goes NOT_SERVING for every service, then `server.stop(grace)`
     refuses new calls and lets in-flight ones finish for up to `grace` seconds.
+    `on_ready` is called once the signal handlers are installed.
     """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -148,12 +152,12 @@ async def run_until_signal(
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
             installed.append(sig)
+    if on_ready is not None:
+        on_ready()
     try:
-        waiter = asyncio.create_task(stop.wait())
-        terminated = asyncio.create_task(handle.server.wait_for_termination())
-        await asyncio.wait({waiter, terminated}, return_when=asyncio.FIRST_COMPLETED)
-        for task in (waiter, terminated):
-            task.cancel()
+        # Not server.wait_for_termination(): cancelling that wait cancels grpc's own
+        # shutdown future and breaks a later server.stop().
+        await stop.wait()
         log.info("shutting down", extra={"grace_seconds": grace})
         await handle.stop(grace)
     finally:
