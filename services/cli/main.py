@@ -21,6 +21,7 @@ COMMAND_MODULES: list[str] = [
     "services.cli.token",
     "services.cli.up",
     "services.cli.bench",
+    "services.cli.simulator",
 ]
 
 
