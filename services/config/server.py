@@ -1,31 +1,110 @@
-"""Placeholder config server: the generated base servicer, so every RPC answers UNIMPLEMENTED.
+"""Building and running the config server (`agentplane serve config`, tests, benchmarks).
 
-The config service's engineer replaces this; keep the two entry points (see docs/kit.md).
+`build(settings)` returns a bound, not yet started `ServerHandle` (the kit's convention, used by
+`tests.helpers.serve_in_process` and `agentplane serve config`). `build_server` / `start` return a
+`ConfigServer`, which also exposes the domain service, the invalidation bus and the metrics
+(tests and the benchmark look at them).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import grpc
 import grpc.aio
 from agentplane.config.v1 import config_service_pb2_grpc
+from prometheus_client import CollectorRegistry
 
+from services.common import db
+from services.common.metrics import RpcMetrics
 from services.common.server import ServerHandle, create_server, run_service
 from services.common.settings import Settings
+from services.config.crypto import KeyRing
+from services.config.invalidation import DEFAULT_CHANNEL, InvalidationBus
+from services.config.metrics import ConfigMetrics
+from services.config.service import CacheSettings, ConfigService
+from services.config.servicer import ConfigServicer
+from services.config.store import ConfigStore
 
 SERVICE_NAME = "config"
 FULL_SERVICE_NAMES = ["agentplane.config.v1.ConfigService"]
 
 
-async def build(settings: Settings) -> ServerHandle:
-    """Build (not start) the config server bound to its configured port."""
+@dataclass
+class ConfigServer:
+    """A built config server: the handle plus the parts tests and benchmarks look at."""
+
+    handle: ServerHandle
+    service: ConfigService
+    bus: InvalidationBus
+    metrics: ConfigMetrics
+
+    @property
+    def port(self) -> int:
+        """The bound port."""
+        return self.handle.port
+
+    @property
+    def address(self) -> str:
+        """`127.0.0.1:<port>` to dial."""
+        return self.handle.address
+
+    async def stop(self, grace: float | None = 0) -> None:
+        """Stop serving and close the database pool and Redis connections."""
+        await self.handle.stop(grace)
+
+
+async def build_server(
+    settings: Settings,
+    *,
+    cache: CacheSettings | None = None,
+    channel: str = DEFAULT_CHANNEL,
+    registry: CollectorRegistry | None = None,
+) -> ConfigServer:
+    """Build (not start) a config server from `settings` on its configured port (0 = ephemeral).
+
+    `cache` defaults to `CacheSettings.from_env()`; `channel` is the Redis invalidation channel
+    (tests use a unique one); `registry` holds its metrics (default: the global registry).
+    """
+    metrics = ConfigMetrics.for_registry(registry)
+    keyring = KeyRing.from_settings(settings)
+    pool = await db.create_pool(settings.require_database_url(), name="config")
+    service = ConfigService(
+        ConfigStore(pool, metrics), keyring, cache=cache or CacheSettings.from_env(), metrics=metrics
+    )
+    bus = InvalidationBus(settings.redis_url, service.apply_invalidation, channel=channel, metrics=metrics)
+    service.bus = bus
 
     def register(server: grpc.aio.Server) -> None:
-        servicer = config_service_pb2_grpc.ConfigServiceServicer()  # type: ignore[abstract]
-        config_service_pb2_grpc.add_ConfigServiceServicer_to_server(servicer, server)
+        config_service_pb2_grpc.add_ConfigServiceServicer_to_server(ConfigServicer(service), server)
 
-    return create_server(settings, SERVICE_NAME, register, FULL_SERVICE_NAMES)
+    handle = create_server(
+        settings, SERVICE_NAME, register, FULL_SERVICE_NAMES, metrics=RpcMetrics.for_registry(registry)
+    )
+    await bus.start()
+    handle.on_stop(pool.close)
+    handle.on_stop(bus.close)
+    return ConfigServer(handle, service, bus, metrics)
+
+
+async def start(
+    settings: Settings,
+    *,
+    cache: CacheSettings | None = None,
+    channel: str = DEFAULT_CHANNEL,
+    registry: CollectorRegistry | None = None,
+) -> ConfigServer:
+    """Build and start a config server; `await server.stop()` when done."""
+    server = await build_server(settings, cache=cache, channel=channel, registry=registry)
+    await server.handle.start()
+    return server
+
+
+async def build(settings: Settings) -> ServerHandle:
+    """Build (not start) the config server: the kit's `build(settings) -> ServerHandle` convention."""
+    return (await build_server(settings)).handle
 
 
 async def serve(settings: Settings) -> None:
-    """Run the config service until SIGTERM/SIGINT."""
+    """Run the config service until SIGTERM/SIGINT (`agentplane serve config`)."""
     await run_service(settings, SERVICE_NAME, build)
