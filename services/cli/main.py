@@ -22,6 +22,7 @@ COMMAND_MODULES: list[str] = [
     "services.cli.up",
     "services.cli.bench",
     "services.cli.simulator",
+    "services.cli.chat",
 ]
 
 
