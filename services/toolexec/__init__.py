@@ -1,1 +1,1 @@
-"""The toolexec service."""
+"""toolexec: workspaces and the tools that act in them (see docs/toolexec.md)."""

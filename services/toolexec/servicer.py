@@ -1,0 +1,156 @@
+"""The gRPC servicer: thin conversion between protos and the domain (`workspaces`, `calls`)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any
+
+import grpc.aio
+from agentplane.toolexec.v1 import toolexec_pb2, toolexec_service_pb2, toolexec_service_pb2_grpc
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from services.common.auth import current_identity
+from services.common.errors import InvalidArgument
+from services.toolexec.calls import ToolCaller
+from services.toolexec.store import WorkspaceRecord
+from services.toolexec.tools.definitions import TOOLS
+from services.toolexec.workspaces import CreateSpec, WorkspaceManager
+
+MAX_TOOLS_PAGE = 100
+_STATES = {
+    "creating": toolexec_pb2.WORKSPACE_STATE_CREATING,
+    "ready": toolexec_pb2.WORKSPACE_STATE_READY,
+    "failed": toolexec_pb2.WORKSPACE_STATE_FAILED,
+}
+
+
+def workspace_to_proto(record: WorkspaceRecord) -> toolexec_pb2.Workspace:
+    """The API form of a workspace record."""
+    create_time = timestamp_pb2.Timestamp()
+    create_time.FromDatetime(record.create_time)
+    update_time = timestamp_pb2.Timestamp()
+    update_time.FromDatetime(record.update_time)
+    return toolexec_pb2.Workspace(
+        id=record.id,
+        owner_id=record.owner_id,
+        name=record.name,
+        template_id=record.template_id,
+        parameters=record.parameters,
+        state=_STATES.get(record.state, toolexec_pb2.WORKSPACE_STATE_UNSPECIFIED),
+        failure_message=record.failure_message,
+        create_time=create_time,
+        update_time=update_time,
+    )
+
+
+class ToolExecServicer(toolexec_service_pb2_grpc.ToolExecServiceServicer):
+    """agentplane.toolexec.v1.ToolExecService."""
+
+    def __init__(self, workspaces: WorkspaceManager, caller: ToolCaller) -> None:
+        self._workspaces = workspaces
+        self._caller = caller
+
+    async def CreateWorkspace(
+        self,
+        request: toolexec_service_pb2.CreateWorkspaceRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> toolexec_service_pb2.CreateWorkspaceResponse:
+        spec = CreateSpec(
+            name=request.name,
+            owner_id=request.owner_id,
+            template_id=request.template_id,
+            parameters=dict(request.parameters),
+            request_id=request.request_id,
+        )
+        record = await self._workspaces.create(current_identity(), spec)
+        return toolexec_service_pb2.CreateWorkspaceResponse(workspace=workspace_to_proto(record))
+
+    async def GetWorkspace(
+        self, request: toolexec_service_pb2.GetWorkspaceRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> toolexec_service_pb2.GetWorkspaceResponse:
+        record = await self._workspaces.get(current_identity(), request.workspace_id)
+        return toolexec_service_pb2.GetWorkspaceResponse(workspace=workspace_to_proto(record))
+
+    async def ListWorkspaces(
+        self, request: toolexec_service_pb2.ListWorkspacesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> toolexec_service_pb2.ListWorkspacesResponse:
+        records, token = await self._workspaces.list(
+            current_identity(), request.owner_id, request.page_size, request.page_token
+        )
+        return toolexec_service_pb2.ListWorkspacesResponse(
+            workspaces=[workspace_to_proto(r) for r in records], next_page_token=token
+        )
+
+    async def DeleteWorkspace(
+        self,
+        request: toolexec_service_pb2.DeleteWorkspaceRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> toolexec_service_pb2.DeleteWorkspaceResponse:
+        await self._workspaces.delete(current_identity(), request.workspace_id)
+        return toolexec_service_pb2.DeleteWorkspaceResponse()
+
+    async def ListTools(
+        self, request: toolexec_service_pb2.ListToolsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> toolexec_service_pb2.ListToolsResponse:
+        current_identity()  # any authenticated caller may read the definitions
+        if request.page_size < 0:
+            raise InvalidArgument("page_size", "must not be negative")
+        size = min(request.page_size or MAX_TOOLS_PAGE, MAX_TOOLS_PAGE)
+        start = _decode_offset(request.page_token) if request.page_token else 0
+        page = TOOLS[start : start + size]
+        end = start + len(page)
+        return toolexec_service_pb2.ListToolsResponse(
+            tools=[
+                toolexec_pb2.ToolDefinition(
+                    name=t.name, description=t.description, input_schema_json=t.schema_json
+                )
+                for t in page
+            ],
+            next_page_token=_encode_offset(end) if end < len(TOOLS) else "",
+        )
+
+    async def CallTool(
+        self, request: toolexec_service_pb2.CallToolRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> toolexec_service_pb2.CallToolResponse:
+        timeout = None
+        if request.HasField("timeout"):
+            timeout = request.timeout.ToTimedelta().total_seconds()
+        outcome = await self._caller.call(
+            current_identity(),
+            request.workspace_id,
+            request.tool_call_id,
+            request.name,
+            request.arguments_json,
+            timeout,
+        )
+        result = outcome.result
+        duration = duration_pb2.Duration()
+        duration.FromNanoseconds(int(outcome.duration_seconds * 1e9))
+        return toolexec_service_pb2.CallToolResponse(
+            content=result.content,
+            structured_json=_json(result.structured),
+            is_error=result.is_error,
+            replayed=outcome.replayed,
+            duration=duration,
+        )
+
+
+def _json(value: dict[str, Any]) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _encode_offset(offset: int) -> str:
+    return base64.urlsafe_b64encode(f"tools:{offset}".encode()).decode()
+
+
+def _decode_offset(token: str) -> int:
+    try:
+        kind, _, raw = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
+        offset = int(raw)
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise InvalidArgument("page_token", "is not a token from a previous ListTools response") from None
+    if kind != "tools" or offset < 0:
+        raise InvalidArgument("page_token", "is not a token from a previous ListTools response")
+    return offset

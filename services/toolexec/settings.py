@@ -1,0 +1,64 @@
+"""toolexec's own settings, parsed once from the environment into a frozen dataclass.
+
+The shared `Settings` cover ports, the database and the secret; these add where workspaces
+live and the resource limits of the processes that tools start.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from services.common.settings import Settings, SettingsError
+
+
+@dataclass(frozen=True)
+class ProcessLimits:
+    """rlimits applied to every process a tool starts (0 means: leave the inherited limit)."""
+
+    cpu_seconds: int = 3600
+    file_size_bytes: int = 1024 * 1024 * 1024
+    open_files: int = 1024
+    processes: int = 512
+
+
+@dataclass(frozen=True)
+class ToolexecSettings:
+    """Where workspaces live and how their processes are bounded."""
+
+    workspaces_dir: str
+    limits: ProcessLimits = ProcessLimits()
+    # Finished background processes kept per workspace for process_output/process_list.
+    max_finished_processes: int = 100
+    instance_id: str = ""
+
+    @classmethod
+    def from_env(cls, settings: Settings, environ: Mapping[str, str] | None = None) -> ToolexecSettings:
+        """Read ``AGENTPLANE_WORKSPACES_DIR`` and ``AGENTPLANE_TOOLEXEC_*`` limits from `environ`."""
+        env = os.environ if environ is None else environ
+        workspaces_dir = (env.get("AGENTPLANE_WORKSPACES_DIR") or "").strip() or os.path.join(
+            settings.data_dir, "workspaces"
+        )
+        limits = ProcessLimits(
+            cpu_seconds=_int(env, "AGENTPLANE_TOOLEXEC_RLIMIT_CPU_SECONDS", ProcessLimits.cpu_seconds),
+            file_size_bytes=_int(
+                env, "AGENTPLANE_TOOLEXEC_RLIMIT_FILE_SIZE_BYTES", ProcessLimits.file_size_bytes
+            ),
+            open_files=_int(env, "AGENTPLANE_TOOLEXEC_RLIMIT_OPEN_FILES", ProcessLimits.open_files),
+            processes=_int(env, "AGENTPLANE_TOOLEXEC_RLIMIT_PROCESSES", ProcessLimits.processes),
+        )
+        return cls(workspaces_dir=os.path.abspath(workspaces_dir), limits=limits)
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+    if value < 0:
+        raise SettingsError(f"{name} must not be negative (0 keeps the inherited limit), got {value}")
+    return value

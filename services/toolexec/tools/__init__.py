@@ -1,0 +1,1 @@
+"""The workspace tools: definitions (for the model), validation and implementations."""

@@ -1,0 +1,233 @@
+"""Workspace lifecycle and owner checks (domain code: no grpc).
+
+Only the owner, a service acting on the owner's behalf, or an admin may touch a workspace;
+anyone else is told it does not exist (NOT_FOUND), so ids cannot be probed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import json
+import logging
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from services.common.auth import Identity
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from services.toolexec.driver import WorkspaceDriver, WorkspaceFillError
+from services.toolexec.store import (
+    STATE_FAILED,
+    STATE_READY,
+    WorkspaceRecord,
+    WorkspaceStore,
+)
+from services.toolexec.templates import TemplateFetcher, TemplateFill, fill_for, resolve_parameters
+
+log = logging.getLogger(__name__)
+
+WORKSPACE_ID_RE = re.compile(r"^ws_[0-9a-f]{20}$")
+MAX_NAME_LENGTH = 200
+MAX_REQUEST_ID_LENGTH = 200
+MAX_PARAMETER_VALUE_LENGTH = 4096
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+
+
+def new_workspace_id() -> str:
+    """A fresh workspace id (also its directory name, so only [0-9a-f] after the prefix)."""
+    return "ws_" + secrets.token_hex(10)
+
+
+@dataclass(frozen=True)
+class CreateSpec:
+    """What CreateWorkspace asks for."""
+
+    name: str
+    owner_id: str = ""
+    template_id: str = ""
+    parameters: Mapping[str, str] = field(default_factory=dict)
+    request_id: str = ""
+
+
+class WorkspaceManager:
+    """Creates, finds, lists and deletes workspaces, enforcing ownership."""
+
+    def __init__(
+        self, store: WorkspaceStore, driver: WorkspaceDriver, templates: TemplateFetcher | None
+    ) -> None:
+        self._store = store
+        self._driver = driver
+        self._templates = templates
+        # Ready workspaces never change owner; caching them keeps CallTool to the ledger statements.
+        self._ready: dict[str, WorkspaceRecord] = {}
+
+    async def create(self, identity: Identity, spec: CreateSpec) -> WorkspaceRecord:
+        """Create a workspace (idempotent on request_id), filled from its template if one is named."""
+        owner = self._owner_for_create(identity, spec.owner_id)
+        name = spec.name.strip()
+        if not name:
+            raise InvalidArgument("name", "give the workspace a name")
+        if len(name) > MAX_NAME_LENGTH:
+            raise InvalidArgument("name", f"must be at most {MAX_NAME_LENGTH} characters")
+        if len(spec.request_id) > MAX_REQUEST_ID_LENGTH:
+            raise InvalidArgument("request_id", f"must be at most {MAX_REQUEST_ID_LENGTH} characters")
+        for key, value in spec.parameters.items():
+            if len(value) > MAX_PARAMETER_VALUE_LENGTH:
+                raise InvalidArgument(
+                    f"parameters.{key}", f"must be at most {MAX_PARAMETER_VALUE_LENGTH} characters"
+                )
+        request_id = spec.request_id or None
+        if request_id:
+            earlier = await self._store.by_request(owner, request_id)
+            if earlier is not None:
+                return earlier
+        fill: TemplateFill | None = None
+        parameters: dict[str, str] = {}
+        template_id = ""
+        if spec.template_id:
+            if self._templates is None:
+                raise FailedPrecondition(
+                    "workspace templates are not available: toolexec has no config service configured",
+                    reason="TEMPLATES_UNAVAILABLE",
+                )
+            # A network call to the config service: made before any database write.
+            template = await self._templates.fetch(spec.template_id)
+            if not template.enabled:
+                raise FailedPrecondition(
+                    f"workspace template {template.name!r} is disabled", reason="TEMPLATE_DISABLED"
+                )
+            parameters = resolve_parameters(template, spec.parameters)
+            fill = fill_for(template, parameters)
+            template_id = template.id
+        elif spec.parameters:
+            raise InvalidArgument("parameters", "parameters need a template_id")
+        record = await self._store.insert(
+            new_workspace_id(), owner, name, template_id, parameters, request_id
+        )
+        if record is None:
+            # A concurrent request with the same request_id won the insert.
+            earlier = await self._store.by_request(owner, request_id or "")
+            if earlier is None:
+                raise FailedPrecondition("workspace id collision; retry", reason="WORKSPACE_ID_COLLISION")
+            return earlier
+        try:
+            await self._driver.create(record.id, fill)
+        except WorkspaceFillError as exc:
+            log.warning("workspace fill failed", extra={"workspace_id": record.id, "error": str(exc)})
+            failed = await self._store.set_state(record.id, STATE_FAILED, str(exc))
+            return failed or record
+        except Exception:
+            log.exception("workspace creation failed", extra={"workspace_id": record.id})
+            failed = await self._store.set_state(
+                record.id, STATE_FAILED, "internal error creating the workspace"
+            )
+            return failed or record
+        ready = await self._store.set_state(record.id, STATE_READY)
+        return ready or record
+
+    async def get(self, identity: Identity, workspace_id: str) -> WorkspaceRecord:
+        """The workspace, if `identity` may touch it; NotFound otherwise."""
+        _check_id(workspace_id)
+        record = self._ready.get(workspace_id) or await self._store.get(workspace_id)
+        if record is None or not may_touch(identity, record.owner_id):
+            raise NotFound(
+                f"workspace {workspace_id} not found",
+                reason="WORKSPACE_NOT_FOUND",
+                metadata={"workspace_id": workspace_id},
+            )
+        if record.state == STATE_READY:
+            self._ready[workspace_id] = record
+        return record
+
+    async def get_ready(self, identity: Identity, workspace_id: str) -> WorkspaceRecord:
+        """The workspace, which must be READY for tools to run in it."""
+        record = await self.get(identity, workspace_id)
+        if record.state != STATE_READY:
+            detail = f": {record.failure_message}" if record.failure_message else ""
+            raise FailedPrecondition(
+                f"workspace {workspace_id} is {record.state}, not ready{detail}",
+                reason="WORKSPACE_NOT_READY",
+                metadata={"workspace_id": workspace_id, "state": record.state},
+            )
+        return record
+
+    async def list(
+        self, identity: Identity, owner_id: str, page_size: int, page_token: str
+    ) -> tuple[list[WorkspaceRecord], str]:
+        """One page of an owner's workspaces, newest first, and the next page's token."""
+        owner = owner_id or identity.user_id
+        if owner is None:
+            raise InvalidArgument("owner_id", "a service not acting for a user must name the owner")
+        if owner != identity.user_id and not (identity.is_admin or identity.is_service()):
+            raise PermissionDenied(
+                "only admins and services may list another user's workspaces", reason="OWNER_MISMATCH"
+            )
+        if page_size < 0:
+            raise InvalidArgument("page_size", "must not be negative")
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        after = _decode_token(page_token, owner) if page_token else None
+        records = await self._store.list(owner, size + 1, after)
+        next_token = ""
+        if len(records) > size:
+            records = records[:size]
+            last = records[-1]
+            next_token = _encode_token(owner, last.create_time, last.id)
+        return records, next_token
+
+    async def delete(self, identity: Identity, workspace_id: str) -> None:
+        """Kill the workspace's processes, remove its directory and its record (with its ledger)."""
+        record = await self.get(identity, workspace_id)
+        self._ready.pop(record.id, None)
+        await self._driver.delete(record.id)
+        await self._store.delete(record.id)
+
+    def _owner_for_create(self, identity: Identity, owner_id: str) -> str:
+        if not owner_id:
+            if identity.user_id is None:
+                raise InvalidArgument("owner_id", "a service not acting for a user must name the owner")
+            return identity.user_id
+        if owner_id != identity.user_id and not (identity.is_admin or identity.is_service()):
+            raise PermissionDenied(
+                "only admins and services may create a workspace for another user", reason="OWNER_MISMATCH"
+            )
+        if owner_id.startswith("service:"):
+            raise InvalidArgument("owner_id", "a workspace must be owned by a user, not a service")
+        return owner_id
+
+
+def may_touch(identity: Identity, owner_id: str) -> bool:
+    """True for the owner, a service acting for the owner, and admins."""
+    return identity.is_admin or identity.user_id == owner_id
+
+
+def _check_id(workspace_id: str) -> None:
+    if not workspace_id:
+        raise InvalidArgument("workspace_id", "is required")
+    if not WORKSPACE_ID_RE.match(workspace_id):
+        raise InvalidArgument(
+            "workspace_id", f"{workspace_id[:80]!r} is not a workspace id (ws_ + 20 hex digits)"
+        )
+
+
+def _encode_token(owner: str, create_time: dt.datetime, workspace_id: str) -> str:
+    raw = json.dumps({"o": owner, "t": create_time.isoformat(), "i": workspace_id}).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_token(token: str, owner: str) -> tuple[dt.datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        data = json.loads(raw)
+        position = (dt.datetime.fromisoformat(data["t"]), str(data["i"]))
+        token_owner = data["o"]
+    except (binascii.Error, ValueError, KeyError, TypeError):
+        raise InvalidArgument(
+            "page_token", "is not a token from a previous ListWorkspaces response"
+        ) from None
+    if token_owner != owner:
+        raise InvalidArgument("page_token", "belongs to a listing of a different owner")
+    return position
