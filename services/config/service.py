@@ -230,6 +230,7 @@ class ConfigService:
         """UpdateProvider (admin)."""
         auth.require_admin()
         provider_id = validation.uuid_field("provider.id", req.provider.id)
+        validation.update_paths(req.update_mask, validation.PROVIDER_UPDATE_PATHS)  # before any lookup
         current = await self._store.get_provider(provider_id)
         if current is None:
             raise _provider_not_found(provider_id)

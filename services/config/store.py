@@ -167,7 +167,7 @@ class ConfigStore:
                         "DELETE FROM config_providers WHERE id = %s RETURNING id",
                         (provider_id,),
                     )
-            except psycopg.errors.ForeignKeyViolation:
+            except (psycopg.errors.ForeignKeyViolation, psycopg.errors.RestrictViolation):
                 users = await self._fetch(
                     conn,
                     "provider_users",
