@@ -1,0 +1,129 @@
+"""Real implementations of the loop's interfaces over the other services' gRPC APIs.
+
+Calls carry the chat service's own token; the on-behalf-of user comes from
+`auth.acting_for(owner)` around the run (see worker.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import grpc.aio
+from agentplane.inference.v1 import inference_pb2, inference_service_pb2, inference_service_pb2_grpc
+from agentplane.toolexec.v1 import toolexec_service_pb2, toolexec_service_pb2_grpc
+from google.protobuf import duration_pb2
+
+from services.chat.loop import ModelError, ModelLimits, ToolOutcome
+from services.common import rpc_errors
+from services.config.client import ConfigClient
+
+
+def _model_error(exc: grpc.aio.AioRpcError) -> ModelError:
+    info = rpc_errors.error_info(exc)
+    reason = info[0] if info else exc.code().name
+    return ModelError(reason.removeprefix("ERROR_REASON_"), exc.details() or exc.code().name)
+
+
+class InferenceModel:
+    """`loop.Model` over InferenceService.Generate."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
+
+    async def generate(
+        self, request: inference_service_pb2.GenerateRequest
+    ) -> AsyncIterator[inference_service_pb2.GenerateResponse]:
+        """Stream Generate; the call is cancelled when the consumer stops early."""
+        call = self._stub.Generate(request)
+        try:
+            async for event in call:
+                yield event
+        except grpc.aio.AioRpcError as exc:
+            raise _model_error(exc) from None
+        finally:
+            call.cancel()
+
+
+class ToolExecTools:
+    """`loop.Tools` over ToolExecService (tool list cached for a minute)."""
+
+    def __init__(self, channel: grpc.aio.Channel, *, call_timeout_seconds: float = 300.0) -> None:
+        self._stub = toolexec_service_pb2_grpc.ToolExecServiceStub(channel)
+        self._timeout = call_timeout_seconds
+        self._tools: list[inference_pb2.ToolDefinition] | None = None
+        self._tools_at = 0.0
+        self._lock = asyncio.Lock()
+
+    async def list_tools(self) -> list[inference_pb2.ToolDefinition]:
+        """Every tool of toolexec, converted field by field (the schema JSON is passed unchanged)."""
+        async with self._lock:
+            if self._tools is not None and time.monotonic() - self._tools_at < 60:
+                return self._tools
+            tools: list[inference_pb2.ToolDefinition] = []
+            token = ""
+            while True:
+                try:
+                    resp = await self._stub.ListTools(
+                        toolexec_service_pb2.ListToolsRequest(page_size=100, page_token=token), timeout=10
+                    )
+                except grpc.aio.AioRpcError as exc:
+                    raise _model_error(exc) from None
+                tools += [
+                    inference_pb2.ToolDefinition(
+                        name=t.name, description=t.description, input_schema_json=t.input_schema_json
+                    )
+                    for t in resp.tools
+                ]
+                token = resp.next_page_token
+                if not token:
+                    break
+            self._tools, self._tools_at = tools, time.monotonic()
+            return tools
+
+    async def call(self, workspace_id: str, tool_call_id: str, name: str, arguments_json: str) -> ToolOutcome:
+        """CallTool; transport failures become error results the model sees."""
+        request = toolexec_service_pb2.CallToolRequest(
+            workspace_id=workspace_id,
+            tool_call_id=tool_call_id,
+            name=name,
+            arguments_json=arguments_json,
+            timeout=duration_pb2.Duration(seconds=int(self._timeout)),
+        )
+        try:
+            resp = await self._stub.CallTool(request, timeout=self._timeout + 30)
+        except grpc.aio.AioRpcError as exc:
+            return ToolOutcome(f"The tool call failed: {exc.details() or exc.code().name}", True)
+        return ToolOutcome(
+            content=resp.content,
+            is_error=resp.is_error,
+            structured_json=resp.structured_json,
+            duration_ms=resp.duration.ToMilliseconds(),
+        )
+
+
+class ConfigPrompts:
+    """`loop.Prompts` over the config client library (cached, invalidated through Redis)."""
+
+    def __init__(self, client: ConfigClient) -> None:
+        self._client = client
+
+    async def model(self, model_config_id: str) -> ModelLimits:
+        """The model config's limits (the default when `model_config_id` is empty)."""
+        try:
+            resolved = await self._client.resolve_model(model_config_id)
+        except Exception as exc:  # a config outage must not crash the loop; skip compaction then
+            del exc
+            return ModelLimits(model_config_id, 0, 0)
+        m = resolved.model_config
+        return ModelLimits(m.id, int(m.context_limit), int(m.compaction_threshold_percent))
+
+    async def system_prompt(self) -> str:
+        """The deployment system prompt."""
+        return await self._client.get_system_prompt()
+
+    async def user_prompt(self, user_id: str) -> str:
+        """The user's prompt."""
+        return await self._client.get_user_prompt(user_id)

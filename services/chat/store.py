@@ -1,0 +1,1179 @@
+"""Chat state in Postgres: one short transaction per state change.
+
+Every change that clients should see allocates sequence numbers from ``chat_chats.last_seq``
+in the same transaction (the row lock orders writers, so seq N+1 is never committed before
+seq N), stores durable events in ``chat_events`` and is published to the event bus only
+after the commit: no network call happens while a transaction is open.
+
+Writes of a run are fenced by `Fence` (worker id and run generation); when the fence no
+longer matches, `LeaseLost` is raised and nothing is written.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from agentplane.chat.v1 import chat_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
+from psycopg import AsyncCursor
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from services.chat import parts as parts_mod
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+
+PENDING_CHANNEL = "agentplane_chat_pending"
+INTERRUPT_CHANNEL = "agentplane_chat_interrupt"
+WATCH_CHANNEL = "agentplane_chat_watch"
+
+STATUS_TO_PB = {
+    "pending": chat_pb2.CHAT_STATUS_PENDING,
+    "running": chat_pb2.CHAT_STATUS_RUNNING,
+    "waiting": chat_pb2.CHAT_STATUS_WAITING,
+    "error": chat_pb2.CHAT_STATUS_ERROR,
+}
+PB_TO_STATUS = {v: k for k, v in STATUS_TO_PB.items()}
+ROLE_TO_PB = {
+    "user": chat_pb2.MESSAGE_ROLE_USER,
+    "assistant": chat_pb2.MESSAGE_ROLE_ASSISTANT,
+    "tool": chat_pb2.MESSAGE_ROLE_TOOL,
+    "summary": chat_pb2.MESSAGE_ROLE_SUMMARY,
+}
+USAGE_FIELDS = (
+    "input_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "cost_micros",
+)
+DURABLE_KINDS = frozenset(
+    {"status_changed", "message_persisted", "queue_changed", "error", "history_truncated"}
+)
+
+CHAT_COLUMNS = """
+    c.*, (SELECT count(*) FROM chat_queued_messages q WHERE q.chat_id = c.id) AS queued_count
+"""
+
+Publisher = Callable[[str, Sequence[chat_pb2.ChatEvent]], Awaitable[None]]
+
+
+class LeaseLost(Exception):
+    """The run's fence no longer matches: another worker, an edit or a delete took the chat."""
+
+
+@dataclass(frozen=True)
+class Fence:
+    """Identifies one run of a chat: the worker that owns it and the run generation."""
+
+    worker_id: str
+    generation: int
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A chat a worker just acquired."""
+
+    chat_id: str
+    fence: Fence
+
+
+@dataclass(frozen=True)
+class RenewResult:
+    """What one lease renewal learned about a worker's chats."""
+
+    held: dict[str, Fence]
+    interrupted: set[str]
+
+
+@dataclass
+class RunInfo:
+    """What a run needs to know about its chat."""
+
+    chat_id: str
+    owner_id: str
+    model_config_id: str
+    workspace_id: str
+    agents_md: str | None
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    """A message a run is about to persist."""
+
+    role: str
+    parts: Sequence[chat_pb2.ContentPart]
+    sender_id: str
+    model_config_id: str = ""
+    usage: chat_pb2.Usage | None = None
+    runtime_ms: int = 0
+    visibility: int = chat_pb2.VISIBILITY_BOTH
+
+
+def now() -> dt.datetime:
+    """The current UTC time."""
+    return dt.datetime.now(dt.UTC)
+
+
+def ts(value: dt.datetime | None) -> timestamp_pb2.Timestamp:
+    """A protobuf Timestamp of `value`."""
+    out = timestamp_pb2.Timestamp()
+    if value is not None:
+        out.FromDatetime(value)
+    return out
+
+
+def usage_of(row: dict[str, Any]) -> chat_pb2.Usage:
+    """The Usage of a chats or messages row."""
+    return chat_pb2.Usage(**{f: int(row[f]) for f in USAGE_FIELDS})
+
+
+def chat_from_row(row: dict[str, Any]) -> chat_pb2.Chat:
+    """A Chat proto from a chat_chats row (with queued_count)."""
+    chat = chat_pb2.Chat(
+        id=str(row["id"]),
+        owner_id=row["owner_id"],
+        title=row["title"],
+        status=STATUS_TO_PB[row["status"]],
+        model_config_id=row["model_config_id"],
+        workspace_id=row["workspace_id"],
+        archived=row["archived"],
+        parent_chat_id=str(row["parent_chat_id"] or ""),
+        queued_message_count=int(row.get("queued_count") or 0),
+        last_seq=int(row["last_seq"]),
+        usage=usage_of(row),
+        create_time=ts(row["created_at"]),
+        update_time=ts(row["updated_at"]),
+    )
+    if row["last_error_reason"]:
+        chat.last_error.CopyFrom(
+            chat_pb2.ChatError(
+                reason=row["last_error_reason"],
+                message=row["last_error_message"] or "",
+                time=ts(row["last_error_time"]),
+            )
+        )
+    return chat
+
+
+def message_from_row(row: dict[str, Any]) -> chat_pb2.Message:
+    """A Message proto from a chat_messages row."""
+    return chat_pb2.Message(
+        id=str(row["id"]),
+        chat_id=str(row["chat_id"]),
+        role=ROLE_TO_PB[row["role"]],
+        parts=parts_mod.from_json(row["parts"]),
+        visibility=int(row["visibility"]),  # type: ignore[arg-type]
+        usage=usage_of(row),
+        model_config_id=row["model_config_id"],
+        runtime=duration_pb2.Duration(
+            seconds=row["runtime_ms"] // 1000, nanos=(row["runtime_ms"] % 1000) * 10**6
+        ),
+        sender_id=row["sender_id"],
+        seq=int(row["seq"]),
+        create_time=ts(row["created_at"]),
+    )
+
+
+def queued_from_row(row: dict[str, Any], position: int) -> chat_pb2.QueuedMessage:
+    """A QueuedMessage proto from a chat_queued_messages row."""
+    return chat_pb2.QueuedMessage(
+        id=str(row["id"]),
+        chat_id=str(row["chat_id"]),
+        position=position,
+        parts=parts_mod.from_json(row["parts"]),
+        sender_id=row["sender_id"],
+        create_time=ts(row["created_at"]),
+    )
+
+
+def parse_uuid(field: str, value: str) -> str:
+    """`value` as a canonical UUID string, or InvalidArgument naming `field`."""
+    if not value:
+        raise InvalidArgument(field, "is required")
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise InvalidArgument(field, f"must be a UUID, got {value!r}") from None
+
+
+def encode_token(data: dict[str, Any]) -> str:
+    """An opaque page token."""
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).decode()
+
+
+def decode_token(field: str, token: str) -> dict[str, Any]:
+    """The data of a page token, or InvalidArgument."""
+    try:
+        data = json.loads(base64.urlsafe_b64decode(token.encode()))
+        if not isinstance(data, dict):
+            raise ValueError
+        return data
+    except ValueError:
+        raise InvalidArgument(field, "is not a token returned by a previous call") from None
+
+
+def chat_not_found(chat_id: str) -> NotFound:
+    """The NOT_FOUND error for a chat the caller cannot see."""
+    return NotFound(f"chat {chat_id} not found", reason="CHAT_NOT_FOUND", metadata={"chat_id": chat_id})
+
+
+class ChatStore:
+    """All SQL of the chat service."""
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[Any],
+        publish: Publisher,
+        *,
+        max_queued: int = 20,
+        service_sender: str = "service:chat",
+    ) -> None:
+        self._pool = pool
+        self._publish = publish
+        self.max_queued = max_queued
+        self.service_sender = service_sender
+
+    @asynccontextmanager
+    async def _tx(self) -> AsyncIterator[AsyncCursor[Any]]:
+        async with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            yield cur
+
+    async def _after_commit(self, chat_id: str, events: Sequence[chat_pb2.ChatEvent]) -> None:
+        if events:
+            await self._publish(chat_id, events)
+
+    # --- sequence numbers and events --------------------------------------------------
+
+    async def _bump(
+        self,
+        cur: AsyncCursor[Any],
+        chat_id: str,
+        events: Sequence[chat_pb2.ChatEvent],
+        *,
+        fence: Fence | None = None,
+        set_sql: str = "",
+        params: dict[str, Any] | None = None,
+        notify: bool = True,
+        touch: bool = True,
+    ) -> dict[str, Any]:
+        """Allocate seqs for `events`, apply `set_sql` to the chat row, store durable events.
+
+        Returns the updated chat row; raises LeaseLost (fenced) or NotFound when no row matched.
+        """
+        p: dict[str, Any] = {"id": chat_id, "n": len(events), **(params or {})}
+        sets = ["last_seq = last_seq + %(n)s"]
+        if touch:
+            sets.append("updated_at = now()")
+        if set_sql:
+            sets.append(set_sql)
+        where = "id = %(id)s"
+        if fence is not None:
+            where += " AND worker_id = %(fence_w)s AND generation = %(fence_g)s"
+            p["fence_w"], p["fence_g"] = fence.worker_id, fence.generation
+        returning = "*"
+        if notify:
+            returning += f", pg_notify('{WATCH_CHANNEL}', owner_id || ' ' || id::text || ' u') AS _n"
+        await cur.execute(f"UPDATE chat_chats SET {', '.join(sets)} WHERE {where} RETURNING {returning}", p)
+        row = await cur.fetchone()
+        if row is None:
+            if fence is not None:
+                raise LeaseLost(chat_id)
+            raise chat_not_found(chat_id)
+        first = int(row["last_seq"]) - len(events) + 1
+        stamp = ts(now())
+        durable_seqs: list[int] = []
+        durable_bytes: list[bytes] = []
+        for i, ev in enumerate(events):
+            ev.seq = first + i
+            ev.chat_id = chat_id
+            ev.time.CopyFrom(stamp)
+            if ev.message_persisted.id:
+                ev.message_persisted.seq = ev.seq
+            if ev.WhichOneof("event") in DURABLE_KINDS:
+                durable_seqs.append(ev.seq)
+                durable_bytes.append(ev.SerializeToString())
+        if durable_seqs:
+            await cur.execute(
+                "INSERT INTO chat_events (chat_id, seq, event)"
+                " SELECT %s, unnest(%s::bigint[]), unnest(%s::bytea[])",
+                (chat_id, durable_seqs, durable_bytes),
+            )
+        return dict(row)
+
+    async def _insert_message(
+        self,
+        cur: AsyncCursor[Any],
+        chat_id: str,
+        message_id: str,
+        msg: NewMessage,
+        seq: int,
+        when: dt.datetime,
+    ) -> None:
+        usage = msg.usage or chat_pb2.Usage()
+        await cur.execute(
+            "INSERT INTO chat_messages (id, chat_id, seq, role, parts, visibility, model_config_id, runtime_ms,"
+            " sender_id, input_tokens, output_tokens, reasoning_tokens, cache_read_tokens, cache_write_tokens,"
+            " cost_micros, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (
+                message_id,
+                chat_id,
+                seq,
+                msg.role,
+                Jsonb(parts_mod.to_json(msg.parts)),
+                msg.visibility,
+                msg.model_config_id,
+                msg.runtime_ms,
+                msg.sender_id,
+                usage.input_tokens,
+                usage.output_tokens,
+                usage.reasoning_tokens,
+                usage.cache_read_tokens,
+                usage.cache_write_tokens,
+                usage.cost_micros,
+                when,
+            ),
+        )
+
+    def _message_event(
+        self, chat_id: str, message_id: str, msg: NewMessage, when: dt.datetime
+    ) -> chat_pb2.ChatEvent:
+        usage = msg.usage or chat_pb2.Usage()
+        pb = chat_pb2.Message(
+            id=message_id,
+            chat_id=chat_id,
+            role=ROLE_TO_PB[msg.role],
+            parts=list(msg.parts),
+            visibility=msg.visibility,  # type: ignore[arg-type]
+            usage=usage,
+            model_config_id=msg.model_config_id,
+            runtime=duration_pb2.Duration(
+                seconds=msg.runtime_ms // 1000, nanos=(msg.runtime_ms % 1000) * 10**6
+            ),
+            sender_id=msg.sender_id,
+            create_time=ts(when),
+        )
+        return chat_pb2.ChatEvent(message_persisted=pb)
+
+    async def _queue_event(self, cur: AsyncCursor[Any], chat_id: str) -> chat_pb2.ChatEvent:
+        queued = await self._queued(cur, chat_id)
+        return chat_pb2.ChatEvent(queue_changed=chat_pb2.QueueChanged(queued_messages=queued))
+
+    async def _queued(
+        self, cur: AsyncCursor[Any], chat_id: str, limit: int = 100
+    ) -> list[chat_pb2.QueuedMessage]:
+        await cur.execute(
+            "SELECT * FROM chat_queued_messages WHERE chat_id = %s ORDER BY position LIMIT %s",
+            (chat_id, limit),
+        )
+        return [queued_from_row(r, i + 1) for i, r in enumerate(await cur.fetchall())]
+
+    @staticmethod
+    def _status_event(status: str, reason: str = "", message: str = "") -> chat_pb2.ChatEvent:
+        ev = chat_pb2.ChatEvent(status_changed=chat_pb2.StatusChanged(status=STATUS_TO_PB[status]))
+        if reason:
+            ev.status_changed.error.CopyFrom(
+                chat_pb2.ChatError(reason=reason, message=message, time=ts(now()))
+            )
+        return ev
+
+    async def _lock_chat(self, cur: AsyncCursor[Any], owner_id: str, chat_id: str) -> dict[str, Any]:
+        await cur.execute(
+            "SELECT * FROM chat_chats WHERE id = %s AND owner_id = %s FOR UPDATE", (chat_id, owner_id)
+        )
+        row = await cur.fetchone()
+        if row is None:
+            raise chat_not_found(chat_id)
+        return dict(row)
+
+    async def _chat(self, cur: AsyncCursor[Any], chat_id: str) -> chat_pb2.Chat:
+        await cur.execute(f"SELECT {CHAT_COLUMNS} FROM chat_chats c WHERE c.id = %s", (chat_id,))
+        row = await cur.fetchone()
+        if row is None:
+            raise chat_not_found(chat_id)
+        return chat_from_row(row)
+
+    async def _claim_request(
+        self,
+        cur: AsyncCursor[Any],
+        owner_id: str,
+        kind: str,
+        request_id: str,
+        chat_id: str,
+        message_id: str | None,
+    ) -> dict[str, Any] | None:
+        """Record an idempotency key; returns the earlier record when the key was used before."""
+        if not request_id:
+            return None
+        await cur.execute(
+            "INSERT INTO chat_requests (owner_id, kind, request_id, chat_id, message_id) VALUES (%s, %s, %s, %s, %s)"
+            " ON CONFLICT DO NOTHING RETURNING chat_id",
+            (owner_id, kind, request_id, chat_id, message_id),
+        )
+        if await cur.fetchone() is not None:
+            return None
+        await cur.execute(
+            "SELECT * FROM chat_requests WHERE owner_id = %s AND kind = %s AND request_id = %s",
+            (owner_id, kind, request_id),
+        )
+        return await cur.fetchone()
+
+    # --- chats --------------------------------------------------------------------------
+
+    async def create_chat(
+        self,
+        *,
+        owner_id: str,
+        request_id: str,
+        content: Sequence[chat_pb2.ContentPart],
+        model_config_id: str,
+        workspace_id: str,
+        title: str,
+    ) -> tuple[chat_pb2.Chat, chat_pb2.Message]:
+        """Create a chat with its first user message, PENDING; a repeated request_id returns the first."""
+        chat_id, message_id = str(uuid.uuid4()), str(uuid.uuid4())
+        when = now()
+        async with self._tx() as cur:
+            earlier = await self._claim_request(cur, owner_id, "create", request_id, chat_id, message_id)
+            if earlier is not None:
+                events: list[chat_pb2.ChatEvent] = []
+                chat_id, message_id = str(earlier["chat_id"]), str(earlier["message_id"])
+            else:
+                await cur.execute(
+                    "INSERT INTO chat_chats (id, owner_id, title, status, model_config_id, workspace_id)"
+                    " VALUES (%s, %s, %s, 'pending', %s, %s)",
+                    (chat_id, owner_id, title, model_config_id, workspace_id),
+                )
+                msg = NewMessage(role="user", parts=content, sender_id=owner_id)
+                events = [self._message_event(chat_id, message_id, msg, when), self._status_event("pending")]
+                await self._bump(cur, chat_id, events)
+                await self._insert_message(cur, chat_id, message_id, msg, events[0].seq, when)
+                await cur.execute("SELECT pg_notify(%s, %s)", (PENDING_CHANNEL, chat_id))
+            chat = await self._chat(cur, chat_id)
+            message = await self._message(cur, chat_id, message_id)
+        await self._after_commit(chat_id, events)
+        return chat, message
+
+    async def _message(self, cur: AsyncCursor[Any], chat_id: str, message_id: str) -> chat_pb2.Message:
+        await cur.execute("SELECT * FROM chat_messages WHERE id = %s AND chat_id = %s", (message_id, chat_id))
+        row = await cur.fetchone()
+        if row is None:
+            raise NotFound(
+                f"message {message_id} not found in chat {chat_id}",
+                reason="MESSAGE_NOT_FOUND",
+                metadata={"message_id": message_id},
+            )
+        return message_from_row(row)
+
+    async def get_chat(self, owner_id: str, chat_id: str) -> chat_pb2.Chat:
+        """One of the owner's chats."""
+        async with self._tx() as cur:
+            await cur.execute(
+                f"SELECT {CHAT_COLUMNS} FROM chat_chats c WHERE c.id = %s AND c.owner_id = %s",
+                (chat_id, owner_id),
+            )
+            row = await cur.fetchone()
+        if row is None:
+            raise chat_not_found(chat_id)
+        return chat_from_row(row)
+
+    async def list_chats(
+        self, owner_id: str, *, page_size: int, page_token: str, status: str | None, archived: bool
+    ) -> tuple[list[chat_pb2.Chat], str]:
+        """The owner's chats, newest activity first, keyset-paginated."""
+        where = ["c.owner_id = %(owner)s", "c.archived = %(archived)s"]
+        p: dict[str, Any] = {"owner": owner_id, "archived": archived, "limit": page_size + 1}
+        if status:
+            where.append("c.status = %(status)s")
+            p["status"] = status
+        if page_token:
+            tok = decode_token("page_token", page_token)
+            try:
+                p["t_at"] = dt.datetime.fromisoformat(str(tok["u"]))
+                p["t_id"] = str(uuid.UUID(str(tok["i"])))
+            except (KeyError, ValueError):
+                raise InvalidArgument("page_token", "is not a token returned by a previous call") from None
+            where.append("(c.updated_at, c.id) < (%(t_at)s, %(t_id)s)")
+        async with self._tx() as cur:
+            await cur.execute(
+                f"SELECT {CHAT_COLUMNS} FROM chat_chats c WHERE {' AND '.join(where)}"
+                " ORDER BY c.updated_at DESC, c.id DESC LIMIT %(limit)s",
+                p,
+            )
+            rows = await cur.fetchall()
+        token = ""
+        if len(rows) > page_size:
+            rows = rows[:page_size]
+            last = rows[-1]
+            token = encode_token({"u": last["updated_at"].isoformat(), "i": str(last["id"])})
+        return [chat_from_row(r) for r in rows], token
+
+    async def update_chat(
+        self, owner_id: str, chat_id: str, *, title: str | None, archived: bool | None
+    ) -> chat_pb2.Chat:
+        """Change title and/or archived."""
+        sets: list[str] = []
+        p: dict[str, Any] = {}
+        if title is not None:
+            sets.append("title = %(title)s")
+            p["title"] = title
+        if archived is not None:
+            sets.append("archived = %(archived)s")
+            p["archived"] = archived
+        async with self._tx() as cur:
+            await self._lock_chat(cur, owner_id, chat_id)
+            await self._bump(cur, chat_id, [], set_sql=", ".join(sets), params=p)
+            chat = await self._chat(cur, chat_id)
+        return chat
+
+    async def delete_chat(self, owner_id: str, chat_id: str) -> None:
+        """Delete a chat and everything in it; a worker running it loses its fence and stops."""
+        async with self._tx() as cur:
+            await cur.execute(
+                "DELETE FROM chat_chats WHERE id = %s AND owner_id = %s"
+                f" RETURNING pg_notify('{WATCH_CHANNEL}', owner_id || ' ' || id::text || ' d'),"
+                f" pg_notify('{INTERRUPT_CHANNEL}', id::text)",
+                (chat_id, owner_id),
+            )
+            if await cur.fetchone() is None:
+                raise chat_not_found(chat_id)
+
+    # --- messages -------------------------------------------------------------------------
+
+    async def send_message(
+        self,
+        *,
+        owner_id: str,
+        chat_id: str,
+        request_id: str,
+        content: Sequence[chat_pb2.ContentPart],
+        interrupt: bool,
+    ) -> tuple[chat_pb2.Chat, chat_pb2.Message | None, chat_pb2.QueuedMessage | None]:
+        """Add a user message: into the history when idle, else queued (or queued first + interrupt)."""
+        new_id = str(uuid.uuid4())
+        when = now()
+        events: list[chat_pb2.ChatEvent] = []
+        async with self._tx() as cur:
+            row = await self._lock_chat(cur, owner_id, chat_id)
+            earlier = await self._claim_request(cur, owner_id, "send", request_id, chat_id, new_id)
+            if earlier is not None:
+                if str(earlier["chat_id"]) != chat_id:
+                    raise InvalidArgument("request_id", "was already used for a message to another chat")
+                return await self._earlier_send(cur, chat_id, str(earlier["message_id"]))
+            idle = row["worker_id"] is None and row["status"] in ("waiting", "error")
+            finishing = row["worker_id"] is not None and row["status"] == "waiting"
+            if idle:
+                msg = NewMessage(role="user", parts=content, sender_id=owner_id)
+                events = [self._message_event(chat_id, new_id, msg, when), self._status_event("pending")]
+                await self._bump(
+                    cur,
+                    chat_id,
+                    events,
+                    set_sql="status = 'pending', last_error_reason = NULL, last_error_message = NULL,"
+                    " last_error_time = NULL",
+                )
+                await self._insert_message(cur, chat_id, new_id, msg, events[0].seq, when)
+                await cur.execute("SELECT pg_notify(%s, %s)", (PENDING_CHANNEL, chat_id))
+                chat = await self._chat(cur, chat_id)
+                message = await self._message(cur, chat_id, new_id)
+                result: tuple[Any, Any, Any] = (chat, message, None)
+            else:
+                front = interrupt or finishing
+                await cur.execute(
+                    "SELECT count(*) AS n, min(position) AS lo, max(position) AS hi FROM chat_queued_messages"
+                    " WHERE chat_id = %s",
+                    (chat_id,),
+                )
+                q = await cur.fetchone()
+                assert q is not None
+                if q["n"] >= self.max_queued:
+                    raise ResourceExhausted(
+                        f"chat {chat_id} already has {self.max_queued} queued messages; wait for the current"
+                        " turn or delete queued messages",
+                        reason="QUEUE_FULL",
+                        metadata={"chat_id": chat_id},
+                    )
+                position = (q["lo"] - 1 if front else q["hi"] + 1) if q["n"] else 0
+                await cur.execute(
+                    "INSERT INTO chat_queued_messages (id, chat_id, position, parts, sender_id, created_at)"
+                    " VALUES (%s, %s, %s, %s, %s, %s)",
+                    (new_id, chat_id, position, Jsonb(parts_mod.to_json(content)), owner_id, when),
+                )
+                wake = row["worker_id"] is not None and (interrupt or finishing)
+                events = [await self._queue_event(cur, chat_id)]
+                await self._bump(
+                    cur,
+                    chat_id,
+                    events,
+                    set_sql="interrupt = 'resume'" if wake else "",
+                )
+                if wake:
+                    await cur.execute("SELECT pg_notify(%s, %s)", (INTERRUPT_CHANNEL, chat_id))
+                chat = await self._chat(cur, chat_id)
+                queued = next(m for m in events[0].queue_changed.queued_messages if m.id == new_id)
+                result = (chat, None, queued)
+        await self._after_commit(chat_id, events)
+        return result
+
+    async def _earlier_send(
+        self, cur: AsyncCursor[Any], chat_id: str, message_id: str
+    ) -> tuple[chat_pb2.Chat, chat_pb2.Message | None, chat_pb2.QueuedMessage | None]:
+        chat = await self._chat(cur, chat_id)
+        await cur.execute("SELECT * FROM chat_messages WHERE id = %s", (message_id,))
+        row = await cur.fetchone()
+        if row is not None:
+            return chat, message_from_row(row), None
+        for q in await self._queued(cur, chat_id):
+            if q.id == message_id:
+                return chat, None, q
+        # The queued message was deleted by the user: the request happened; nothing to return.
+        return chat, None, None
+
+    async def edit_message(
+        self, *, owner_id: str, chat_id: str, message_id: str, content: Sequence[chat_pb2.ContentPart]
+    ) -> tuple[chat_pb2.Chat, chat_pb2.Message]:
+        """Replace a user message: soft-delete it and everything after, add the new one, run again."""
+        new_id = str(uuid.uuid4())
+        when = now()
+        async with self._tx() as cur:
+            await self._lock_chat(cur, owner_id, chat_id)
+            await cur.execute(
+                "SELECT * FROM chat_messages WHERE id = %s AND chat_id = %s AND NOT deleted",
+                (message_id, chat_id),
+            )
+            old = await cur.fetchone()
+            if old is None:
+                raise NotFound(
+                    f"message {message_id} not found in chat {chat_id}",
+                    reason="MESSAGE_NOT_FOUND",
+                    metadata={"message_id": message_id},
+                )
+            if old["role"] != "user":
+                raise FailedPrecondition(
+                    f"message {message_id} is a {old['role']} message; only user messages can be edited",
+                    reason="NOT_A_USER_MESSAGE",
+                )
+            await cur.execute(
+                "UPDATE chat_messages SET deleted = true WHERE chat_id = %s AND seq >= %s AND NOT deleted",
+                (chat_id, old["seq"]),
+            )
+            await cur.execute(
+                "SELECT * FROM chat_messages WHERE chat_id = %s AND seq < %s AND NOT deleted"
+                " ORDER BY seq DESC LIMIT 1",
+                (chat_id, old["seq"]),
+            )
+            prev = await cur.fetchone()
+            kept = message_from_row(prev) if prev else chat_pb2.Message(chat_id=chat_id)
+            msg = NewMessage(role="user", parts=content, sender_id=owner_id)
+            events = [
+                chat_pb2.ChatEvent(history_truncated=kept),
+                self._message_event(chat_id, new_id, msg, when),
+                self._status_event("pending"),
+            ]
+            # A new generation takes the chat away from any worker running it: its writes now fail.
+            await self._bump(
+                cur,
+                chat_id,
+                events,
+                set_sql="status = 'pending', worker_id = NULL, lease_expires_at = NULL,"
+                " generation = generation + 1, interrupt = NULL, last_error_reason = NULL,"
+                " last_error_message = NULL, last_error_time = NULL",
+            )
+            await self._insert_message(cur, chat_id, new_id, msg, events[1].seq, when)
+            await cur.execute(
+                "SELECT pg_notify(%s, %s), pg_notify(%s, %s)",
+                (PENDING_CHANNEL, chat_id, INTERRUPT_CHANNEL, chat_id),
+            )
+            chat = await self._chat(cur, chat_id)
+            message = await self._message(cur, chat_id, new_id)
+        await self._after_commit(chat_id, events)
+        return chat, message
+
+    async def list_messages(
+        self, owner_id: str, chat_id: str, *, page_size: int, page_token: str
+    ) -> tuple[list[chat_pb2.Message], str]:
+        """Visible messages, oldest first."""
+        after = 0
+        if page_token:
+            tok = decode_token("page_token", page_token)
+            try:
+                after = int(tok["s"])
+            except (KeyError, ValueError, TypeError):
+                raise InvalidArgument("page_token", "is not a token returned by a previous call") from None
+        async with self._tx() as cur:
+            await self._owned(cur, owner_id, chat_id)
+            await cur.execute(
+                "SELECT * FROM chat_messages WHERE chat_id = %s AND NOT deleted AND seq > %s"
+                f" AND visibility <> {chat_pb2.VISIBILITY_MODEL} ORDER BY seq LIMIT %s",
+                (chat_id, after, page_size + 1),
+            )
+            rows = await cur.fetchall()
+        token = ""
+        if len(rows) > page_size:
+            rows = rows[:page_size]
+            token = encode_token({"s": int(rows[-1]["seq"])})
+        return [message_from_row(r) for r in rows], token
+
+    async def _owned(self, cur: AsyncCursor[Any], owner_id: str, chat_id: str) -> None:
+        await cur.execute("SELECT 1 FROM chat_chats WHERE id = %s AND owner_id = %s", (chat_id, owner_id))
+        if await cur.fetchone() is None:
+            raise chat_not_found(chat_id)
+
+    # --- queue -----------------------------------------------------------------------------
+
+    async def list_queued(
+        self, owner_id: str, chat_id: str, *, page_size: int, page_token: str
+    ) -> tuple[list[chat_pb2.QueuedMessage], str]:
+        """Queued messages, next first."""
+        offset = 0
+        if page_token:
+            try:
+                offset = int(decode_token("page_token", page_token)["o"])
+            except (KeyError, ValueError, TypeError):
+                raise InvalidArgument("page_token", "is not a token returned by a previous call") from None
+        async with self._tx() as cur:
+            await self._owned(cur, owner_id, chat_id)
+            queued = await self._queued(cur, chat_id)
+        page = queued[offset : offset + page_size]
+        token = encode_token({"o": offset + page_size}) if offset + page_size < len(queued) else ""
+        return page, token
+
+    async def delete_queued(self, owner_id: str, chat_id: str, queued_id: str) -> None:
+        """Remove a queued message."""
+        async with self._tx() as cur:
+            await self._lock_chat(cur, owner_id, chat_id)
+            await cur.execute(
+                "DELETE FROM chat_queued_messages WHERE id = %s AND chat_id = %s RETURNING id",
+                (queued_id, chat_id),
+            )
+            if await cur.fetchone() is None:
+                raise self._queued_not_found(chat_id, queued_id)
+            events = [await self._queue_event(cur, chat_id)]
+            await self._bump(cur, chat_id, events)
+        await self._after_commit(chat_id, events)
+
+    @staticmethod
+    def _queued_not_found(chat_id: str, queued_id: str) -> NotFound:
+        return NotFound(
+            f"queued message {queued_id} not found in chat {chat_id}",
+            reason="QUEUED_MESSAGE_NOT_FOUND",
+            metadata={"queued_message_id": queued_id},
+        )
+
+    async def promote_queued(
+        self, owner_id: str, chat_id: str, queued_id: str
+    ) -> list[chat_pb2.QueuedMessage]:
+        """Move a queued message to the front."""
+        async with self._tx() as cur:
+            await self._lock_chat(cur, owner_id, chat_id)
+            await cur.execute(
+                "UPDATE chat_queued_messages SET position ="
+                " (SELECT min(position) - 1 FROM chat_queued_messages WHERE chat_id = %s)"
+                " WHERE id = %s AND chat_id = %s RETURNING id",
+                (chat_id, queued_id, chat_id),
+            )
+            if await cur.fetchone() is None:
+                raise self._queued_not_found(chat_id, queued_id)
+            events = [await self._queue_event(cur, chat_id)]
+            await self._bump(cur, chat_id, events)
+        await self._after_commit(chat_id, events)
+        return list(events[0].queue_changed.queued_messages)
+
+    # --- interrupt, fork, usage ------------------------------------------------------------
+
+    async def interrupt(self, owner_id: str, chat_id: str) -> chat_pb2.Chat:
+        """Stop the current turn: the chat waits; a running worker is told to wrap up."""
+        events: list[chat_pb2.ChatEvent] = []
+        async with self._tx() as cur:
+            row = await self._lock_chat(cur, owner_id, chat_id)
+            if row["status"] in ("running", "pending"):
+                events = [self._status_event("waiting")]
+                if row["worker_id"] is not None:
+                    # The worker keeps its fence to persist partial output, then releases the chat.
+                    await self._bump(cur, chat_id, events, set_sql="status = 'waiting', interrupt = 'stop'")
+                    await cur.execute("SELECT pg_notify(%s, %s)", (INTERRUPT_CHANNEL, chat_id))
+                else:
+                    await self._bump(cur, chat_id, events, set_sql="status = 'waiting'")
+            chat = await self._chat(cur, chat_id)
+        await self._after_commit(chat_id, events)
+        return chat
+
+    async def fork_chat(
+        self, *, owner_id: str, chat_id: str, message_id: str, request_id: str, title: str
+    ) -> chat_pb2.Chat:
+        """Copy the history up to `message_id` (all of it when empty) into a new WAITING chat."""
+        new_chat = str(uuid.uuid4())
+        events: list[chat_pb2.ChatEvent] = []
+        async with self._tx() as cur:
+            src = await self._lock_chat(cur, owner_id, chat_id)
+            earlier = await self._claim_request(cur, owner_id, "fork", request_id, new_chat, None)
+            if earlier is not None:
+                return await self._chat(cur, str(earlier["chat_id"]))
+            limit_seq = None
+            if message_id:
+                await cur.execute(
+                    "SELECT seq FROM chat_messages WHERE id = %s AND chat_id = %s AND NOT deleted",
+                    (message_id, chat_id),
+                )
+                m = await cur.fetchone()
+                if m is None:
+                    raise NotFound(
+                        f"message {message_id} not found in chat {chat_id}",
+                        reason="MESSAGE_NOT_FOUND",
+                        metadata={"message_id": message_id},
+                    )
+                limit_seq = m["seq"]
+            await cur.execute(
+                "SELECT * FROM chat_messages WHERE chat_id = %s AND NOT deleted"
+                " AND (%s::bigint IS NULL OR seq <= %s::bigint) ORDER BY seq",
+                (chat_id, limit_seq, limit_seq),
+            )
+            rows = await cur.fetchall()
+            await cur.execute(
+                "INSERT INTO chat_chats (id, owner_id, title, status, model_config_id, workspace_id, parent_chat_id,"
+                " agents_md) VALUES (%s, %s, %s, 'waiting', %s, %s, %s, %s)",
+                (
+                    new_chat,
+                    owner_id,
+                    title or f"Fork of {src['title']}"[:200],
+                    src["model_config_id"],
+                    src["workspace_id"],
+                    chat_id,
+                    src["agents_md"],
+                ),
+            )
+            copies: list[tuple[str, NewMessage, dt.datetime]] = []
+            for r in rows:
+                usage = usage_of(r)
+                copies.append(
+                    (
+                        str(uuid.uuid4()),
+                        NewMessage(
+                            role=r["role"],
+                            parts=parts_mod.from_json(r["parts"]),
+                            sender_id=r["sender_id"],
+                            model_config_id=r["model_config_id"],
+                            usage=usage,
+                            runtime_ms=r["runtime_ms"],
+                            visibility=r["visibility"],
+                        ),
+                        r["created_at"],
+                    )
+                )
+            events = [self._message_event(new_chat, mid, m, when) for mid, m, when in copies]
+            events.append(self._status_event("waiting"))
+            await self._bump(cur, new_chat, events)
+            for (mid, m, when), ev in zip(copies, events, strict=False):
+                await self._insert_message(cur, new_chat, mid, m, ev.seq, when)
+            chat = await self._chat(cur, new_chat)
+        await self._after_commit(new_chat, events)
+        return chat
+
+    async def usage(
+        self, user_id: str, start: dt.datetime | None, end: dt.datetime | None
+    ) -> tuple[chat_pb2.Usage, list[chat_pb2.ModelUsage], int]:
+        """Usage of a user's generations in [start, end)."""
+        sums = ", ".join(f"coalesce(sum(m.{f}), 0) AS {f}" for f in USAGE_FIELDS)
+        async with self._tx() as cur:
+            await cur.execute(
+                f"SELECT m.model_config_id, {sums}, count(*) AS generations, count(DISTINCT m.chat_id) AS chats"
+                " FROM chat_messages m JOIN chat_chats c ON c.id = m.chat_id"
+                " WHERE c.owner_id = %(u)s AND m.role IN ('assistant', 'summary')"
+                " AND (%(s)s::timestamptz IS NULL OR m.created_at >= %(s)s)"
+                " AND (%(e)s::timestamptz IS NULL OR m.created_at < %(e)s)"
+                " GROUP BY ROLLUP (m.model_config_id)",
+                {"u": user_id, "s": start, "e": end},
+            )
+            rows = await cur.fetchall()
+            await cur.execute(
+                "SELECT count(DISTINCT m.chat_id) AS n FROM chat_messages m JOIN chat_chats c ON c.id = m.chat_id"
+                " WHERE c.owner_id = %(u)s"
+                " AND (%(s)s::timestamptz IS NULL OR m.created_at >= %(s)s)"
+                " AND (%(e)s::timestamptz IS NULL OR m.created_at < %(e)s)",
+                {"u": user_id, "s": start, "e": end},
+            )
+            n = await cur.fetchone()
+        total = chat_pb2.Usage()
+        by_model = []
+        for r in rows:
+            if r["model_config_id"] is None:
+                total = usage_of(r)
+            else:
+                by_model.append(
+                    chat_pb2.ModelUsage(
+                        model_config_id=r["model_config_id"],
+                        usage=usage_of(r),
+                        generations=int(r["generations"]),
+                    )
+                )
+        return total, by_model, int(n["n"]) if n else 0
+
+    # --- events ----------------------------------------------------------------------------
+
+    async def events_between(
+        self, chat_id: str, after_seq: int, before_seq: int | None = None
+    ) -> list[chat_pb2.ChatEvent]:
+        """Durable events with after_seq < seq (< before_seq), in order."""
+        async with self._pool.connection() as conn, conn.cursor() as cur:
+            await cur.execute(
+                "SELECT event FROM chat_events WHERE chat_id = %s AND seq > %s"
+                " AND (%s::bigint IS NULL OR seq < %s::bigint) ORDER BY seq LIMIT 5000",
+                (chat_id, after_seq, before_seq, before_seq),
+            )
+            rows = await cur.fetchall()
+        return [chat_pb2.ChatEvent.FromString(r["event"]) for r in rows]
+
+    async def chat_for_watch(self, chat_id: str) -> chat_pb2.Chat | None:
+        """A chat by id (no owner check: the watcher filters by owner), or None."""
+        async with self._pool.connection() as conn, conn.cursor() as cur:
+            await cur.execute(f"SELECT {CHAT_COLUMNS} FROM chat_chats c WHERE c.id = %s", (chat_id,))
+            row = await cur.fetchone()
+        return chat_from_row(row) if row else None
+
+    # --- workers -----------------------------------------------------------------------------
+
+    async def claim(self, worker_id: str, limit: int, lease_seconds: float) -> list[Claim]:
+        """Acquire up to `limit` pending chats, oldest first, skipping rows others are locking."""
+        if limit <= 0:
+            return []
+        async with self._tx() as cur:
+            await cur.execute(
+                "UPDATE chat_chats SET status = 'running', worker_id = %(w)s, generation = generation + 1,"
+                " lease_expires_at = now() + make_interval(secs => %(l)s)"
+                " WHERE id IN (SELECT id FROM chat_chats WHERE status = 'pending' ORDER BY updated_at"
+                " FOR UPDATE SKIP LOCKED LIMIT %(n)s) RETURNING id, generation",
+                {"w": worker_id, "l": lease_seconds, "n": limit},
+            )
+            rows = await cur.fetchall()
+        return [Claim(str(r["id"]), Fence(worker_id, int(r["generation"]))) for r in rows]
+
+    async def renew(self, worker_id: str, lease_seconds: float) -> RenewResult:
+        """Renew every lease of `worker_id` in one statement; report what it still holds."""
+        async with self._tx() as cur:
+            await cur.execute(
+                "UPDATE chat_chats SET lease_expires_at = now() + make_interval(secs => %s)"
+                " WHERE worker_id = %s RETURNING id, generation, interrupt",
+                (lease_seconds, worker_id),
+            )
+            rows = await cur.fetchall()
+        return RenewResult(
+            held={str(r["id"]): Fence(worker_id, int(r["generation"])) for r in rows},
+            interrupted={str(r["id"]) for r in rows if r["interrupt"]},
+        )
+
+    async def sweep(self) -> list[str]:
+        """Return chats whose lease expired to PENDING (or release interrupted ones); their ids."""
+        async with self._tx() as cur:
+            await cur.execute(
+                "UPDATE chat_chats SET"
+                " status = CASE WHEN status = 'running' OR interrupt = 'resume' THEN 'pending' ELSE status END,"
+                " interrupt = CASE WHEN interrupt = 'resume' THEN 'resume' ELSE NULL END,"
+                " worker_id = NULL, lease_expires_at = NULL, generation = generation + 1"
+                " WHERE id IN (SELECT id FROM chat_chats WHERE worker_id IS NOT NULL AND lease_expires_at < now()"
+                " FOR UPDATE SKIP LOCKED) RETURNING id, status"
+            )
+            rows = await cur.fetchall()
+            pending = [str(r["id"]) for r in rows if r["status"] == "pending"]
+            for cid in pending:
+                await cur.execute("SELECT pg_notify(%s, %s)", (PENDING_CHANNEL, cid))
+        return [str(r["id"]) for r in rows]
+
+    async def start_run(self, chat_id: str, fence: Fence) -> RunInfo:
+        """Announce RUNNING; deliver the front queued message when an interrupt asked to resume."""
+        events: list[chat_pb2.ChatEvent] = []
+        async with self._tx() as cur:
+            await cur.execute(
+                "SELECT * FROM chat_chats WHERE id = %s AND worker_id = %s AND generation = %s FOR UPDATE",
+                (chat_id, fence.worker_id, fence.generation),
+            )
+            row = await cur.fetchone()
+            if row is None:
+                raise LeaseLost(chat_id)
+            if row["interrupt"] == "resume":
+                events += await self._deliver_front(cur, chat_id)
+            events.append(self._status_event("running"))
+            await self._bump(cur, chat_id, events, fence=fence, set_sql="interrupt = NULL")
+            await self._insert_delivered(cur, chat_id, events)
+        await self._after_commit(chat_id, events)
+        return RunInfo(
+            chat_id=chat_id,
+            owner_id=row["owner_id"],
+            model_config_id=row["model_config_id"],
+            workspace_id=row["workspace_id"],
+            agents_md=row["agents_md"],
+        )
+
+    async def _deliver_front(self, cur: AsyncCursor[Any], chat_id: str) -> list[chat_pb2.ChatEvent]:
+        """Pop the front queued message; return its message_persisted and queue_changed events."""
+        await cur.execute(
+            "DELETE FROM chat_queued_messages WHERE id = (SELECT id FROM chat_queued_messages WHERE chat_id = %s"
+            " ORDER BY position LIMIT 1) RETURNING *",
+            (chat_id,),
+        )
+        q = await cur.fetchone()
+        if q is None:
+            return []
+        msg = NewMessage(role="user", parts=parts_mod.from_json(q["parts"]), sender_id=q["sender_id"])
+        # The queued message keeps its id, so an idempotent SendMessage finds it in the history.
+        return [self._message_event(chat_id, str(q["id"]), msg, now()), await self._queue_event(cur, chat_id)]
+
+    async def _insert_delivered(
+        self, cur: AsyncCursor[Any], chat_id: str, events: Sequence[chat_pb2.ChatEvent]
+    ) -> None:
+        for ev in events:
+            if ev.WhichOneof("event") == "message_persisted":
+                m = ev.message_persisted
+                await self._insert_message(
+                    cur,
+                    chat_id,
+                    m.id,
+                    NewMessage(role="user", parts=m.parts, sender_id=m.sender_id),
+                    ev.seq,
+                    m.create_time.ToDatetime(dt.UTC),
+                )
+
+    async def history(self, chat_id: str) -> list[chat_pb2.Message]:
+        """Live messages from the last summary on, oldest first."""
+        async with self._pool.connection() as conn, conn.cursor() as cur:
+            await cur.execute(
+                "SELECT * FROM chat_messages WHERE chat_id = %(c)s AND NOT deleted AND seq >= coalesce("
+                "(SELECT max(seq) FROM chat_messages WHERE chat_id = %(c)s AND role = 'summary' AND NOT deleted), 0)"
+                " ORDER BY seq",
+                {"c": chat_id},
+            )
+            rows = await cur.fetchall()
+        return [message_from_row(r) for r in rows]
+
+    async def set_agents_md(self, chat_id: str, fence: Fence, text: str) -> None:
+        """Cache the workspace's AGENTS.md on the chat."""
+        async with self._tx() as cur:
+            await cur.execute(
+                "UPDATE chat_chats SET agents_md = %s WHERE id = %s AND worker_id = %s AND generation = %s"
+                " RETURNING id",
+                (text, chat_id, fence.worker_id, fence.generation),
+            )
+            if await cur.fetchone() is None:
+                raise LeaseLost(chat_id)
+
+    async def emit(self, chat_id: str, fence: Fence | None, events: Sequence[chat_pb2.ChatEvent]) -> None:
+        """Number and publish streaming events (durable kinds are stored too)."""
+        async with self._tx() as cur:
+            await self._bump(cur, chat_id, events, fence=fence, notify=False, touch=False)
+        await self._after_commit(chat_id, events)
+
+    async def persist(
+        self,
+        chat_id: str,
+        fence: Fence | None,
+        msg: NewMessage,
+        *,
+        extra_events: Sequence[chat_pb2.ChatEvent] = (),
+        message_id: str | None = None,
+        guard_idle: bool = False,
+    ) -> chat_pb2.Message:
+        """Persist a generated message (fenced), adding its usage to the chat, plus extra events after it.
+
+        `guard_idle` (CompactChat outside a run) requires that no worker owns the chat.
+        """
+        message_id = message_id or str(uuid.uuid4())
+        when = now()
+        usage = msg.usage or chat_pb2.Usage()
+        events = [self._message_event(chat_id, message_id, msg, when), *extra_events]
+        sets = ", ".join(f"{f} = {f} + %({f})s" for f in USAGE_FIELDS)
+        params = {f: getattr(usage, f) for f in USAGE_FIELDS}
+        async with self._tx() as cur:
+            if guard_idle:
+                await cur.execute(
+                    "SELECT 1 FROM chat_chats WHERE id = %s AND worker_id IS NULL AND status <> 'pending'"
+                    " FOR UPDATE",
+                    (chat_id,),
+                )
+                if await cur.fetchone() is None:
+                    raise FailedPrecondition(
+                        f"chat {chat_id} started running; compact it when it is idle", reason="CHAT_BUSY"
+                    )
+            await self._bump(cur, chat_id, events, fence=fence, set_sql=sets, params=params)
+            await self._insert_message(cur, chat_id, message_id, msg, events[0].seq, when)
+        await self._after_commit(chat_id, events)
+        m = events[0].message_persisted
+        return m
+
+    async def finish_turn(self, chat_id: str, fence: Fence) -> bool:
+        """End a turn: deliver the next queued message (True: keep running) or wait for the user."""
+        async with self._tx() as cur:
+            await cur.execute(
+                "SELECT interrupt FROM chat_chats WHERE id = %s AND worker_id = %s AND generation = %s FOR UPDATE",
+                (chat_id, fence.worker_id, fence.generation),
+            )
+            row = await cur.fetchone()
+            if row is None:
+                raise LeaseLost(chat_id)
+            stop = row["interrupt"] == "stop"
+            events = [] if stop else await self._deliver_front(cur, chat_id)
+            if events:
+                await self._bump(
+                    cur, chat_id, events, fence=fence, set_sql="interrupt = NULL, status = 'running'"
+                )
+                await self._insert_delivered(cur, chat_id, events)
+                more = True
+            else:
+                events = [] if stop else [self._status_event("waiting")]
+                await self._bump(
+                    cur,
+                    chat_id,
+                    events,
+                    fence=fence,
+                    set_sql="status = 'waiting', worker_id = NULL, lease_expires_at = NULL, interrupt = NULL",
+                )
+                more = False
+        await self._after_commit(chat_id, events)
+        return more
+
+    async def fail_run(self, chat_id: str, fence: Fence, reason: str, message: str) -> None:
+        """End a run in ERROR with last_error."""
+        events = [
+            chat_pb2.ChatEvent(error=chat_pb2.ChatError(reason=reason, message=message, time=ts(now()))),
+            self._status_event("error", reason, message),
+        ]
+        async with self._tx() as cur:
+            await self._bump(
+                cur,
+                chat_id,
+                events,
+                fence=fence,
+                set_sql="status = 'error', worker_id = NULL, lease_expires_at = NULL, interrupt = NULL,"
+                " last_error_reason = %(r)s, last_error_message = %(m)s, last_error_time = now()",
+                params={"r": reason, "m": message},
+            )
+        await self._after_commit(chat_id, events)
+
+    async def release(self, chat_id: str, fence: Fence) -> None:
+        """Give a chat back as PENDING (worker shutting down); another worker continues it."""
+        async with self._tx() as cur:
+            await cur.execute(
+                "UPDATE chat_chats SET status = CASE WHEN status = 'running' THEN 'pending' ELSE status END,"
+                " worker_id = NULL, lease_expires_at = NULL, generation = generation + 1"
+                " WHERE id = %s AND worker_id = %s AND generation = %s RETURNING status",
+                (chat_id, fence.worker_id, fence.generation),
+            )
+            row = await cur.fetchone()
+            if row is not None and row["status"] == "pending":
+                await cur.execute("SELECT pg_notify(%s, %s)", (PENDING_CHANNEL, chat_id))
+
+    async def run_info(self, chat_id: str) -> RunInfo:
+        """Chat facts for a run outside a worker (CompactChat)."""
+        async with self._pool.connection() as conn, conn.cursor() as cur:
+            await cur.execute("SELECT * FROM chat_chats WHERE id = %s", (chat_id,))
+            row = await cur.fetchone()
+        if row is None:
+            raise chat_not_found(chat_id)
+        return RunInfo(
+            chat_id, row["owner_id"], row["model_config_id"], row["workspace_id"], row["agents_md"]
+        )

@@ -1,0 +1,212 @@
+"""The chat service's test stack: the LLM simulator plus the four real services in-process.
+
+Every service runs its real server on port 0 against this test's database and Redis; the
+model config points at the simulator through the config service (seeded with its RPCs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+from agentplane.chat.v1 import chat_pb2, chat_service_pb2, chat_service_pb2_grpc
+from agentplane.config.v1 import config_pb2
+from agentplane.toolexec.v1 import toolexec_service_pb2, toolexec_service_pb2_grpc
+from prometheus_client import CollectorRegistry
+
+from services.chat import server as chat_server
+from services.chat.settings import ChatSettings
+from services.common.client import create_channel
+from services.common.settings import Settings
+from services.config import server as config_server
+from services.config.testing import seed_provider_and_model
+from services.inference import server as inference_server
+from services.simulator.script import Script
+from services.simulator.server import SimulatorHandle, start_simulator
+from services.toolexec import server as toolexec_server
+from services.toolexec.settings import ToolexecSettings
+
+FAST_CHAT = ChatSettings(
+    max_concurrent_chats=16,
+    lease_seconds=3.0,
+    renew_interval_seconds=0.5,
+    poll_interval_seconds=0.5,
+    sweep_interval_seconds=0.5,
+    delta_flush_ms=20,
+)
+
+
+async def eventually(
+    condition: Callable[[], Awaitable[bool]], *, within: float = 15.0, interval: float = 0.02
+) -> None:
+    """Poll a real condition until true; fail after `within` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        if await condition():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {within} s")
+        await asyncio.sleep(interval)
+
+
+def text(value: str) -> list[chat_pb2.ContentPart]:
+    """A user message of one text part."""
+    return [chat_pb2.ContentPart(text=chat_pb2.TextPart(text=value))]
+
+
+@dataclass
+class Stack:
+    """The running services and helpers for a test."""
+
+    settings: Settings
+    sim: SimulatorHandle
+    model_config_id: str
+    make_token: Callable[..., str]
+    workspaces_dir: str
+    servers: list[Any]
+    chat: chat_server.ChatServer
+    _channels: list[grpc.aio.Channel] = field(default_factory=list)
+
+    def stub(self, user: str = "alice", chat: chat_server.ChatServer | None = None) -> Any:
+        """A ChatService stub authenticated as `user`."""
+        channel = create_channel((chat or self.chat).address, token=self.make_token(user))
+        self._channels.append(channel)
+        return chat_service_pb2_grpc.ChatServiceStub(channel)
+
+    def toolexec(self, user: str = "alice") -> Any:
+        """A ToolExecService stub authenticated as `user`."""
+        channel = create_channel(self.settings.address("toolexec"), token=self.make_token(user))
+        self._channels.append(channel)
+        return toolexec_service_pb2_grpc.ToolExecServiceStub(channel)
+
+    async def workspace(self, user: str = "alice") -> str:
+        """A new empty workspace of `user`."""
+        resp = await self.toolexec(user).CreateWorkspace(
+            toolexec_service_pb2.CreateWorkspaceRequest(name=f"ws-{uuid.uuid4().hex[:8]}")
+        )
+        return str(resp.workspace.id)
+
+    def workspace_path(self, workspace_id: str) -> str:
+        """Where toolexec keeps a workspace's files (the local driver's layout)."""
+        for root, dirs, _files in os.walk(self.workspaces_dir):
+            if workspace_id in dirs:
+                return os.path.join(root, workspace_id)
+        raise AssertionError(f"workspace {workspace_id} has no directory under {self.workspaces_dir}")
+
+    async def chat_of(self, chat_id: str, user: str = "alice") -> chat_pb2.Chat:
+        """GetChat."""
+        resp = await self.stub(user).GetChat(chat_service_pb2.GetChatRequest(chat_id=chat_id))
+        return resp.chat
+
+    async def wait_status(
+        self, chat_id: str, status: int, *, within: float = 20.0, user: str = "alice"
+    ) -> None:
+        """Wait until the chat has `status` and no queued messages."""
+
+        async def done() -> bool:
+            chat = await self.chat_of(chat_id, user)
+            return chat.status == status and chat.queued_message_count == 0
+
+        await eventually(done, within=within)
+
+    async def messages(self, chat_id: str, user: str = "alice") -> list[chat_pb2.Message]:
+        """Every visible message, oldest first."""
+        resp = await self.stub(user).ListMessages(chat_service_pb2.ListMessagesRequest(chat_id=chat_id))
+        return list(resp.messages)
+
+    async def start_chat_replica(self, chat_settings: ChatSettings) -> chat_server.ChatServer:
+        """Another chat replica in this process on the same database."""
+        server = await chat_server.start(self.settings, chat_settings, registry=CollectorRegistry())
+        self.servers.append(server)
+        return server
+
+
+@pytest.fixture
+def workspaces_dir(tmp_path: Any) -> Iterator[str]:
+    """A fresh workspaces dir; any process group recorded there is killed at teardown."""
+    path = str(tmp_path / "workspaces")
+    os.makedirs(path)
+    yield path
+    records = os.path.join(path, ".processes")
+    if os.path.isdir(records):
+        for name in os.listdir(records):
+            try:
+                os.killpg(int(name), signal.SIGKILL)
+            except (ProcessLookupError, ValueError, PermissionError):
+                pass
+
+
+async def start_stack(
+    settings: Settings,
+    make_token: Callable[..., str],
+    workspaces_dir: str,
+    *,
+    chat_settings: ChatSettings = FAST_CHAT,
+    script: Script | None = None,
+    ttft_ms: float = 0,
+    token_delay_ms: float = 0,
+) -> Stack:
+    """Simulator, config (seeded), inference, toolexec and chat, wired together."""
+    servers: list[Any] = []
+    sim = await start_simulator(script=script, ttft_ms=ttft_ms, token_delay_ms=token_delay_ms)
+    try:
+        config = await config_server.start(settings, registry=CollectorRegistry())
+        servers.append(config)
+        settings = settings.with_service("config", address=config.address)
+        _, model_id = await seed_provider_and_model(
+            config.address,
+            make_token("admin", "admin"),
+            provider_type=config_pb2.PROVIDER_TYPE_OPENAI_COMPATIBLE,
+            base_url=sim.openai_base_url,
+            api_key="sk-test",
+            model_name="sim-model",
+            context_limit=200_000,
+        )
+        inference = await inference_server.build(settings)
+        await inference.start()
+        servers.append(inference)
+        settings = settings.with_service("inference", address=inference.address)
+        toolexec = await toolexec_server.start(
+            settings, toolexec_settings=ToolexecSettings(workspaces_dir=workspaces_dir)
+        )
+        servers.append(toolexec)
+        settings = settings.with_service("toolexec", address=toolexec.address)
+        chat = await chat_server.start(settings, chat_settings, registry=CollectorRegistry())
+        servers.append(chat)
+        settings = settings.with_service("chat", address=chat.address)
+    except BaseException:
+        for s in reversed(servers):
+            await s.stop()
+        await sim.stop()
+        raise
+    return Stack(settings, sim, model_id, make_token, workspaces_dir, servers, chat)
+
+
+async def stop_stack(stack: Stack) -> None:
+    """Stop every server (chat replicas first) and the simulator."""
+    for channel in stack._channels:
+        await channel.close()
+    for s in reversed(stack.servers):
+        await s.stop()
+    await stack.sim.stop()
+
+
+@pytest.fixture
+async def stack(
+    settings: Settings, make_token: Callable[..., str], workspaces_dir: str
+) -> AsyncIterator[Stack]:
+    """The default stack: instant simulator replies, fast leases."""
+    s = await start_stack(settings, make_token, workspaces_dir)
+    try:
+        yield s
+    finally:
+        await stop_stack(s)
