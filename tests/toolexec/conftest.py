@@ -45,7 +45,9 @@ class Toolexec:
     templates: StaticTemplates
     _channels: list[grpc.aio.Channel]
 
-    def stub(self, subject: str = "alice", role: str = "user") -> toolexec_service_pb2_grpc.ToolExecServiceStub:
+    def stub(
+        self, subject: str = "alice", role: str = "user"
+    ) -> toolexec_service_pb2_grpc.ToolExecServiceStub:
         """A stub authenticated as `subject`."""
         channel = create_channel(self.server.address, token=self.make_token(subject, role))
         self._channels.append(channel)
@@ -104,3 +106,28 @@ async def toolexec(
         for channel in channels:
             await channel.close()
         await server.stop(0)
+
+
+def ws_path(tx: Toolexec, workspace_id: str, rel: str = "") -> str:
+    """The host path of `rel` inside a workspace."""
+    return os.path.join(tx.workspaces_dir, workspace_id, rel)
+
+
+def ws_write(tx: Toolexec, workspace_id: str, rel: str, data: str | bytes) -> str:
+    """Write a file into a workspace directly on disk (test setup); returns its path."""
+    path = ws_path(tx, workspace_id, rel)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    return path
+
+
+def ws_read(tx: Toolexec, workspace_id: str, rel: str) -> str:
+    """Read a workspace file directly from disk."""
+    with open(ws_path(tx, workspace_id, rel)) as f:
+        return f.read()
+
+
+def ws_exists(tx: Toolexec, workspace_id: str, rel: str = "") -> bool:
+    """Whether a path exists in a workspace (or the workspace directory itself, for rel='')."""
+    return os.path.lexists(ws_path(tx, workspace_id, rel))

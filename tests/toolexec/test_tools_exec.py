@@ -10,7 +10,7 @@ import os
 from agentplane.toolexec.v1 import toolexec_service_pb2
 from google.protobuf import duration_pb2
 
-from tests.toolexec.conftest import Toolexec, call_request
+from tests.toolexec.conftest import Toolexec, call_request, ws_exists, ws_path
 
 
 async def _call(tx: Toolexec, ws: str, name: str, args: dict | str) -> toolexec_service_pb2.CallToolResponse:
@@ -47,7 +47,7 @@ async def test_execute_output_and_exit_code(toolexec: Toolexec) -> None:
 
 async def test_execute_workdir_and_environment(toolexec: Toolexec) -> None:
     ws = await toolexec.create()
-    os.makedirs(os.path.join(toolexec.workspaces_dir, ws, "sub", "dir"))
+    os.makedirs(ws_path(toolexec, ws, "sub/dir"))
     os.environ["AGENTPLANE_TEST_LEAK"] = "should-not-leak"
     try:
         r = await _call(
@@ -72,7 +72,6 @@ async def test_execute_workdir_and_environment(toolexec: Toolexec) -> None:
 
 async def test_timeout_turns_into_background_process(toolexec: Toolexec) -> None:
     ws = await toolexec.create()
-    marker = os.path.join(toolexec.workspaces_dir, ws, "done")
     r = await _call(
         toolexec,
         ws,
@@ -86,13 +85,14 @@ async def test_timeout_turns_into_background_process(toolexec: Toolexec) -> None
     assert _pid_alive(pid)
     # process_output waits for new output or the exit; poll it (bounded) until the exit.
     for _ in range(10):
-        r = await _call(toolexec, ws, "process_output", {"process_id": info["process_id"], "wait_seconds": 10})
+        args = {"process_id": info["process_id"], "wait_seconds": 10}
+        r = await _call(toolexec, ws, "process_output", args)
         out = json.loads(r.structured_json)
         if not out["running"]:
             break
     assert out["running"] is False and out["exit_code"] == 0
     assert out["output"] == "started\nfinished\n"
-    assert os.path.exists(marker)
+    assert ws_exists(toolexec, ws, "done")
 
 
 async def test_request_timeout_caps_execute(toolexec: Toolexec) -> None:
@@ -123,9 +123,7 @@ async def test_background_process_output_list_and_signals(toolexec: Toolexec) ->
     listed = json.loads(r.structured_json)["processes"]
     assert [p["process_id"] for p in listed] == [pid_id] and listed[0]["running"]
     # The child `sleep` is in the same process group: TERMINATE reaches it too.
-    children = [
-        int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(int(p)) == pid
-    ]
+    children = [int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(int(p)) == pid]
     assert children, "the background sleep should be a child of the shell"
     r = await _call(toolexec, ws, "process_signal", {"process_id": pid_id, "signal": "TERMINATE"})
     assert not r.is_error and json.loads(r.structured_json)["delivered"]
@@ -176,9 +174,8 @@ async def test_ten_executes_in_parallel(toolexec: Toolexec) -> None:
     stub = toolexec.stub()
     loop = asyncio.get_running_loop()
     started = loop.time()
-    results = await asyncio.gather(
-        *(stub.CallTool(call_request(ws, "execute", {"command": f"sleep 0.5; echo job{i}"})) for i in range(10))
-    )
+    requests = [call_request(ws, "execute", {"command": f"sleep 0.5; echo job{i}"}) for i in range(10)]
+    results = await asyncio.gather(*(stub.CallTool(req) for req in requests))
     elapsed = loop.time() - started
     for i, r in enumerate(results):
         info = json.loads(r.structured_json)
@@ -194,7 +191,7 @@ async def test_delete_workspace_kills_its_processes(toolexec: Toolexec) -> None:
     assert _pid_alive(pid)
     await toolexec.stub().DeleteWorkspace(toolexec_service_pb2.DeleteWorkspaceRequest(workspace_id=ws))
     await _wait_until(lambda: not _pid_alive(pid))
-    assert not os.path.exists(os.path.join(toolexec.workspaces_dir, ws))
+    assert not ws_exists(toolexec, ws)
 
 
 async def test_service_stop_kills_processes(toolexec: Toolexec) -> None:

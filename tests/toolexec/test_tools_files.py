@@ -8,7 +8,7 @@ import stat
 
 from agentplane.toolexec.v1 import toolexec_service_pb2
 
-from tests.toolexec.conftest import Toolexec, call_request
+from tests.toolexec.conftest import Toolexec, call_request, ws_path, ws_read, ws_write
 
 
 async def _call(tx: Toolexec, ws: str, name: str, args: dict | str) -> toolexec_service_pb2.CallToolResponse:
@@ -20,7 +20,7 @@ async def test_write_then_read_with_line_numbers(toolexec: Toolexec) -> None:
     w = await _call(toolexec, ws, "write_file", {"path": "pkg/mod/a.py", "content": "one\ntwo\nthree\n"})
     assert not w.is_error, w.content
     assert json.loads(w.structured_json) == {"path": "pkg/mod/a.py", "bytes": 14, "created": True}
-    assert open(os.path.join(toolexec.workspaces_dir, ws, "pkg/mod/a.py")).read() == "one\ntwo\nthree\n"
+    assert ws_read(toolexec, ws, "pkg/mod/a.py") == "one\ntwo\nthree\n"
     r = await _call(toolexec, ws, "read_file", {"path": "pkg/mod/a.py", "offset": 2, "limit": 1})
     assert not r.is_error
     assert r.content.splitlines()[0] == "     2\ttwo"
@@ -31,14 +31,11 @@ async def test_write_then_read_with_line_numbers(toolexec: Toolexec) -> None:
 
 async def test_read_default_limit_and_byte_cap(toolexec: Toolexec) -> None:
     ws = await toolexec.create()
-    path = os.path.join(toolexec.workspaces_dir, ws, "big.txt")
-    with open(path, "w") as f:
-        f.writelines(f"row {i}\n" for i in range(5000))
+    ws_write(toolexec, ws, "big.txt", "".join(f"row {i}\n" for i in range(5000)))
     r = await _call(toolexec, ws, "read_file", {"path": "big.txt"})
     info = json.loads(r.structured_json)
     assert info["lines_returned"] == 2000 and info["total_lines"] == 5000 and info["truncated"]
-    with open(path, "w") as f:
-        f.writelines("y" * 1000 + "\n" for _ in range(500))
+    ws_write(toolexec, ws, "big.txt", ("y" * 1000 + "\n") * 500)
     r = await _call(toolexec, ws, "read_file", {"path": "big.txt"})
     info = json.loads(r.structured_json)
     assert info["truncated"] and info["lines_returned"] < 100
@@ -47,11 +44,8 @@ async def test_read_default_limit_and_byte_cap(toolexec: Toolexec) -> None:
 
 async def test_read_errors(toolexec: Toolexec) -> None:
     ws = await toolexec.create()
-    root = os.path.join(toolexec.workspaces_dir, ws)
-    with open(os.path.join(root, "bin.dat"), "wb") as f:
-        f.write(b"\x7fELF\x00\x01\x02" * 100)
-    with open(os.path.join(root, "short.txt"), "w") as f:
-        f.write("a\nb\n")
+    ws_write(toolexec, ws, "bin.dat", b"\x7fELF\x00\x01\x02" * 100)
+    ws_write(toolexec, ws, "short.txt", "a\nb\n")
     cases = {
         "missing.txt": "does not exist",
         "bin.dat": "binary",
@@ -67,21 +61,19 @@ async def test_read_errors(toolexec: Toolexec) -> None:
 
 async def test_write_keeps_mode_and_is_atomic(toolexec: Toolexec) -> None:
     ws = await toolexec.create()
-    path = os.path.join(toolexec.workspaces_dir, ws, "run.sh")
-    with open(path, "w") as f:
-        f.write("#!/bin/sh\necho old\n")
+    path = ws_write(toolexec, ws, "run.sh", "#!/bin/sh\necho old\n")
     os.chmod(path, 0o750)
     r = await _call(toolexec, ws, "write_file", {"path": "run.sh", "content": "#!/bin/sh\necho new\n"})
     assert not r.is_error and json.loads(r.structured_json)["created"] is False
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o750
-    assert open(path).read().endswith("echo new\n")
+    assert ws_read(toolexec, ws, "run.sh").endswith("echo new\n")
     # No temporary files are left beside it.
     assert sorted(os.listdir(os.path.dirname(path))) == ["run.sh"]
 
 
 async def test_write_errors(toolexec: Toolexec) -> None:
     ws = await toolexec.create()
-    os.mkdir(os.path.join(toolexec.workspaces_dir, ws, "adir"))
+    os.mkdir(ws_path(toolexec, ws, "adir"))
     r = await _call(toolexec, ws, "write_file", {"path": "adir", "content": "x"})
     assert r.is_error and "directory" in r.content
     r = await _call(toolexec, ws, "write_file", {"path": "/etc/evil", "content": "x"})
@@ -93,11 +85,8 @@ async def test_write_errors(toolexec: Toolexec) -> None:
 
 async def test_edit_files_success_with_diff(toolexec: Toolexec) -> None:
     ws = await toolexec.create()
-    root = os.path.join(toolexec.workspaces_dir, ws)
-    with open(os.path.join(root, "a.py"), "w") as f:
-        f.write("x = 1\ny = 2\nz = 1\n")
-    with open(os.path.join(root, "b.py"), "w") as f:
-        f.write("print('hi')\n")
+    ws_write(toolexec, ws, "a.py", "x = 1\ny = 2\nz = 1\n")
+    ws_write(toolexec, ws, "b.py", "print('hi')\n")
     edits = [
         {"path": "a.py", "old_text": "y = 2", "new_text": "y = 3"},
         {"path": "a.py", "old_text": "= 1", "new_text": "= 10", "replace_all": True},
@@ -105,19 +94,16 @@ async def test_edit_files_success_with_diff(toolexec: Toolexec) -> None:
     ]
     r = await _call(toolexec, ws, "edit_files", {"edits": edits})
     assert not r.is_error, r.content
-    assert open(os.path.join(root, "a.py")).read() == "x = 10\ny = 3\nz = 10\n"
-    assert open(os.path.join(root, "b.py")).read() == "print('bye')\n"
+    assert ws_read(toolexec, ws, "a.py") == "x = 10\ny = 3\nz = 10\n"
+    assert ws_read(toolexec, ws, "b.py") == "print('bye')\n"
     assert "--- a/a.py" in r.content and "+y = 3" in r.content and "+print('bye')" in r.content
     assert len(json.loads(r.structured_json)["files"]) == 2
 
 
 async def test_edit_files_all_or_nothing(toolexec: Toolexec) -> None:
     ws = await toolexec.create()
-    root = os.path.join(toolexec.workspaces_dir, ws)
-    with open(os.path.join(root, "a.py"), "w") as f:
-        f.write("dup\nother\ndup\n")
-    with open(os.path.join(root, "b.py"), "w") as f:
-        f.write("keep me\n")
+    ws_write(toolexec, ws, "a.py", "dup\nother\ndup\n")
+    ws_write(toolexec, ws, "b.py", "keep me\n")
     edits = [
         {"path": "b.py", "old_text": "keep", "new_text": "changed"},
         {"path": "a.py", "old_text": "dup", "new_text": "single"},
@@ -130,8 +116,8 @@ async def test_edit_files_all_or_nothing(toolexec: Toolexec) -> None:
     assert "matches 2 times (at lines 1, 3)" in r.content
     assert "edits[2] (a.py): old_text was not found" in r.content
     assert "edits[3]" in r.content and "does not exist" in r.content
-    assert open(os.path.join(root, "b.py")).read() == "keep me\n"
-    assert open(os.path.join(root, "a.py")).read() == "dup\nother\ndup\n"
+    assert ws_read(toolexec, ws, "b.py") == "keep me\n"
+    assert ws_read(toolexec, ws, "a.py") == "dup\nother\ndup\n"
 
 
 async def test_edit_files_schema_errors(toolexec: Toolexec) -> None:

@@ -1,0 +1,116 @@
+"""The tool-call ledger: replay without re-running, refusal of a reused id, interrupted calls."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import psycopg
+
+from services.toolexec.ledger import call_fingerprint
+from tests.toolexec.conftest import Toolexec, call_request, ws_read
+
+
+async def test_execute_replay_does_not_run_again(toolexec: Toolexec) -> None:
+    ws = await toolexec.create()
+    stub = toolexec.stub()
+    request = call_request(ws, "execute", {"command": "echo ran >> count.txt; wc -l < count.txt"}, "call-1")
+    first = await stub.CallTool(request)
+    assert not first.replayed and json.loads(first.structured_json)["output"].strip() == "1"
+    again = await stub.CallTool(request)
+    assert again.replayed
+    assert again.content == first.content and again.structured_json == first.structured_json
+    assert ws_read(toolexec, ws, "count.txt") == "ran\n"
+    # Whitespace and key order in the JSON do not make it a different call.
+    reordered = call_request(
+        ws, "execute", '{ "command" : "echo ran >> count.txt; wc -l < count.txt" }', "call-1"
+    )
+    assert (await stub.CallTool(reordered)).replayed
+    assert ws_read(toolexec, ws, "count.txt") == "ran\n"
+
+
+async def test_reused_id_with_other_arguments_is_refused(toolexec: Toolexec) -> None:
+    ws = await toolexec.create()
+    stub = toolexec.stub()
+    await stub.CallTool(call_request(ws, "write_file", {"path": "a.txt", "content": "one"}, "call-x"))
+    other = await stub.CallTool(call_request(ws, "write_file", {"path": "a.txt", "content": "two"}, "call-x"))
+    assert other.is_error and not other.replayed
+    assert (
+        "already used" in other.content
+        and json.loads(other.structured_json)["error"] == "tool_call_id_reused"
+    )
+    other_tool = await stub.CallTool(call_request(ws, "read_file", {"path": "a.txt"}, "call-x"))
+    assert other_tool.is_error and "already used" in other_tool.content
+    assert ws_read(toolexec, ws, "a.txt") == "one"
+    # The recorded result is still replayed for the original call.
+    replay = await stub.CallTool(
+        call_request(ws, "write_file", {"path": "a.txt", "content": "one"}, "call-x")
+    )
+    assert replay.replayed and not replay.is_error
+
+
+async def test_ids_are_scoped_to_their_workspace(toolexec: Toolexec) -> None:
+    a, b = await toolexec.create(name="a"), await toolexec.create(name="b")
+    stub = toolexec.stub()
+    for ws in (a, b):
+        r = await stub.CallTool(call_request(ws, "write_file", {"path": "f", "content": ws}, "same-id"))
+        assert not r.replayed
+    assert ws_read(toolexec, b, "f") == b
+
+
+async def test_bad_calls_are_error_results_and_recorded(toolexec: Toolexec) -> None:
+    ws = await toolexec.create()
+    stub = toolexec.stub()
+    unknown = await stub.CallTool(call_request(ws, "rm_rf", {}, "bad-1"))
+    assert unknown.is_error and "unknown tool 'rm_rf'" in unknown.content and "read_file" in unknown.content
+    bad_json = await stub.CallTool(call_request(ws, "execute", "{command: ls", "bad-2"))
+    assert (
+        bad_json.is_error
+        and "not valid JSON" in bad_json.content
+        and "execute(command: string" in bad_json.content
+    )
+    not_object = await stub.CallTool(call_request(ws, "execute", "[1]", "bad-3"))
+    assert not_object.is_error and "must be a JSON object" in not_object.content
+    wrong_type = await stub.CallTool(call_request(ws, "read_file", {"path": 3, "extra": 1}, "bad-4"))
+    assert wrong_type.is_error and "path: 3 is not of type 'string'" in wrong_type.content
+    assert "Additional properties are not allowed ('extra'" in wrong_type.content
+    assert (await stub.CallTool(call_request(ws, "rm_rf", {}, "bad-1"))).replayed
+
+
+async def test_concurrent_duplicates_run_once(toolexec: Toolexec) -> None:
+    ws = await toolexec.create()
+    stub = toolexec.stub()
+    request = call_request(ws, "execute", {"command": "sleep 0.3; echo x >> dup.txt"}, "dup")
+    results = await asyncio.gather(*(stub.CallTool(request) for _ in range(5)))
+    assert sum(not r.replayed for r in results) == 1
+    assert ws_read(toolexec, ws, "dup.txt") == "x\n"
+
+
+async def test_started_but_never_completed_is_answered_as_interrupted(
+    toolexec: Toolexec, database_url: str
+) -> None:
+    ws = await toolexec.create()
+    stub = toolexec.stub()
+    # What a toolexec killed mid-call leaves behind: a 'started' row with no result.
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        args = json.dumps({"command": "echo hi >> side_effect.txt"})
+        await conn.execute(
+            "INSERT INTO toolexec_tool_calls (workspace_id, tool_call_id, tool_name, "
+            "arguments_sha256, state, instance_id) "
+            "VALUES (%s, 'cut', 'execute', %s, 'started', 'dead-instance')",
+            (ws, call_fingerprint("execute", args)),
+        )
+        r = await stub.CallTool(call_request(ws, "execute", args, "cut"))
+        assert r.is_error and r.replayed
+        assert "interrupted" in r.content and "may have partly run" in r.content
+        again = await stub.CallTool(call_request(ws, "execute", args, "cut"))
+        assert again.replayed and again.content == r.content
+        cur = await conn.execute(
+            "SELECT state, interrupted FROM toolexec_tool_calls "
+            "WHERE workspace_id = %s AND tool_call_id = 'cut'",
+            (ws,),
+        )
+        assert await cur.fetchone() == ("completed", True)
+    # Nothing ran.
+    r = await stub.CallTool(call_request(ws, "execute", {"command": "ls"}))
+    assert "side_effect" not in json.loads(r.structured_json)["output"]
