@@ -1,0 +1,174 @@
+"""A toolexec killed (SIGKILL) during an execute and restarted: the workspace stays usable, the
+ledger stays consistent, the interrupted call is answered (not re-run), and orphans are killed.
+
+Runs the real `agentplane serve toolexec` as a subprocess, twice, on the same port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import psycopg
+import pytest
+from agentplane.toolexec.v1 import toolexec_service_pb2, toolexec_service_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common.client import create_channel
+from tests.toolexec.conftest import call_request
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.timeout(90)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
+async def _until(predicate: Callable[[], bool], seconds: float, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not predicate():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+def spawn(
+    database_url: str, secret: str, workspaces_dir: str
+) -> Iterator[Callable[[int], subprocess.Popen[bytes]]]:
+    """Start `agentplane serve toolexec` on a port; every started server is killed at teardown."""
+    started: list[subprocess.Popen[bytes]] = []
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": os.environ.get("HOME", "/tmp"),
+        "DATABASE_URL": database_url,
+        "AGENTPLANE_SECRET": secret,
+        "AGENTPLANE_HOST": "127.0.0.1",
+        "AGENTPLANE_TOOLEXEC_METRICS_PORT": "0",
+        "AGENTPLANE_WORKSPACES_DIR": workspaces_dir,
+        "AGENTPLANE_LOG_LEVEL": "WARNING",
+        "PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'gen'}",
+    }
+
+    def start(port: int) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "services.cli.main", "serve", "toolexec"],
+            cwd=REPO_ROOT,
+            env={**env, "AGENTPLANE_TOOLEXEC_PORT": str(port)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait(timeout=10)
+
+
+async def _wait_serving(address: str, proc: subprocess.Popen[bytes]) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            assert proc.poll() is None, "toolexec exited during startup"
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                resp = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            assert loop.time() < deadline, "toolexec did not become SERVING"
+            await asyncio.sleep(0.1)
+
+
+async def test_killed_during_execute_and_restarted(
+    spawn: Callable[[int], subprocess.Popen[bytes]],
+    make_token: Callable[..., str],
+    database_url: str,
+    workspaces_dir: str,
+) -> None:
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    first = spawn(port)
+    await _wait_serving(address, first)
+    channel = create_channel(address, token=make_token("alice"))
+    try:
+        stub = toolexec_service_pb2_grpc.ToolExecServiceStub(channel)
+        ws = (
+            await stub.CreateWorkspace(toolexec_service_pb2.CreateWorkspaceRequest(name="crash"))
+        ).workspace.id
+        log_path = os.path.join(workspaces_dir, ws, "log")
+        command = "echo start >> log; sleep 30; echo end >> log"
+        request = call_request(ws, "execute", {"command": command, "timeout_seconds": 60}, "crash-1")
+        in_flight = asyncio.ensure_future(stub.CallTool(request))
+        await _until(lambda: _read(log_path) == "start\n", 15, "the command to start")
+        records = os.path.join(workspaces_dir, ".processes")
+        orphans = [int(name) for name in os.listdir(records)]
+        assert orphans and all(_alive(pid) for pid in orphans)
+
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=10)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await in_flight
+        # The command outlived the service (own session) until a restart cleans it up.
+        assert any(_alive(pid) for pid in orphans)
+
+        second = spawn(port)
+        await _wait_serving(address, second)
+        await _until(lambda: not any(_alive(pid) for pid in orphans), 10, "orphans to be killed")
+
+        retry = await stub.CallTool(request)
+        assert retry.is_error and retry.replayed
+        assert "interrupted" in retry.content and "may have partly run" in retry.content
+        assert _read(log_path) == "start\n"  # not run again, and the killed run never finished
+
+        # The workspace is usable.
+        ok = await stub.CallTool(call_request(ws, "execute", {"command": "cat log; echo alive"}))
+        assert json.loads(ok.structured_json)["output"] == "start\nalive\n"
+        w = await stub.CallTool(call_request(ws, "write_file", {"path": "after.txt", "content": "x"}))
+        assert not w.is_error
+
+        # The ledger is consistent: nothing is left 'started', the cut call is marked interrupted.
+        async with await psycopg.AsyncConnection.connect(database_url) as conn:
+            cur = await conn.execute(
+                "SELECT tool_call_id, state, interrupted FROM toolexec_tool_calls WHERE workspace_id = %s",
+                (ws,),
+            )
+            rows = {r[0]: (r[1], r[2]) for r in await cur.fetchall()}
+        assert rows["crash-1"] == ("completed", True)
+        assert all(state == "completed" for state, _ in rows.values())
+
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(timeout=20) == 0
+    finally:
+        await channel.close()
