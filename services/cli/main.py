@@ -21,6 +21,8 @@ COMMAND_MODULES: list[str] = [
     "services.cli.token",
     "services.cli.up",
     "services.cli.bench",
+    "services.cli.admin",
+    "services.cli.prompt",
     "services.cli.simulator",
     "services.cli.chat",
 ]
