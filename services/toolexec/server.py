@@ -81,7 +81,14 @@ async def build_server(
         await client.start()
         closers.append(client.close)
         templates = ConfigTemplateFetcher(client)
-    pool = await db.create_pool(settings.require_database_url(), autocommit=True, name="toolexec")
+    sync = "on" if tx.ledger_synchronous_commit else "off"
+    pool = await db.create_pool(
+        settings.require_database_url(),
+        autocommit=True,
+        name="toolexec",
+        # Replaces the kit's options string, so the statement timeout is repeated here.
+        options=f"-c statement_timeout=30000 -c synchronous_commit={sync}",
+    )
     store = WorkspaceStore(pool)
     workspaces = WorkspaceManager(store, driver, templates)
     caller = ToolCaller(workspaces, driver, Ledger(pool, instance_id))
