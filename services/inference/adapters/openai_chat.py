@@ -1,0 +1,189 @@
+"""OpenAI Chat Completions (OpenAI and OpenAI-compatible providers)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import openai
+from agentplane.config.v1 import config_pb2
+from agentplane.inference.v1 import inference_pb2, inference_service_pb2
+
+from services.inference.adapters import common
+from services.inference.events import (
+    Finished,
+    ProviderEvent,
+    ReasoningChunk,
+    TextChunk,
+    ToolCall,
+    UsageReport,
+)
+
+FINISH = {"stop": "stop", "tool_calls": "tool_calls", "function_call": "tool_calls", "length": "length"}
+FINISH["content_filter"] = "content_filter"
+
+
+def build_messages(request: inference_service_pb2.GenerateRequest) -> list[dict[str, Any]]:
+    """Normalized messages in Chat Completions form."""
+    out: list[dict[str, Any]] = []
+    if request.system_prompt:
+        out.append({"role": "system", "content": request.system_prompt})
+    for message in request.messages:
+        if message.role == inference_pb2.ROLE_USER:
+            parts: list[dict[str, Any]] = []
+            for part in message.parts:
+                if part.HasField("text"):
+                    parts.append({"type": "text", "text": part.text.text})
+                elif part.HasField("image"):
+                    parts.append({"type": "image_url", "image_url": {"url": common.data_url(part.image)}})
+            if len(parts) == 1 and parts[0]["type"] == "text":
+                out.append({"role": "user", "content": parts[0]["text"]})
+            else:
+                out.append({"role": "user", "content": parts})
+        elif message.role == inference_pb2.ROLE_ASSISTANT:
+            text = "".join(p.text.text for p in message.parts if p.HasField("text"))
+            entry: dict[str, Any] = {"role": "assistant", "content": text or None}
+            calls = [
+                {
+                    "id": p.tool_call.id,
+                    "type": "function",
+                    "function": {"name": p.tool_call.name, "arguments": p.tool_call.arguments_json or "{}"},
+                }
+                for p in message.parts
+                if p.HasField("tool_call")
+            ]
+            if calls:
+                entry["tool_calls"] = calls
+            out.append(entry)
+        else:
+            images: list[dict[str, Any]] = []
+            for p in message.parts:
+                result = p.tool_result
+                out.append(
+                    {
+                        "role": "tool",
+                        "tool_call_id": result.tool_call_id,
+                        "content": common.tool_result_text(result),
+                    }
+                )
+                images.extend(
+                    {"type": "image_url", "image_url": {"url": common.data_url(img)}} for img in result.images
+                )
+            if images:
+                # Tool messages cannot carry images in Chat Completions: a user message follows with them.
+                out.append(
+                    {
+                        "role": "user",
+                        "content": [{"type": "text", "text": "Images from the tool results:"}, *images],
+                    }
+                )
+    return out
+
+
+def build_params(
+    request: inference_service_pb2.GenerateRequest,
+    model: config_pb2.ModelConfig,
+    provider_type: int,
+) -> dict[str, Any]:
+    """Keyword arguments of `chat.completions.create`."""
+    params: dict[str, Any] = {
+        "model": model.model_name,
+        "messages": build_messages(request),
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if request.tools:
+        params["tools"] = [
+            {
+                "type": "function",
+                "function": {"name": t.name, "description": t.description, "parameters": common.schema(t)},
+            }
+            for t in request.tools
+        ]
+        mode = request.tool_choice.mode
+        if mode == inference_pb2.TOOL_CHOICE_MODE_NONE:
+            params["tool_choice"] = "none"
+        elif mode == inference_pb2.TOOL_CHOICE_MODE_REQUIRED:
+            params["tool_choice"] = "required"
+        elif mode == inference_pb2.TOOL_CHOICE_MODE_TOOL:
+            params["tool_choice"] = {"type": "function", "function": {"name": request.tool_choice.tool_name}}
+    limit = common.max_tokens(request, model)
+    if limit:
+        # OpenAI renamed the field; compatible servers (vLLM, Ollama) still expect max_tokens.
+        key = "max_completion_tokens" if provider_type == config_pb2.PROVIDER_TYPE_OPENAI else "max_tokens"
+        params[key] = limit
+    temp = common.temperature(request, model)
+    if temp is not None:
+        params["temperature"] = temp
+    effort = common.effort(request, model)
+    if effort is not None:
+        params["reasoning_effort"] = effort
+    extra = common.extra_body(model)
+    if extra:
+        params["extra_body"] = extra
+    return params
+
+
+async def stream(client: openai.AsyncOpenAI, params: dict[str, Any]) -> AsyncIterator[ProviderEvent]:
+    """Stream one completion; tool calls are assembled by index and yielded whole before Finished."""
+    response = await client.chat.completions.create(**params)
+    calls: dict[int, list[str]] = {}
+    finish: str | None = None
+    model = params["model"]
+    response_id = ""
+    try:
+        async for chunk in response:
+            response_id = chunk.id or response_id
+            model = chunk.model or model
+            if chunk.usage is not None:
+                yield _usage(chunk.usage)
+            for choice in chunk.choices:
+                delta = choice.delta
+                if delta is not None:
+                    extra = delta.model_extra
+                    if extra:
+                        reasoning = extra.get("reasoning_content") or extra.get("reasoning")
+                        if reasoning:
+                            yield ReasoningChunk(text=reasoning)
+                    if delta.content:
+                        yield TextChunk(delta.content)
+                    if delta.tool_calls:
+                        for tc in delta.tool_calls:
+                            entry = calls.get(tc.index)
+                            if entry is None:
+                                entry = calls[tc.index] = ["", "", ""]
+                            if tc.id:
+                                entry[0] = tc.id
+                            fn = tc.function
+                            if fn is not None:
+                                if fn.name:
+                                    entry[1] += fn.name
+                                if fn.arguments:
+                                    entry[2] += fn.arguments
+                if choice.finish_reason:
+                    finish = FINISH.get(choice.finish_reason, "stop")
+    finally:
+        await response.close()
+    for index in sorted(calls):
+        call_id, name, arguments = calls[index]
+        yield ToolCall(id=call_id, name=name, arguments=arguments)
+    if finish is None:
+        raise openai.APIError(
+            "the stream ended without a finish reason", request=response.response.request, body=None
+        )
+    if calls and finish == "stop":
+        finish = "tool_calls"
+    yield Finished(reason=finish, model=model, response_id=response_id)
+
+
+def _usage(usage: Any) -> UsageReport:
+    prompt_details = usage.prompt_tokens_details
+    completion_details = usage.completion_tokens_details
+    cached = (prompt_details.cached_tokens or 0) if prompt_details is not None else 0
+    reasoning = (completion_details.reasoning_tokens or 0) if completion_details is not None else 0
+    return UsageReport(
+        input_tokens=max(0, (usage.prompt_tokens or 0) - cached),
+        output_tokens=usage.completion_tokens or 0,
+        reasoning_tokens=reasoning,
+        cache_read_tokens=cached,
+    )

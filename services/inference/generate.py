@@ -1,0 +1,320 @@
+"""Generate: resolve the model, call the provider with our retry loop, coalesce, normalize.
+
+This is the domain code behind the Generate RPC. It yields `GenerateResponse` messages (the
+normalized event model of inference.proto) and raises the kit's domain errors; it does not
+import grpc, so it is tested without a server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from agentplane.config.v1 import config_pb2
+from agentplane.inference.v1 import inference_pb2, inference_service_pb2
+
+from services.common.errors import AgentplaneError, FailedPrecondition, NotFound
+from services.common.logs import register_secret
+from services.inference import classify
+from services.inference.adapters import anthropic_messages, openai_chat, openai_responses
+from services.inference.clients import ProviderClients
+from services.inference.coalesce import REASONING, TEXT, Coalescer
+from services.inference.events import Finished, ReasoningChunk, TextChunk, ToolCall, UsageReport
+from services.inference.metrics import InferenceMetrics
+from services.inference.resolver import ModelResolver
+from services.inference.retry import RetryPolicy
+from services.inference.settings import InferenceSettings
+from services.inference.usage import cost_micros
+
+log = logging.getLogger(__name__)
+
+GenerateResponse = inference_service_pb2.GenerateResponse
+FINISH = {
+    "stop": inference_pb2.FINISH_REASON_STOP,
+    "tool_calls": inference_pb2.FINISH_REASON_TOOL_CALLS,
+    "length": inference_pb2.FINISH_REASON_LENGTH,
+    "content_filter": inference_pb2.FINISH_REASON_CONTENT_FILTER,
+}
+PROVIDER_LABELS = {
+    config_pb2.PROVIDER_TYPE_OPENAI: "openai",
+    config_pb2.PROVIDER_TYPE_ANTHROPIC: "anthropic",
+    config_pb2.PROVIDER_TYPE_OPENAI_COMPATIBLE: "openai_compatible",
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    """A resolved model with its provider and key."""
+
+    model: config_pb2.ModelConfig
+    provider: config_pb2.Provider
+    api_key: str
+
+    @property
+    def provider_label(self) -> str:
+        """The provider type's short name (metrics label)."""
+        return PROVIDER_LABELS.get(self.provider.type, "unknown")
+
+    @property
+    def description(self) -> str:
+        """`<type> provider "<name>"` for error messages."""
+        name = self.provider.display_name or self.provider.id
+        return f'{self.provider_label} provider "{name}"'
+
+
+class Generator:
+    """Runs generations; one instance per server, shared by all calls."""
+
+    def __init__(
+        self,
+        resolver: ModelResolver,
+        settings: InferenceSettings | None = None,
+        *,
+        clients: ProviderClients | None = None,
+        metrics: InferenceMetrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings or InferenceSettings()
+        self.resolver = resolver
+        self.clients = clients or ProviderClients(
+            connect_timeout_s=self.settings.connect_timeout_s, read_timeout_s=self.settings.read_timeout_s
+        )
+        self.metrics = metrics or InferenceMetrics.for_registry()
+        self.retry = RetryPolicy(
+            max_attempts=self.settings.max_attempts,
+            base_delay_s=self.settings.retry_base_ms / 1000,
+            max_delay_s=self.settings.retry_max_delay_ms / 1000,
+            budget_s=self.settings.retry_budget_s,
+        )
+        self.clock = clock
+
+    async def resolve(self, model_config_id: str) -> Target:
+        """The model config, its provider and key; refuses disabled providers."""
+        resolved = await self.resolver.resolve_model(model_config_id)
+        provider = resolved.provider
+        if not provider.enabled:
+            raise FailedPrecondition(
+                f"provider {provider.display_name or provider.id} of model "
+                f"{resolved.model_config.model_name} is disabled",
+                reason=classify.MODEL_NOT_AVAILABLE,
+                metadata={"provider_id": provider.id, "model_config_id": resolved.model_config.id},
+            )
+        creds = await self.resolver.get_provider_credentials(provider.id)
+        if creds.api_key:
+            register_secret(creds.api_key)
+        return Target(
+            resolved.model_config, creds.provider if creds.HasField("provider") else provider, creds.api_key
+        )
+
+    def open_stream(
+        self, target: Target, request: inference_service_pb2.GenerateRequest
+    ) -> AsyncIterator[Any]:
+        """The adapter stream for one attempt."""
+        client = self.clients.get(target.provider, target.api_key)
+        ptype = target.provider.type
+        if ptype == config_pb2.PROVIDER_TYPE_ANTHROPIC:
+            params = anthropic_messages.build_params(request, target.model, self.settings.default_max_tokens)
+            return anthropic_messages.stream(client, params)
+        if ptype == config_pb2.PROVIDER_TYPE_OPENAI and target.model.options.use_responses_api:
+            return openai_responses.stream(client, openai_responses.build_params(request, target.model))
+        return openai_chat.stream(client, openai_chat.build_params(request, target.model, ptype))
+
+    async def generate(
+        self, request: inference_service_pb2.GenerateRequest
+    ) -> AsyncIterator[GenerateResponse]:
+        """Stream one generation (request already validated). Raises domain errors."""
+        started = self.clock()
+        try:
+            target = await self.resolve(request.model_config_id)
+        except NotFound as exc:
+            raise NotFound(str(exc), reason=classify.MODEL_NOT_AVAILABLE, metadata=exc.metadata) from None
+        labels = (target.provider_label, target.model.model_name)
+        attempt = 0
+        output_started = False
+        while True:
+            attempt += 1
+            run = _Run(self, target, started, labels)
+            try:
+                async for event in run.events(self.open_stream(target, request)):
+                    yield event
+                self.metrics.requests.labels(*labels, "ok").inc()
+                return
+            except AgentplaneError:
+                raise
+            except (asyncio.CancelledError, GeneratorExit):
+                self.metrics.requests.labels(*labels, "cancelled").inc()
+                raise
+            except Exception as exc:
+                failure = classify.classify(exc)
+                output_started = run.output_started
+                if failure.reason == classify.PROVIDER_AUTH_FAILED:
+                    # The key may have been rotated: fetch credentials afresh next time.
+                    self.clients.forget(target.provider.id)
+                delay = None
+                if failure.retryable and not output_started:
+                    delay = self.retry.delay(attempt, failure.retry_after_s, self.clock() - started)
+                if delay is None:
+                    error = classify.to_domain_error(
+                        failure,
+                        provider=target.description,
+                        model=target.model.model_name,
+                        attempts=attempt,
+                        output_started=output_started,
+                        secret=target.api_key,
+                    )
+                    self.metrics.errors.labels(*labels, error.reason).inc()
+                    self.metrics.requests.labels(*labels, "error").inc()
+                    log.warning(
+                        "generation failed",
+                        extra={"reason": error.reason, "attempts": attempt, "detail": failure.detail[:500]},
+                    )
+                    raise error from None
+                self.metrics.retries.labels(*labels, failure.reason).inc()
+                yield GenerateResponse(
+                    retry=inference_pb2.RetryNotice(
+                        attempt=attempt + 1,
+                        max_attempts=self.retry.max_attempts,
+                        delay_ms=round(delay * 1000),
+                        reason=failure.reason,
+                        message=f"{target.description} (model {target.model.model_name}): {failure.detail}"[
+                            :1000
+                        ],
+                    )
+                )
+                await asyncio.sleep(delay)
+
+
+class _Run:
+    """One attempt: reads the adapter stream, coalesces deltas, emits normalized events."""
+
+    def __init__(self, gen: Generator, target: Target, started: float, labels: tuple[str, str]) -> None:
+        self.gen = gen
+        self.target = target
+        self.started = started
+        self.labels = labels
+        self.output_started = False
+        self.first_output_at = 0.0
+
+    def _mark_output(self) -> None:
+        if not self.output_started:
+            self.output_started = True
+            self.first_output_at = self.gen.clock()
+            self.gen.metrics.ttft.labels(*self.labels).observe(self.first_output_at - self.started)
+
+    def _delta(self, kind: int, text: str) -> GenerateResponse:
+        self._mark_output()
+        if kind == TEXT:
+            return GenerateResponse(text_delta=inference_pb2.TextDelta(text=text))
+        return GenerateResponse(reasoning_delta=inference_pb2.ReasoningDelta(text=text))
+
+    async def events(self, source: AsyncIterator[Any]) -> AsyncIterator[GenerateResponse]:
+        clock = self.gen.clock
+        coalescer = Coalescer(self.gen.settings.coalesce_ms / 1000)
+        usage: UsageReport | None = None
+        pending: asyncio.Future[Any] | None = None
+        iterator = source.__aiter__()
+        try:
+            while True:
+                if coalescer.pending:
+                    # Something is buffered: wait for the next event only until the buffer is due.
+                    wait = coalescer.due_in(clock())
+                    if wait <= 0:
+                        yield self._delta(*coalescer.take())
+                        coalescer.mark_flushed(clock())
+                        continue
+                    if pending is None:
+                        pending = asyncio.ensure_future(iterator.__anext__())
+                    done, _ = await asyncio.wait((pending,), timeout=wait)
+                    if not done:
+                        yield self._delta(*coalescer.take())
+                        coalescer.mark_flushed(clock())
+                        continue
+                    future, pending = pending, None
+                    try:
+                        event = future.result()
+                    except StopAsyncIteration:
+                        break
+                else:
+                    # A read started while the buffer was waiting may still be in flight: finish it.
+                    source_next = pending if pending is not None else iterator.__anext__()
+                    pending = None
+                    try:
+                        event = await source_next
+                    except StopAsyncIteration:
+                        break
+                if type(event) is TextChunk:
+                    if event.text:
+                        for kind, text in coalescer.add(TEXT, event.text, clock()):
+                            yield self._delta(kind, text)
+                elif type(event) is ReasoningChunk:
+                    if event.text:
+                        for kind, text in coalescer.add(REASONING, event.text, clock()):
+                            yield self._delta(kind, text)
+                    if event.signature or event.redacted:
+                        if coalescer.pending:
+                            yield self._delta(*coalescer.take())
+                        self._mark_output()
+                        yield GenerateResponse(
+                            reasoning_delta=inference_pb2.ReasoningDelta(
+                                signature=event.signature, redacted_data=event.redacted
+                            )
+                        )
+                elif type(event) is ToolCall:
+                    if coalescer.pending:
+                        yield self._delta(*coalescer.take())
+                        coalescer.mark_flushed(clock())
+                    self._mark_output()
+                    yield GenerateResponse(
+                        tool_call=inference_pb2.ToolCallPart(
+                            id=event.id, name=event.name, arguments_json=event.arguments
+                        )
+                    )
+                elif type(event) is UsageReport:
+                    usage = event
+                elif type(event) is Finished:
+                    if coalescer.pending:
+                        yield self._delta(*coalescer.take())
+                    yield self._usage_event(usage or UsageReport())
+                    self._observe_speed(usage)
+                    yield GenerateResponse(
+                        finish=inference_pb2.Finish(
+                            reason=FINISH.get(event.reason, inference_pb2.FINISH_REASON_STOP),
+                            model=event.model,
+                            provider_response_id=event.response_id,
+                        )
+                    )
+                    return
+        finally:
+            if pending is not None and not pending.done():
+                pending.cancel()
+                with contextlib.suppress(BaseException):
+                    await pending
+            # Closing the adapter generator closes the SDK stream: the provider connection goes at once.
+            aclose = getattr(iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    def _usage_event(self, usage: UsageReport) -> GenerateResponse:
+        message = inference_pb2.Usage(
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            reasoning_tokens=usage.reasoning_tokens,
+            cache_read_tokens=usage.cache_read_tokens,
+            cache_write_tokens=usage.cache_write_tokens,
+        )
+        cost = cost_micros(usage, self.target.model)
+        if cost is not None:
+            message.cost_micros = cost
+        return GenerateResponse(usage=message)
+
+    def _observe_speed(self, usage: UsageReport | None) -> None:
+        if usage is None or not self.output_started or usage.output_tokens <= 1:
+            return
+        elapsed = self.gen.clock() - self.first_output_at
+        if elapsed > 0:
+            self.gen.metrics.tokens_per_second.labels(*self.labels).observe(usage.output_tokens / elapsed)

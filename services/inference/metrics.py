@@ -1,0 +1,65 @@
+"""Prometheus collectors of the inference service."""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
+TPS_BUCKETS = (1, 5, 10, 20, 40, 60, 80, 100, 150, 200, 400, 1000, 5000)
+
+
+class InferenceMetrics:
+    """Requests, time to first token, output tokens per second, errors and retries."""
+
+    _by_registry: weakref.WeakKeyDictionary[CollectorRegistry, InferenceMetrics] = weakref.WeakKeyDictionary()
+    _lock = threading.Lock()
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ("provider", "model")
+        self.requests = Counter(
+            "agentplane_inference_requests",
+            "Generate calls, by outcome.",
+            (*labels, "outcome"),
+            registry=registry,
+        )
+        self.ttft = Histogram(
+            "agentplane_inference_time_to_first_token_seconds",
+            "Time from the start of Generate to the first output event.",
+            labels,
+            buckets=TTFT_BUCKETS,
+            registry=registry,
+        )
+        self.tokens_per_second = Histogram(
+            "agentplane_inference_output_tokens_per_second",
+            "Output tokens per second after the first token.",
+            labels,
+            buckets=TPS_BUCKETS,
+            registry=registry,
+        )
+        self.errors = Counter(
+            "agentplane_inference_errors",
+            "Failed generations, by reason.",
+            (*labels, "reason"),
+            registry=registry,
+        )
+        self.retries = Counter(
+            "agentplane_inference_retries",
+            "Provider calls retried, by reason.",
+            (*labels, "reason"),
+            registry=registry,
+        )
+
+    @classmethod
+    def for_registry(cls, registry: CollectorRegistry | None = None) -> InferenceMetrics:
+        """The collectors of `registry` (default: the global registry), created once."""
+        registry = registry or prometheus_client.REGISTRY
+        with cls._lock:
+            metrics = cls._by_registry.get(registry)
+            if metrics is None:
+                metrics = cls(registry)
+                cls._by_registry[registry] = metrics
+            return metrics
