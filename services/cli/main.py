@@ -25,6 +25,7 @@ COMMAND_MODULES: list[str] = [
     "services.cli.prompt",
     "services.cli.simulator",
     "services.cli.chat",
+    "services.cli.workspace",
 ]
 
 

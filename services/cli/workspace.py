@@ -1,0 +1,110 @@
+"""`agentplane workspace create|list|delete`: manage workspaces on the toolexec service."""
+
+from __future__ import annotations
+
+import argparse
+import uuid
+from typing import Any
+
+from agentplane.toolexec.v1 import toolexec_pb2, toolexec_service_pb2, toolexec_service_pb2_grpc
+
+from services.cli.connect import add_connection_arguments, call, open_channel, to_dict
+from services.cli.output import add_output_argument, emit
+
+
+def register(subparsers: Any) -> None:
+    """Add the `workspace` command group."""
+    workspace = subparsers.add_parser("workspace", help="manage workspaces (toolexec)")
+    actions = workspace.add_subparsers(dest="workspace_action", required=True)
+
+    create = actions.add_parser("create", help="create a workspace, optionally from a template")
+    create.add_argument("name", help="workspace name")
+    create.add_argument("--template", default="", help="workspace template id or name")
+    create.add_argument(
+        "--param", action="append", default=[], metavar="NAME=VALUE", help="template parameter (repeatable)"
+    )
+    create.add_argument("--owner", default="", help="owner user id (admins only; default: you)")
+    create.set_defaults(func=create_workspace)
+
+    lister = actions.add_parser("list", help="list workspaces")
+    lister.add_argument("--owner", default="", help="list this user's workspaces (admins only)")
+    lister.set_defaults(func=list_workspaces)
+
+    delete = actions.add_parser("delete", help="delete a workspace and kill its processes")
+    delete.add_argument("workspace_id")
+    delete.set_defaults(func=delete_workspace)
+
+    for parser in (create, lister, delete):
+        add_connection_arguments(parser)
+        add_output_argument(parser)
+
+
+def _summary(ws: toolexec_pb2.Workspace) -> str:
+    state = toolexec_pb2.WorkspaceState.Name(ws.state).removeprefix("WORKSPACE_STATE_").lower()
+    line = f"{ws.id}\t{state}\t{ws.owner_id}\t{ws.name}"
+    return f"{line}\t{ws.failure_message}" if ws.failure_message else line
+
+
+async def create_workspace(args: argparse.Namespace) -> int:
+    """Create a workspace and print it."""
+    params: dict[str, str] = {}
+    for item in args.param:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--param must be NAME=VALUE, got {item!r}")
+        params[name] = value
+    channel = open_channel(args, "toolexec")
+    try:
+        stub = toolexec_service_pb2_grpc.ToolExecServiceStub(channel)
+        request = toolexec_service_pb2.CreateWorkspaceRequest(
+            request_id=uuid.uuid4().hex,
+            owner_id=args.owner,
+            name=args.name,
+            template_id=args.template,
+            parameters=params,
+        )
+        resp = await call(lambda: stub.CreateWorkspace(request))
+        if resp is None:
+            return 1
+        emit(args, to_dict(resp.workspace), _summary(resp.workspace))
+        return 0 if resp.workspace.state == toolexec_pb2.WORKSPACE_STATE_READY else 1
+    finally:
+        await channel.close()
+
+
+async def list_workspaces(args: argparse.Namespace) -> int:
+    """List workspaces, all pages."""
+    channel = open_channel(args, "toolexec")
+    try:
+        stub = toolexec_service_pb2_grpc.ToolExecServiceStub(channel)
+        found: list[toolexec_pb2.Workspace] = []
+        token = ""
+        while True:
+            request = toolexec_service_pb2.ListWorkspacesRequest(
+                page_size=500, page_token=token, owner_id=args.owner
+            )
+            resp = await call(lambda request=request: stub.ListWorkspaces(request))  # type: ignore[misc]
+            if resp is None:
+                return 1
+            found.extend(resp.workspaces)
+            token = resp.next_page_token
+            if not token:
+                break
+        emit(args, [to_dict(w) for w in found], "\n".join(_summary(w) for w in found) or "no workspaces")
+        return 0
+    finally:
+        await channel.close()
+
+
+async def delete_workspace(args: argparse.Namespace) -> int:
+    """Delete a workspace."""
+    channel = open_channel(args, "toolexec")
+    try:
+        stub = toolexec_service_pb2_grpc.ToolExecServiceStub(channel)
+        request = toolexec_service_pb2.DeleteWorkspaceRequest(workspace_id=args.workspace_id)
+        if await call(lambda: stub.DeleteWorkspace(request)) is None:
+            return 1
+        emit(args, {"deleted": args.workspace_id}, f"deleted {args.workspace_id}")
+        return 0
+    finally:
+        await channel.close()
