@@ -29,7 +29,7 @@ async def create_provider(
     *,
     api_key: str = "sk-test-key",
     base_url: str = "http://127.0.0.1:9/v1",
-    provider_type: int = config_pb2.PROVIDER_TYPE_OPENAI_COMPATIBLE,
+    provider_type: config_pb2.ProviderType.ValueType = config_pb2.PROVIDER_TYPE_OPENAI_COMPATIBLE,
     enabled: bool = True,
     name: str = "sim",
 ) -> config_pb2.Provider:

@@ -297,10 +297,25 @@ NIL_ID = "00000000-0000-0000-0000-000000000000"
 INVALID_REQUESTS = [
     (pb.CreateProviderRequest(), "provider"),
     (pb.CreateProviderRequest(provider=P(display_name="x")), "provider.type"),
-    (pb.CreateProviderRequest(provider=P(type=1)), "provider.display_name"),
-    (pb.CreateProviderRequest(provider=P(type=1, display_name="x", base_url="ftp://h")), "provider.base_url"),
-    (pb.CreateProviderRequest(provider=P(type=3, display_name="x")), "provider.base_url"),
-    (pb.CreateProviderRequest(provider=P(type=1, display_name="x"), api_key="a b"), "api_key"),
+    (pb.CreateProviderRequest(provider=P(type=config_pb2.PROVIDER_TYPE_OPENAI)), "provider.display_name"),
+    (
+        pb.CreateProviderRequest(
+            provider=P(type=config_pb2.PROVIDER_TYPE_OPENAI, display_name="x", base_url="ftp://h")
+        ),
+        "provider.base_url",
+    ),
+    (
+        pb.CreateProviderRequest(
+            provider=P(type=config_pb2.PROVIDER_TYPE_OPENAI_COMPATIBLE, display_name="x")
+        ),
+        "provider.base_url",
+    ),
+    (
+        pb.CreateProviderRequest(
+            provider=P(type=config_pb2.PROVIDER_TYPE_OPENAI, display_name="x"), api_key="a b"
+        ),
+        "api_key",
+    ),
     (pb.CreateModelConfigRequest(), "model_config"),
     (
         pb.CreateModelConfigRequest(model_config=config_pb2.ModelConfig(provider_id="nope")),
@@ -336,7 +351,7 @@ async def test_invalid_requests_name_the_field(
 async def test_model_field_validation(admin: ConfigServiceStub) -> None:
     provider = await create_provider(admin)
     base = config_pb2.ModelConfig(provider_id=provider.id, model_name="m", enabled=True, context_limit=10)
-    cases = {
+    cases: dict[str, dict[str, object]] = {
         "model_config.context_limit": dict(context_limit=0),
         "model_config.compaction_threshold_percent": dict(compaction_threshold_percent=101),
         "model_config.max_output_tokens": dict(max_output_tokens=-1),
