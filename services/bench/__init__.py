@@ -7,7 +7,7 @@ Add a module to BENCHMARKS to make it a subcommand.
 
 BENCHMARKS: list[str] = [
     "services.bench.config",
-    # "services.bench.proxy",
+    "services.bench.proxy",
     "services.bench.toolexec",
     # "services.bench.loop",
     # "services.bench.scale",

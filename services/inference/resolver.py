@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from agentplane.config.v1 import config_service_pb2
+from agentplane.config.v1 import config_pb2, config_service_pb2
 
 
 class ModelResolver(Protocol):
@@ -23,3 +23,23 @@ class ModelResolver(Protocol):
     ) -> config_service_pb2.GetProviderCredentialsResponse:
         """The provider and its decrypted API key."""
         ...
+
+
+class StaticModelResolver:
+    """A fixed model and provider held in memory (benchmarks, and running inference without config)."""
+
+    def __init__(self, model: config_pb2.ModelConfig, provider: config_pb2.Provider, api_key: str) -> None:
+        self._resolved = config_service_pb2.ResolveModelResponse(model_config=model, provider=provider)
+        self._credentials = config_service_pb2.GetProviderCredentialsResponse(
+            provider=provider, api_key=api_key
+        )
+
+    async def resolve_model(self, model_config_id: str = "") -> config_service_pb2.ResolveModelResponse:
+        """The one model, whatever id is asked for."""
+        return self._resolved
+
+    async def get_provider_credentials(
+        self, provider_id: str
+    ) -> config_service_pb2.GetProviderCredentialsResponse:
+        """The one provider's credentials."""
+        return self._credentials
