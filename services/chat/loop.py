@@ -628,7 +628,9 @@ async def compact(
             parts=[inference_pb2.ContentPart(text=inference_pb2.TextPart(text=SUMMARY_PROMPT))],
         )
     )
-    request.messages[:] = _merge_user_turns(list(request.messages))
+    merged = _merge_user_turns(list(request.messages))
+    del request.messages[:]
+    request.messages.extend(merged)
     text: list[str] = []
     usage = chat_pb2.Usage()
     started = time.monotonic()

@@ -76,9 +76,11 @@ class Stack:
     chat: chat_server.ChatServer
     _channels: list[grpc.aio.Channel] = field(default_factory=list)
 
-    def stub(self, user: str = "alice", chat: chat_server.ChatServer | None = None) -> Any:
-        """A ChatService stub authenticated as `user`."""
-        channel = create_channel((chat or self.chat).address, token=self.make_token(user))
+    def stub(
+        self, user: str = "alice", chat: chat_server.ChatServer | None = None, role: str = "user"
+    ) -> Any:
+        """A ChatService stub authenticated as `user` (with `role`)."""
+        channel = create_channel((chat or self.chat).address, token=self.make_token(user, role))
         self._channels.append(channel)
         return chat_service_pb2_grpc.ChatServiceStub(channel)
 
