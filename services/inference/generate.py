@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -216,37 +217,27 @@ class _Run:
         clock = self.gen.clock
         coalescer = Coalescer(self.gen.settings.coalesce_ms / 1000)
         usage: UsageReport | None = None
-        pending: asyncio.Future[Any] | None = None
-        iterator = source.__aiter__()
+        pipe = _Pipe(source)
+        items = pipe.items
         try:
             while True:
-                if coalescer.pending:
-                    # Something is buffered: wait for the next event only until the buffer is due.
-                    wait = coalescer.due_in(clock())
-                    if wait <= 0:
-                        yield self._delta(*coalescer.take())
-                        coalescer.mark_flushed(clock())
-                        continue
-                    if pending is None:
-                        pending = asyncio.ensure_future(iterator.__anext__())
-                    done, _ = await asyncio.wait((pending,), timeout=wait)
-                    if not done:
-                        yield self._delta(*coalescer.take())
-                        coalescer.mark_flushed(clock())
-                        continue
-                    future, pending = pending, None
-                    try:
-                        event = future.result()
-                    except StopAsyncIteration:
+                if not items:
+                    if pipe.done:
+                        if pipe.error is not None:
+                            raise pipe.error
                         break
-                else:
-                    # A read started while the buffer was waiting may still be in flight: finish it.
-                    source_next = pending if pending is not None else iterator.__anext__()
-                    pending = None
-                    try:
-                        event = await source_next
-                    except StopAsyncIteration:
-                        break
+                    if coalescer.pending:
+                        # Something is buffered: wait for the next event only until the buffer is due.
+                        wait = coalescer.due_in(clock())
+                        if wait > 0:
+                            await pipe.wait(wait)
+                        if not items and not pipe.done:
+                            yield self._delta(*coalescer.take())
+                            coalescer.mark_flushed(clock())
+                    else:
+                        await pipe.wait(None)
+                    continue
+                event = items.popleft()
                 if type(event) is TextChunk:
                     if event.text:
                         for kind, text in coalescer.add(TEXT, event.text, clock()):
@@ -290,14 +281,8 @@ class _Run:
                     )
                     return
         finally:
-            if pending is not None and not pending.done():
-                pending.cancel()
-                with contextlib.suppress(BaseException):
-                    await pending
-            # Closing the adapter generator closes the SDK stream: the provider connection goes at once.
-            aclose = getattr(iterator, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            # Stopping the reader closes the SDK stream: the provider connection goes at once.
+            await pipe.close()
 
     def _usage_event(self, usage: UsageReport) -> GenerateResponse:
         message = inference_pb2.Usage(
@@ -318,3 +303,67 @@ class _Run:
         elapsed = self.gen.clock() - self.first_output_at
         if elapsed > 0:
             self.gen.metrics.tokens_per_second.labels(*self.labels).observe(usage.output_tokens / elapsed)
+
+
+class _Pipe:
+    """Reads an adapter stream in its own task into a deque the generation loop drains.
+
+    Draining without an await per event keeps the hot path cheap, and the loop can wait for
+    "next event or coalescing deadline" with one future and one timer instead of a task per read.
+    """
+
+    def __init__(self, source: AsyncIterator[Any]) -> None:
+        self.items: deque[Any] = deque()
+        self.done = False
+        self.error: BaseException | None = None
+        self._source = source
+        self._waiter: asyncio.Future[None] | None = None
+        self._task = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        source = self._source
+        try:
+            async for event in source:
+                self.items.append(event)
+                if self._wake():
+                    # The loop was waiting (say, for the first token): let it send now instead of
+                    # after the rest of an already-buffered burst has been parsed.
+                    await asyncio.sleep(0)
+        except Exception as exc:
+            self.error = exc
+        finally:
+            self.done = True
+            self._wake()
+            aclose = getattr(source, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
+
+    def _wake(self) -> bool:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+            return True
+        return False
+
+    async def wait(self, within: float | None) -> None:
+        """Until an event arrives, the stream ends, or `within` seconds pass."""
+        if self.items or self.done:
+            return
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_later(within, self._wake) if within is not None else None
+        try:
+            await waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+            self._waiter = None
+
+    async def close(self) -> None:
+        """Stop reading (cancelling the provider read) and wait until the stream is closed."""
+        if not self._task.done():
+            self._task.cancel()
+        # The reader's own finally closes the SDK stream; wait for it so nothing leaks.
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
