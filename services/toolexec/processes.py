@@ -96,6 +96,8 @@ class ManagedProcess:
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     record_path: str | None = None
+    # Output bytes already shown in a result: process_output waits for more than this.
+    seen_bytes: int = 0
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property

@@ -147,7 +147,8 @@ async def test_killed_during_execute_and_restarted(
         await _wait_serving(address, second)
         await _until(lambda: not any(_alive(pid) for pid in orphans), 10, "orphans to be killed")
 
-        retry = await stub.CallTool(request)
+        # wait_for_ready: the channel may still be in reconnect backoff after the server vanished.
+        retry = await stub.CallTool(request, wait_for_ready=True, timeout=30)
         assert retry.is_error and retry.replayed
         assert "interrupted" in retry.content and "may have partly run" in retry.content
         assert _read(log_path) == "start\n"  # not run again, and the killed run never finished

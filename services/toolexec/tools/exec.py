@@ -57,6 +57,7 @@ async def execute(ctx: ExecContext, args: dict[str, Any]) -> ToolResult:
     if managed.running:
         ctx.processes.mark_background(managed)
         out = managed.render()
+        managed.seen_bytes = out.total_bytes
         return ToolResult(
             content=(
                 f"still running after {timeout:g} s, so it continues in the background as process "
@@ -132,11 +133,15 @@ def _describe(managed: ManagedProcess) -> dict[str, Any]:
 
 
 async def process_output(ctx: ExecContext, args: dict[str, Any]) -> ToolResult:
-    """Wait up to `wait_seconds` for the process to exit or print more, then return its output so far."""
+    """Wait up to `wait_seconds` for the process to exit or print more, then return its output so far.
+
+    "More" means output not shown in an earlier result, so a poll right after the output
+    appeared returns at once instead of waiting for the next line.
+    """
     managed = _find(ctx, args["process_id"])
     wait = _cap(ctx, float(args.get("wait_seconds", 0)))
     if wait > 0 and managed.running:
-        seen = managed.output.total_bytes
+        seen = managed.seen_bytes
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while managed.running and managed.output.total_bytes == seen:
@@ -150,6 +155,7 @@ async def process_output(ctx: ExecContext, args: dict[str, Any]) -> ToolResult:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(managed.eof.wait(), DRAIN_SECONDS)
     out = managed.render()
+    managed.seen_bytes = out.total_bytes
     state = "running" if managed.running else f"exited with code {managed.exit_code}"
     return ToolResult(
         content=f"process {managed.id} {state}\n{_output_block(out.text, out.truncated)}",
