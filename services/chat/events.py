@@ -166,8 +166,8 @@ class EventHub:
             while True:
                 if sub.dropped:
                     raise ResourceExhausted(
-                        f"the stream of chat {chat_id} fell more than {self._queue_size} events behind and was"
-                        f" dropped; reconnect with after_seq={last}",
+                        f"the stream of chat {chat_id} fell more than {self._queue_size} events behind"
+                        f" and was dropped; reconnect with after_seq={last}",
                         reason="SUBSCRIBER_TOO_SLOW",
                         metadata={"chat_id": chat_id, "last_seq": str(last)},
                     )

@@ -77,7 +77,8 @@ class ChatSettings:
             raise SettingsError("AGENTPLANE_CHAT_MAX_CONCURRENT must be at least 1")
         if self.renew_interval_seconds <= 0 or self.renew_interval_seconds >= self.lease_seconds:
             raise SettingsError(
-                "AGENTPLANE_CHAT_RENEW_INTERVAL_SECONDS must be positive and below AGENTPLANE_CHAT_LEASE_SECONDS"
+                "AGENTPLANE_CHAT_RENEW_INTERVAL_SECONDS must be positive"
+                " and below AGENTPLANE_CHAT_LEASE_SECONDS"
             )
         if self.step_limit < 1:
             raise SettingsError("AGENTPLANE_CHAT_STEP_LIMIT must be at least 1")

@@ -319,9 +319,10 @@ class ChatStore:
     ) -> None:
         usage = msg.usage or chat_pb2.Usage()
         await cur.execute(
-            "INSERT INTO chat_messages (id, chat_id, seq, role, parts, visibility, model_config_id, runtime_ms,"
-            " sender_id, input_tokens, output_tokens, reasoning_tokens, cache_read_tokens, cache_write_tokens,"
-            " cost_micros, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            "INSERT INTO chat_messages (id, chat_id, seq, role, parts, visibility, model_config_id,"
+            " runtime_ms, sender_id, input_tokens, output_tokens, reasoning_tokens, cache_read_tokens,"
+            " cache_write_tokens, cost_micros, created_at)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             (
                 message_id,
                 chat_id,
@@ -413,8 +414,8 @@ class ChatStore:
         if not request_id:
             return None
         await cur.execute(
-            "INSERT INTO chat_requests (owner_id, kind, request_id, chat_id, message_id) VALUES (%s, %s, %s, %s, %s)"
-            " ON CONFLICT DO NOTHING RETURNING chat_id",
+            "INSERT INTO chat_requests (owner_id, kind, request_id, chat_id, message_id)"
+            " VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING chat_id",
             (owner_id, kind, request_id, chat_id, message_id),
         )
         if await cur.fetchone() is not None:
@@ -837,8 +838,8 @@ class ChatStore:
             )
             rows = await cur.fetchall()
             await cur.execute(
-                "INSERT INTO chat_chats (id, owner_id, title, status, model_config_id, workspace_id, parent_chat_id,"
-                " agents_md) VALUES (%s, %s, %s, 'waiting', %s, %s, %s, %s)",
+                "INSERT INTO chat_chats (id, owner_id, title, status, model_config_id, workspace_id,"
+                " parent_chat_id, agents_md) VALUES (%s, %s, %s, 'waiting', %s, %s, %s, %s)",
                 (
                     new_chat,
                     owner_id,
@@ -883,7 +884,7 @@ class ChatStore:
         sums = ", ".join(f"coalesce(sum(m.{f}), 0) AS {f}" for f in USAGE_FIELDS)
         async with self._tx() as cur:
             await cur.execute(
-                f"SELECT m.model_config_id, {sums}, count(*) AS generations, count(DISTINCT m.chat_id) AS chats"
+                f"SELECT m.model_config_id, {sums}, count(*) AS generations"
                 " FROM chat_messages m JOIN chat_chats c ON c.id = m.chat_id"
                 " WHERE c.owner_id = %(u)s AND m.role IN ('assistant', 'summary')"
                 " AND (%(s)s::timestamptz IS NULL OR m.created_at >= %(s)s)"
@@ -893,7 +894,8 @@ class ChatStore:
             )
             rows = await cur.fetchall()
             await cur.execute(
-                "SELECT count(DISTINCT m.chat_id) AS n FROM chat_messages m JOIN chat_chats c ON c.id = m.chat_id"
+                "SELECT count(DISTINCT m.chat_id) AS n"
+                " FROM chat_messages m JOIN chat_chats c ON c.id = m.chat_id"
                 " WHERE c.owner_id = %(u)s"
                 " AND (%(s)s::timestamptz IS NULL OR m.created_at >= %(s)s)"
                 " AND (%(e)s::timestamptz IS NULL OR m.created_at < %(e)s)",
@@ -973,10 +975,12 @@ class ChatStore:
         async with self._tx() as cur:
             await cur.execute(
                 "UPDATE chat_chats SET"
-                " status = CASE WHEN status = 'running' OR interrupt = 'resume' THEN 'pending' ELSE status END,"
+                " status = CASE WHEN status = 'running' OR interrupt = 'resume' THEN 'pending'"
+                " ELSE status END,"
                 " interrupt = CASE WHEN interrupt = 'resume' THEN 'resume' ELSE NULL END,"
                 " worker_id = NULL, lease_expires_at = NULL, generation = generation + 1"
-                " WHERE id IN (SELECT id FROM chat_chats WHERE worker_id IS NOT NULL AND lease_expires_at < now()"
+                " WHERE id IN (SELECT id FROM chat_chats"
+                " WHERE worker_id IS NOT NULL AND lease_expires_at < now()"
                 " FOR UPDATE SKIP LOCKED) RETURNING id, status"
             )
             rows = await cur.fetchall()
@@ -1013,8 +1017,9 @@ class ChatStore:
     async def _deliver_front(self, cur: AsyncCursor[Any], chat_id: str) -> list[chat_pb2.ChatEvent]:
         """Pop the front queued message; return its message_persisted and queue_changed events."""
         await cur.execute(
-            "DELETE FROM chat_queued_messages WHERE id = (SELECT id FROM chat_queued_messages WHERE chat_id = %s"
-            " ORDER BY position LIMIT 1) RETURNING *",
+            "DELETE FROM chat_queued_messages WHERE id ="
+            " (SELECT id FROM chat_queued_messages WHERE chat_id = %s ORDER BY position LIMIT 1)"
+            " RETURNING *",
             (chat_id,),
         )
         q = await cur.fetchone()
@@ -1044,7 +1049,8 @@ class ChatStore:
         async with self._pool.connection() as conn, conn.cursor() as cur:
             await cur.execute(
                 "SELECT * FROM chat_messages WHERE chat_id = %(c)s AND NOT deleted AND seq >= coalesce("
-                "(SELECT max(seq) FROM chat_messages WHERE chat_id = %(c)s AND role = 'summary' AND NOT deleted), 0)"
+                "(SELECT max(seq) FROM chat_messages"
+                " WHERE chat_id = %(c)s AND role = 'summary' AND NOT deleted), 0)"
                 " ORDER BY seq",
                 {"c": chat_id},
             )
@@ -1109,7 +1115,8 @@ class ChatStore:
         """End a turn: deliver the next queued message (True: keep running) or wait for the user."""
         async with self._tx() as cur:
             await cur.execute(
-                "SELECT interrupt FROM chat_chats WHERE id = %s AND worker_id = %s AND generation = %s FOR UPDATE",
+                "SELECT interrupt FROM chat_chats"
+                " WHERE id = %s AND worker_id = %s AND generation = %s FOR UPDATE",
                 (chat_id, fence.worker_id, fence.generation),
             )
             row = await cur.fetchone()

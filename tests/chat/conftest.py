@@ -58,6 +58,21 @@ async def eventually(
         await asyncio.sleep(interval)
 
 
+def read_file(path: str) -> str | None:
+    """A file's text, or None when it does not exist (sync: called from tests on local files)."""
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def write_file(path: str, content: str) -> None:
+    """Write a local file."""
+    with open(path, "w") as f:
+        f.write(content)
+
+
 def text(value: str) -> list[chat_pb2.ContentPart]:
     """A user message of one text part."""
     return [chat_pb2.ContentPart(text=chat_pb2.TextPart(text=value))]

@@ -7,7 +7,8 @@ from typing import Any
 
 import grpc
 import pytest
-from agentplane.chat.v1 import chat_pb2, chat_service_pb2 as cs
+from agentplane.chat.v1 import chat_pb2
+from agentplane.chat.v1 import chat_service_pb2 as cs
 from google.protobuf import field_mask_pb2, timestamp_pb2
 
 from services.common import rpc_errors

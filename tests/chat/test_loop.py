@@ -10,7 +10,7 @@ from agentplane.chat.v1 import chat_pb2, chat_service_pb2
 
 from services.common.settings import Settings
 from services.simulator.script import Script
-from tests.chat.conftest import Stack, eventually, start_stack, stop_stack, text
+from tests.chat.conftest import Stack, eventually, read_file, start_stack, stop_stack, text, write_file
 
 BUILD_SCRIPT = Script.from_data(
     {
@@ -45,8 +45,7 @@ BUILD_SCRIPT = Script.from_data(
 async def test_multi_step_run_writes_and_runs_files(stack: Stack) -> None:
     stack.sim.set_script(BUILD_SCRIPT)
     ws = await stack.workspace()
-    with open(os.path.join(stack.workspace_path(ws), "AGENTS.md"), "w") as f:
-        f.write("Always answer in haiku.")
+    write_file(os.path.join(stack.workspace_path(ws), "AGENTS.md"), "Always answer in haiku.")
     resp = await stack.stub().CreateChat(
         chat_service_pb2.CreateChatRequest(content=text("please build the greeter"), workspace_id=ws)
     )
@@ -54,9 +53,8 @@ async def test_multi_step_run_writes_and_runs_files(stack: Stack) -> None:
     await stack.wait_status(chat_id, chat_pb2.CHAT_STATUS_WAITING)
 
     root = stack.workspace_path(ws)
-    with open(os.path.join(root, "out.txt")) as f:
-        assert f.read() == "hi from the agent\n"
-    assert not os.path.exists(os.path.join(root, "broken.txt"))
+    assert read_file(os.path.join(root, "out.txt")) == "hi from the agent\n"
+    assert read_file(os.path.join(root, "broken.txt")) is None
 
     msgs = await stack.messages(chat_id)
     roles = [m.role for m in msgs]

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -16,7 +16,7 @@ from agentplane.chat.v1 import chat_pb2, chat_service_pb2
 
 from services.common.settings import Settings
 from services.simulator.script import Script
-from tests.chat.conftest import FAST_CHAT, eventually, start_stack, stop_stack, text
+from tests.chat.conftest import FAST_CHAT, eventually, read_file, start_stack, stop_stack, text
 
 CHATS = 6
 SCRIPT = Script.from_data(
@@ -59,6 +59,21 @@ def _replica_env(settings: Settings, worker_id: str) -> dict[str, str]:
     return env
 
 
+async def _spawn_replica(env: dict[str, str], log_path: str) -> asyncio.subprocess.Process:
+    """`agentplane serve chat` as a real child process, its output in `log_path`."""
+    log = _open_log(log_path)
+    try:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "services.cli.main", "serve", "chat", env=env, stdout=log, stderr=log
+        )
+    finally:
+        log.close()
+
+
+def _open_log(path: str) -> Any:
+    return open(path, "wb")  # handed to the child, closed right after the spawn
+
+
 @pytest.mark.timeout(120)
 async def test_killed_replica_chats_finish_on_the_other(
     settings: Settings, make_token: Callable[..., str], workspaces_dir: str, tmp_path: Any
@@ -71,7 +86,7 @@ async def test_killed_replica_chats_finish_on_the_other(
         script=SCRIPT,
     )
     log_path = tmp_path / "replica-b.log"
-    proc: subprocess.Popen[bytes] | None = None
+    proc: asyncio.subprocess.Process | None = None
     try:
         stub = stack.stub()
         chats: dict[str, str] = {}
@@ -81,13 +96,7 @@ async def test_killed_replica_chats_finish_on_the_other(
                 chat_service_pb2.CreateChatRequest(content=text("count runs"), workspace_id=ws)
             )
             chats[resp.chat.id] = ws
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "services.cli.main", "serve", "chat"],
-                env=_replica_env(stack.settings, "replica-b"),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        proc = await _spawn_replica(_replica_env(stack.settings, "replica-b"), str(log_path))
         db_url = stack.settings.require_database_url()
 
         async def b_chats() -> list[str]:
@@ -106,7 +115,7 @@ async def test_killed_replica_chats_finish_on_the_other(
         await eventually(b_is_mid_turn, within=40)
         killed = await b_chats()
         proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
+        await asyncio.wait_for(proc.wait(), 10)
 
         for chat_id in chats:
             await stack.wait_status(chat_id, chat_pb2.CHAT_STATUS_WAITING, within=40)
@@ -120,14 +129,14 @@ async def test_killed_replica_chats_finish_on_the_other(
                 chat_pb2.MESSAGE_ROLE_ASSISTANT,
             ], (chat_id, chat_id in killed, roles)
             assert msgs[-1].parts[0].text.text == "All done."
-            with open(os.path.join(stack.workspace_path(ws), "runs.log")) as f:
-                assert f.read() == "run\n", "the tool ran exactly once"
+            runs = read_file(os.path.join(stack.workspace_path(ws), "runs.log"))
+            assert runs == "run\n", "the tool ran exactly once"
         async with await psycopg.AsyncConnection.connect(db_url) as conn:
             cur = await conn.execute("SELECT count(*) FROM chat_chats WHERE worker_id IS NOT NULL")
             row = await cur.fetchone()
             assert row is not None and row[0] == 0
     finally:
-        if proc is not None and proc.poll() is None:
+        if proc is not None and proc.returncode is None:
             proc.kill()
-            proc.wait(timeout=10)
+            await asyncio.wait_for(proc.wait(), 10)
         await stop_stack(stack)
