@@ -266,7 +266,7 @@ class ChatStore:
     ) -> dict[str, Any]:
         """Allocate seqs for `events`, apply `set_sql` to the chat row, store durable events.
 
-        Returns the updated chat row; raises LeaseLost (fenced) or NotFound when no row matched.
+        Returns the row (its new last_seq); raises LeaseLost (fenced) or NotFound when no row matched.
         """
         p: dict[str, Any] = {"id": chat_id, "n": len(events), **(params or {})}
         sets = ["last_seq = last_seq + %(n)s"]
@@ -278,7 +278,7 @@ class ChatStore:
         if fence is not None:
             where += " AND worker_id = %(fence_w)s AND generation = %(fence_g)s"
             p["fence_w"], p["fence_g"] = fence.worker_id, fence.generation
-        returning = "*"
+        returning = "last_seq"
         if notify:
             returning += f", pg_notify('{WATCH_CHANNEL}', owner_id || ' ' || id::text || ' u') AS _n"
         await cur.execute(f"UPDATE chat_chats SET {', '.join(sets)} WHERE {where} RETURNING {returning}", p)
