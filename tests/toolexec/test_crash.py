@@ -133,8 +133,10 @@ async def test_killed_during_execute_and_restarted(
         in_flight = asyncio.ensure_future(stub.CallTool(request))
         await _until(lambda: _read(log_path) == "start\n", 15, "the command to start")
         records = os.path.join(workspaces_dir, ".processes")
+        # The record is written just after the spawn, possibly after the command's first output.
+        await _until(lambda: bool(os.listdir(records)), 10, "the process group record")
         orphans = [int(name) for name in os.listdir(records)]
-        assert orphans and all(_alive(pid) for pid in orphans)
+        assert all(_alive(pid) for pid in orphans)
 
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=10)
