@@ -10,5 +10,5 @@ BENCHMARKS: list[str] = [
     "services.bench.proxy",
     "services.bench.toolexec",
     # "services.bench.loop",
-    # "services.bench.scale",
+    "services.bench.scale",
 ]
