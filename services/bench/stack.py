@@ -21,16 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
 import psutil
 import psycopg
-from agentplane.config.v1 import config_pb2, config_service_pb2, config_service_pb2_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from agentplane.config.v1 import config_pb2
 
 from services.common import auth
-from services.common.client import create_channel
+from services.common.client import wait_for_health
 from services.common.embedded import EmbeddedPostgres, EmbeddedRedis, start_postgres, start_redis
 from services.common.migrations import migrate
+from services.config.testing import seed_provider_and_model
 
 SIMULATOR_API_KEY = "sk-bench-simulator"
 
@@ -157,20 +156,15 @@ class LocalStack:
         self.peak_rss[name] = 0
 
     async def _wait_healthy(self, name: str) -> None:
-        deadline = time.monotonic() + self.options.startup_timeout
-        async with grpc.aio.insecure_channel(self.addresses[name]) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while True:
-                proc = self.processes[name]
-                if proc.returncode is not None:
-                    raise RuntimeError(f"{name} exited with {proc.returncode}; see {self.log_path(name)}")
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{name} not healthy after {self.options.startup_timeout}s")
-                await asyncio.sleep(0.05)
+        proc = self.processes[name]
+        try:
+            await wait_for_health(
+                self.addresses[name],
+                within=self.options.startup_timeout,
+                alive=lambda: proc.returncode is None,
+            )
+        except RuntimeError:
+            raise RuntimeError(f"{name} exited with {proc.returncode}; see {self.log_path(name)}") from None
 
     def log_path(self, name: str) -> Path:
         """Where a child's combined output goes."""
@@ -178,38 +172,18 @@ class LocalStack:
 
     async def _seed(self) -> str:
         """A provider pointing at the simulator and a default, priced model; returns the model id."""
-        admin = self.token("bench-admin", auth.Role.ADMIN)
-        async with create_channel(self.addresses["config"], token=admin) as channel:
-            stub = config_service_pb2_grpc.ConfigServiceStub(channel)
-            provider = await stub.CreateProvider(
-                config_service_pb2.CreateProviderRequest(
-                    provider=config_pb2.Provider(
-                        type=config_pb2.PROVIDER_TYPE_OPENAI_COMPATIBLE,
-                        display_name="LLM simulator",
-                        base_url=self.simulator_url + "/v1",
-                        enabled=True,
-                    ),
-                    api_key=SIMULATOR_API_KEY,
-                )
-            )
-            model = await stub.CreateModelConfig(
-                config_service_pb2.CreateModelConfigRequest(
-                    model_config=config_pb2.ModelConfig(
-                        provider_id=provider.provider.id,
-                        model_name="sim-model",
-                        display_name="Simulated model",
-                        enabled=True,
-                        is_default=True,
-                        context_limit=200_000,
-                        compaction_threshold_percent=80,
-                        max_output_tokens=4096,
-                        pricing=config_pb2.ModelPricing(
-                            input_micros_per_million=3_000_000, output_micros_per_million=15_000_000
-                        ),
-                    )
-                )
-            )
-            return model.model_config.id
+        _, model_id = await seed_provider_and_model(
+            self.addresses["config"],
+            self.token("bench-admin", auth.Role.ADMIN),
+            provider_type=config_pb2.PROVIDER_TYPE_OPENAI_COMPATIBLE,
+            base_url=self.simulator_url + "/v1",
+            api_key=SIMULATOR_API_KEY,
+            model_name="sim-model",
+            context_limit=200_000,
+            max_output_tokens=4096,
+            pricing={"input_micros_per_million": 3_000_000, "output_micros_per_million": 15_000_000},
+        )
+        return model_id
 
     async def _sample_rss(self) -> None:
         handles = {n: psutil.Process(p.pid) for n, p in self.processes.items() if p.returncode is None}

@@ -1,9 +1,9 @@
 """Shared plumbing of the config CLI commands (`agentplane admin ...`, `agentplane prompt ...`).
 
 Where: ``--address`` (default ``AGENTPLANE_CONFIG_ADDR``, else 127.0.0.1:50051).
-Who: ``AGENTPLANE_TOKEN`` when set; otherwise a short-lived token minted with
-``AGENTPLANE_SECRET`` for ``--as-user`` (admin commands: an admin named ``--as-user``,
-default ``admin``; ``prompt``: the user ``--as-user``).
+Who: ``AGENTPLANE_TOKEN`` when set; otherwise a short-lived token minted with the deployment
+secret (``AGENTPLANE_SECRET``, or the one `agentplane up` keeps) for ``--as-user`` (admin
+commands: an admin named ``--as-user``, default ``admin``; ``prompt``: the user ``--as-user``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import grpc.aio
 from agentplane.config.v1 import config_service_pb2_grpc
 from google.protobuf import json_format
 
+from services.cli.connect import deployment_secret
 from services.cli.output import add_output_argument, emit
 from services.common import auth
 from services.common.client import create_channel
@@ -47,7 +48,7 @@ def token_for(args: argparse.Namespace, settings: Settings, *, admin: bool) -> s
     if not user:
         raise SystemExit("set AGENTPLANE_TOKEN or pass --as-user USER (with AGENTPLANE_SECRET set)")
     role = auth.Role.ADMIN if admin else auth.Role.USER
-    return auth.mint_token(settings.secret, user, role, ttl_seconds=300)
+    return auth.mint_token(deployment_secret(settings), user, role, ttl_seconds=300)
 
 
 async def call(args: argparse.Namespace, method: str, request: Any, *, admin: bool) -> Any | None:

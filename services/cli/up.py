@@ -3,7 +3,9 @@
 Starts an embedded Postgres / Redis when DATABASE_URL / REDIS_URL are unset (data under
 AGENTPLANE_DATA_DIR), applies migrations, runs every service as a child process
 (`agentplane serve NAME`), prints the addresses and an admin token, and stops everything
-on Ctrl-C / SIGTERM or when a service dies.
+on Ctrl-C / SIGTERM or when a service dies. On a deployment without providers it creates
+them from OPENAI_API_KEY / ANTHROPIC_API_KEY, or, with neither, runs the LLM simulator as
+the provider of a default model so the product works offline (`--simulator`).
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+from services.cli import bootstrap
 from services.cli.output import add_output_argument, emit
 from services.common import auth
+from services.common.client import wait_for_health
 from services.common.embedded import EmbeddedPostgres, EmbeddedRedis, start_postgres, start_redis
 from services.common.migrations import migrate
 from services.common.settings import SERVICE_NAMES, Settings
@@ -31,6 +35,13 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser("up", help="run everything locally (embedded Postgres/Redis if no URLs)")
     parser.add_argument("--services", nargs="+", choices=SERVICE_NAMES, default=list(SERVICE_NAMES))
     parser.add_argument("--admin-user", default="admin", help="user id of the printed admin token")
+    parser.add_argument(
+        "--simulator",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="run the LLM simulator (auto: when neither OPENAI_API_KEY nor ANTHROPIC_API_KEY is set)",
+    )
+    parser.add_argument("--simulator-port", type=int, default=8800)
     add_output_argument(parser)
     parser.set_defaults(func=run)
 
@@ -75,19 +86,34 @@ async def _run(args: argparse.Namespace, env: dict[str, str], data_dir: Path) ->
             env["REDIS_URL"] = redis.url
         settings = Settings.from_env(env)
         await migrate(settings.require_database_url())
-        for name in args.services:
-            children[name] = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "services.cli.main", "serve", name, env=env
+        simulator_url = None
+        if _want_simulator(args, env):
+            simulator_url = f"http://127.0.0.1:{args.simulator_port}"
+            children["simulator"] = await asyncio.create_subprocess_exec(
+                *_agentplane("simulator", "--port", str(args.simulator_port)), env=env
             )
+        for name in args.services:
+            children[name] = await asyncio.create_subprocess_exec(*_agentplane("serve", name), env=env)
         token = auth.mint_token(settings.secret, args.admin_user, auth.Role.ADMIN, 7 * 24 * 3600)
         addresses = {n: settings.address(n) for n in args.services}
+        for name in args.services:
+            proc = children[name]
+            await wait_for_health(addresses[name], alive=lambda p=proc: p.returncode is None)  # type: ignore[misc]
+        seeded: list[str] = []
+        if "config" in args.services and not await bootstrap.has_providers(addresses["config"], token):
+            seeded = await bootstrap.seed(addresses["config"], token, bootstrap.plan(env, simulator_url))
         info = {
             "services": addresses,
             "database_url": settings.database_url,
             "redis_url": settings.redis_url,
             "admin_token": token,
+            "simulator_url": simulator_url,
+            "seeded": seeded,
         }
         lines = [f"{n:<10} {a}" for n, a in addresses.items()]
+        if simulator_url:
+            lines.append(f"simulator  {simulator_url} (offline LLM; set OPENAI_API_KEY for a real one)")
+        lines += [f"created {item}" for item in seeded]
         text = "\n".join([*lines, f"admin token: {token}", "Ctrl-C to stop"])
         emit(args, info, text)
         sys.stdout.flush()
@@ -98,6 +124,16 @@ async def _run(args: argparse.Namespace, env: dict[str, str], data_dir: Path) ->
             redis.stop()
         if postgres is not None:
             await asyncio.to_thread(postgres.stop)
+
+
+def _agentplane(*argv: str) -> list[str]:
+    return [sys.executable, "-m", "services.cli.main", *argv]
+
+
+def _want_simulator(args: argparse.Namespace, env: dict[str, str]) -> bool:
+    if args.simulator == "auto":
+        return not (env.get("OPENAI_API_KEY") or env.get("ANTHROPIC_API_KEY"))
+    return bool(args.simulator == "always")
 
 
 async def _wait(children: dict[str, asyncio.subprocess.Process]) -> int:

@@ -9,12 +9,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
 import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common import auth, logs
 from services.common.server import MAX_MESSAGE_BYTES
@@ -144,3 +148,26 @@ def create_channel(
         options=[*base, *options],
         interceptors=[*metadata_interceptors(provider), *interceptors],
     )
+
+
+async def wait_for_health(
+    address: str, *, within: float = 60.0, alive: Callable[[], bool] | None = None
+) -> None:
+    """Wait until the server at `address` reports SERVING on the standard health service.
+
+    Raises TimeoutError after `within` seconds, or RuntimeError as soon as `alive()` (for
+    example "the child process still runs") turns false.
+    """
+    deadline = time.monotonic() + within
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if alive is not None and not alive():
+                raise RuntimeError(f"the server for {address} exited before it became healthy")
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{address} was not healthy after {within:.0f}s")
+            await asyncio.sleep(0.05)

@@ -175,6 +175,8 @@ async def run_service(
     from services.common.metrics import start_metrics_server
 
     configure_logging(service_name, settings.log_level)
+    if settings.secret_is_dev_default:
+        log.warning("AGENTPLANE_SECRET is not set; using the insecure development secret")
     register_secret(settings.secret)
     register_secret(settings.encryption_key)
     svc = settings.service(service_name)

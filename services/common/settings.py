@@ -66,7 +66,6 @@ class Settings:
         secret = _str(env, "AGENTPLANE_SECRET")
         is_dev = secret is None
         if secret is None:
-            log.warning("AGENTPLANE_SECRET is not set; using the insecure development secret")
             secret = DEV_SECRET
         elif len(secret) < 32:
             raise SettingsError("AGENTPLANE_SECRET must be at least 32 characters long")

@@ -1,0 +1,126 @@
+"""`agentplane up` on a fresh data directory: embedded Postgres and Redis, all services, the
+simulator as the first provider, and a chat driven from the CLI to the end of its turn."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTPLANE_")}
+    for key in ("DATABASE_URL", "REDIS_URL", "OPENAI_API_KEY", "ANTHROPIC_API_KEY"):
+        env.pop(key, None)
+    env["AGENTPLANE_DATA_DIR"] = str(tmp_path / "data")
+    env["AGENTPLANE_WORKSPACES_DIR"] = str(tmp_path / "workspaces")
+    env["AGENTPLANE_LOG_LEVEL"] = "WARNING"
+    for name in ("config", "inference", "toolexec", "chat"):
+        port = _free_port()
+        env[f"AGENTPLANE_{name.upper()}_PORT"] = str(port)
+        env[f"AGENTPLANE_{name.upper()}_ADDR"] = f"127.0.0.1:{port}"
+        env[f"AGENTPLANE_{name.upper()}_METRICS_PORT"] = "-1"
+    return env
+
+
+async def _read_json_object(stream: asyncio.StreamReader) -> dict[str, object]:
+    """Read lines until they form one JSON object (``up --output json`` prints it indented)."""
+    text = ""
+    while True:
+        line = await stream.readline()
+        if not line:
+            raise AssertionError(f"agentplane up ended its output early: {text!r}")
+        text += line.decode()
+        if line.startswith(b"}"):
+            parsed: dict[str, object] = json.loads(text[text.index("{") :])
+            return parsed
+
+
+@pytest.fixture
+def data_root() -> Iterator[Path]:
+    """A directory the embedded Postgres's own system user can reach (it runs as one when we are root)."""
+    root = Path(tempfile.mkdtemp(prefix="agentplane-test-up-"))
+    root.chmod(0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.timeout(180)
+async def test_up_runs_the_product_offline_and_a_chat_completes(data_root: Path) -> None:
+    tmp_path = data_root
+    env = _env(tmp_path)
+    up = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "services.cli.main",
+        "up",
+        "--output",
+        "json",
+        "--simulator-port",
+        str(_free_port()),
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert up.stdout is not None
+    try:
+        info = await asyncio.wait_for(_read_json_object(up.stdout), 120)
+        services = info["services"]
+        assert isinstance(services, dict) and set(services) == {"config", "inference", "toolexec", "chat"}
+        seeded = info["seeded"]
+        assert isinstance(seeded, list) and len(seeded) == 1 and seeded[0].startswith("simulator")
+        assert (tmp_path / "data" / "secret").exists()
+
+        # The CLI finds the secret `up` keeps and mints a user token from it.
+        chat = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "services.cli.main",
+            "chat",
+            "new",
+            "Say something [[words=8]]",
+            "--wait",
+            "--output",
+            "json",
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await asyncio.wait_for(chat.communicate(), 60)
+        assert chat.returncode == 0, out.decode()
+        events = [json.loads(line) for line in out.decode().splitlines() if line.strip()]
+        kinds = [next(k for k in e if k not in ("seq", "chat_id", "time")) for e in events]
+        assert "part_delta" in kinds
+        assert events[-1]["status_changed"]["status"] == "CHAT_STATUS_WAITING"
+        seqs = [int(e["seq"]) for e in events]
+        assert seqs == sorted(set(seqs))
+
+        children = psutil.Process(up.pid).children(recursive=True)
+        assert len(children) >= 5  # four services and the simulator (plus embedded Redis)
+        # SIGTERM to `up` alone: it must stop everything it started and exit cleanly.
+        up.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(up.wait(), 60) == 0
+        _, alive = psutil.wait_procs(children, timeout=10)
+        assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        if up.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(up.pid, signal.SIGKILL)
+            await up.wait()
