@@ -9,6 +9,6 @@ BENCHMARKS: list[str] = [
     "services.bench.config",
     "services.bench.proxy",
     "services.bench.toolexec",
-    # "services.bench.loop",
+    "services.bench.loop",
     "services.bench.scale",
 ]

@@ -15,7 +15,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -27,6 +27,9 @@ from services.chat.store import Fence, NewMessage, RunInfo
 from services.common import auth
 
 log = logging.getLogger(__name__)
+# One JSON line per finished step (`duration_ms`) at DEBUG, enabled by AGENTPLANE_CHAT_STEP_LOG:
+# the loop benchmark reads exact per-step wall times from the chat process's log.
+step_log = logging.getLogger("agentplane.chat.steps")
 
 SUMMARY_PROMPT = (
     "Summarize the conversation so far for your own later use: the user's goals, decisions made, "
@@ -105,7 +108,9 @@ class Prompts(Protocol):
 class Store(Protocol):
     """The fenced writes a run makes (implemented by ChatStore)."""
 
-    async def start_run(self, chat_id: str, fence: Fence) -> RunInfo: ...
+    async def start_run(
+        self, chat_id: str, fence: Fence, *, committed: Callable[[], None] | None = None
+    ) -> RunInfo: ...
     async def history(self, chat_id: str) -> list[chat_pb2.Message]: ...
     async def set_agents_md(self, chat_id: str, fence: Fence, text: str) -> None: ...
     async def emit(self, chat_id: str, fence: Fence | None, events: Sequence[chat_pb2.ChatEvent]) -> None: ...
@@ -119,7 +124,9 @@ class Store(Protocol):
         message_id: str | None = None,
         guard_idle: bool = False,
     ) -> chat_pb2.Message: ...
-    async def finish_turn(self, chat_id: str, fence: Fence) -> bool: ...
+    async def finish_turn(
+        self, chat_id: str, fence: Fence, *, committed: Callable[[], None] | None = None
+    ) -> bool: ...
     async def fail_run(self, chat_id: str, fence: Fence, reason: str, message: str) -> None: ...
 
 
@@ -159,16 +166,23 @@ class TurnEnd(enum.Enum):
 
 async def run_chat(ctx: RunContext) -> None:
     """Run turns until the chat waits for the user (or errors); LeaseLost propagates."""
-    info = await ctx.store.start_run(ctx.chat_id, ctx.fence)
+
+    def begin_turn() -> None:
+        # Called the moment the transaction that consumed the chat's interrupt flag commits,
+        # before its events are published (clients may react to them at once). A renewal that
+        # began after this point reads the committed flag, so an interrupt sent from here on is
+        # honoured; resetting any later (as we once did, after publishing) could swallow one.
+        ctx.turn_started = time.monotonic()
+        ctx.interrupted.clear()
+
+    info = await ctx.store.start_run(ctx.chat_id, ctx.fence, committed=begin_turn)
     # Background work: every call to another service acts for the chat's owner explicitly.
     with auth.acting_for(info.owner_id):
         while True:
-            ctx.turn_started = time.monotonic()
-            ctx.interrupted.clear()
             end = await run_turn(ctx, info)
             if end is TurnEnd.FAILED:
                 return
-            if not await ctx.store.finish_turn(ctx.chat_id, ctx.fence):
+            if not await ctx.store.finish_turn(ctx.chat_id, ctx.fence, committed=begin_turn):
                 return
 
 
@@ -225,15 +239,33 @@ async def run_turn(ctx: RunContext, info: RunInfo) -> TurnEnd:
             return TurnEnd.FAILED
         steps += 1
         ctx.steps_run += 1
-        ctx.step_seconds.append(time.monotonic() - started)
         if generated is not None:
             history.append(generated)
+        calls = (
+            [p.tool_call for p in generated.parts if p.WhichOneof("part") == "tool_call"]
+            if generated is not None
+            else []
+        )
         if interrupted:
-            if generated is not None:
-                calls = [p.tool_call for p in generated.parts if p.WhichOneof("part") == "tool_call"]
-                if calls:
-                    history.append(await _synthetic_results(ctx, calls))
+            if calls:
+                history.append(await _synthetic_results(ctx, calls))
             return TurnEnd.INTERRUPTED
+        if calls:
+            # The step includes its tool calls and their persisted results.
+            history.append(await _run_tools(ctx, info, generated.id if generated else "", calls))
+        _record_step(ctx, started)
+        if ctx.interrupted.is_set():
+            return TurnEnd.INTERRUPTED
+
+
+def _record_step(ctx: RunContext, started: float) -> None:
+    """Note one step's wall time (generate + persist + tools + persist results)."""
+    seconds = time.monotonic() - started
+    ctx.step_seconds.append(seconds)
+    if step_log.isEnabledFor(logging.DEBUG):
+        step_log.debug(
+            "step", extra={"chat_id": ctx.chat_id, "step": ctx.steps_run, "duration_ms": seconds * 1000}
+        )
 
 
 def _over_threshold(history: Sequence[chat_pb2.Message], limits: ModelLimits) -> bool:

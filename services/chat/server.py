@@ -65,6 +65,8 @@ async def build_server(
 ) -> ChatServer:
     """Build (not start) the chat server; workers start with the server."""
     cs = chat_settings or ChatSettings.from_env()
+    if cs.step_log:
+        logging.getLogger("agentplane.chat.steps").setLevel(logging.DEBUG)
     database_url = settings.require_database_url()
     pool = await db.create_pool(
         database_url, max_size=max(10, min(cs.max_concurrent_chats + 10, 40)), name="chat"

@@ -43,6 +43,8 @@ class ChatSettings:
     max_queued_messages: int = 20
     # Run workers in this process (a replica can serve the API only).
     run_workers: bool = True
+    # Log each step's wall time as a JSON line (logger agentplane.chat.steps); the loop benchmark reads it.
+    step_log: bool = False
     worker_id: str = field(default_factory=_default_worker_id)
 
     @classmethod
@@ -68,6 +70,7 @@ class ChatSettings:
             subscriber_queue_size=_int(env, "AGENTPLANE_CHAT_SUBSCRIBER_QUEUE", base.subscriber_queue_size),
             delta_flush_ms=_int(env, "AGENTPLANE_CHAT_DELTA_FLUSH_MS", base.delta_flush_ms),
             run_workers=(env.get("AGENTPLANE_CHAT_RUN_WORKERS", "1").strip() not in ("0", "false", "no")),
+            step_log=env.get("AGENTPLANE_CHAT_STEP_LOG", "").strip().lower() in ("1", "true", "yes"),
             worker_id=env.get("AGENTPLANE_CHAT_WORKER_ID", "").strip() or base.worker_id,
         ).validated()
 

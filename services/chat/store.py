@@ -989,8 +989,14 @@ class ChatStore:
                 await cur.execute("SELECT pg_notify(%s, %s)", (PENDING_CHANNEL, cid))
         return [str(r["id"]) for r in rows]
 
-    async def start_run(self, chat_id: str, fence: Fence) -> RunInfo:
-        """Announce RUNNING; deliver the front queued message when an interrupt asked to resume."""
+    async def start_run(
+        self, chat_id: str, fence: Fence, *, committed: Callable[[], None] | None = None
+    ) -> RunInfo:
+        """Announce RUNNING; deliver the front queued message when an interrupt asked to resume.
+
+        `committed` is called right after the commit, before anything is published: from then on
+        the chat's interrupt flag is clear, so the caller can start honouring new interrupts.
+        """
         events: list[chat_pb2.ChatEvent] = []
         async with self._tx() as cur:
             await cur.execute(
@@ -1005,6 +1011,8 @@ class ChatStore:
             events.append(self._status_event("running"))
             await self._bump(cur, chat_id, events, fence=fence, set_sql="interrupt = NULL")
             await self._insert_delivered(cur, chat_id, events)
+        if committed is not None:
+            committed()
         await self._after_commit(chat_id, events)
         return RunInfo(
             chat_id=chat_id,
@@ -1111,8 +1119,13 @@ class ChatStore:
         m = events[0].message_persisted
         return m
 
-    async def finish_turn(self, chat_id: str, fence: Fence) -> bool:
-        """End a turn: deliver the next queued message (True: keep running) or wait for the user."""
+    async def finish_turn(
+        self, chat_id: str, fence: Fence, *, committed: Callable[[], None] | None = None
+    ) -> bool:
+        """End a turn: deliver the next queued message (True: keep running) or wait for the user.
+
+        `committed` is called right after the commit (see `start_run`).
+        """
         async with self._tx() as cur:
             await cur.execute(
                 "SELECT interrupt FROM chat_chats"
@@ -1140,6 +1153,8 @@ class ChatStore:
                     set_sql="status = 'waiting', worker_id = NULL, lease_expires_at = NULL, interrupt = NULL",
                 )
                 more = False
+        if committed is not None:
+            committed()
         await self._after_commit(chat_id, events)
         return more
 
