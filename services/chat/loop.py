@@ -120,6 +120,7 @@ class Store(Protocol):
         fence: Fence | None,
         msg: NewMessage,
         *,
+        pre_events: Sequence[chat_pb2.ChatEvent] = (),
         extra_events: Sequence[chat_pb2.ChatEvent] = (),
         message_id: str | None = None,
         guard_idle: bool = False,
@@ -461,13 +462,20 @@ class _Coalescer:
             self._last_flush = time.monotonic()
             await self._ctx.store.emit(self._ctx.chat_id, self._ctx.fence, events)
 
-    async def close(self) -> None:
+    async def finish(self) -> list[chat_pb2.ChatEvent]:
+        """Stop the timer and hand over the deltas not sent yet.
+
+        The caller publishes them with the message it persists next (one statement, seqs
+        just before the message's), instead of paying a round trip of their own.
+        """
         if self._timer is not None:
             self._timer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._timer
             self._timer = None
-        await self.flush()
+        async with self._lock:
+            events, self._pending = self._pending, []
+            return events
 
 
 async def _generate(
@@ -517,8 +525,10 @@ async def _generate(
                 )
 
     interrupted = await _race_interrupt(ctx, consume())
-    await co.close()
+    tail = await co.finish()
     if interrupted and not co.parts:
+        if tail:
+            await ctx.store.emit(ctx.chat_id, ctx.fence, tail)
         return None, True
     calls = [p.tool_call for p in co.parts if p.WhichOneof("part") == "tool_call"]
     started_events = [
@@ -536,6 +546,7 @@ async def _generate(
             usage=usage,
             runtime_ms=int((time.monotonic() - started) * 1000),
         ),
+        pre_events=tail,
         extra_events=[] if interrupted else started_events,
         message_id=message_id,
     )
@@ -567,6 +578,7 @@ async def _run_tools(
     if info.workspace_id:
         known = {t.name for t in await ctx.tools.list_tools()}
     results: dict[str, chat_pb2.ToolResultPart] = {}
+    last_finished: list[chat_pb2.ChatEvent] = []
     started = time.monotonic()
 
     async def one(call: chat_pb2.ToolCallPart) -> None:
@@ -581,11 +593,12 @@ async def _run_tools(
         )
         result.duration.FromMilliseconds(outcome.duration_ms or int((time.monotonic() - begun) * 1000))
         results[call.id] = result
-        await ctx.store.emit(
-            ctx.chat_id,
-            ctx.fence,
-            [chat_pb2.ChatEvent(tool_call_finished=chat_pb2.ToolCallFinished(tool_result=result))],
-        )
+        event = chat_pb2.ChatEvent(tool_call_finished=chat_pb2.ToolCallFinished(tool_result=result))
+        if len(results) == len(calls):
+            # The last call to finish is announced together with the persisted results.
+            last_finished.append(event)
+        else:
+            await ctx.store.emit(ctx.chat_id, ctx.fence, [event])
 
     async def all_calls() -> None:
         await asyncio.gather(*(one(c) for c in calls))
@@ -606,6 +619,7 @@ async def _run_tools(
             sender_id=ctx.config.sender_id,
             runtime_ms=int((time.monotonic() - started) * 1000),
         ),
+        pre_events=last_finished,
     )
 
 

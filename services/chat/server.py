@@ -69,7 +69,11 @@ async def build_server(
         logging.getLogger("agentplane.chat.steps").setLevel(logging.DEBUG)
     database_url = settings.require_database_url()
     pool = await db.create_pool(
-        database_url, max_size=max(10, min(cs.max_concurrent_chats + 10, 40)), name="chat"
+        database_url,
+        max_size=max(10, min(cs.max_concurrent_chats + 10, 40)),
+        name="chat",
+        # Single-statement changes commit by themselves; transactions are explicit.
+        autocommit=True,
     )
     redis = db.create_redis(settings.redis_url) if settings.redis_url else None
     hub = EventHub(redis, buffer_size=cs.event_buffer_size, subscriber_queue_size=cs.subscriber_queue_size)

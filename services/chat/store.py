@@ -246,6 +246,17 @@ class ChatStore:
         async with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
             yield cur
 
+    @asynccontextmanager
+    async def _stmt(self) -> AsyncIterator[AsyncCursor[Any]]:
+        """A cursor for one statement that commits by itself (no BEGIN/COMMIT round trips)."""
+        async with self._pool.connection() as conn:
+            if conn.autocommit:
+                async with conn.cursor() as cur:
+                    yield cur
+            else:  # a pool without autocommit (some tests): same effect, one transaction
+                async with conn.transaction(), conn.cursor() as cur:
+                    yield cur
+
     async def _after_commit(self, chat_id: str, events: Sequence[chat_pb2.ChatEvent]) -> None:
         if events:
             await self._publish(chat_id, events)
@@ -306,6 +317,99 @@ class ChatStore:
                 " SELECT %s, unnest(%s::bigint[]), unnest(%s::bytea[])",
                 (chat_id, durable_seqs, durable_bytes),
             )
+        return dict(row)
+
+    async def _write1(
+        self,
+        chat_id: str,
+        events: Sequence[chat_pb2.ChatEvent],
+        *,
+        fence: Fence | None,
+        set_sql: str = "",
+        where_sql: str = "",
+        params: dict[str, Any] | None = None,
+        notify: bool = True,
+        touch: bool = True,
+        message: tuple[str, NewMessage, dt.datetime, int] | None = None,
+        returning: str = "",
+    ) -> dict[str, Any] | None:
+        """One self-committing statement: allocate seqs, update the chat row, insert the message
+        (it is `events[at]`) and the durable events; then number `events` for publishing.
+
+        Durable events are stored without their seq (the row's `seq` column is the truth and
+        readers put it back), so the whole change is one round trip. Returns the row, or None
+        when no row matched (fence lost, chat gone or `where_sql` false).
+        """
+        n = len(events)
+        p: dict[str, Any] = {"id": chat_id, "n": n, **(params or {})}
+        sets = ["last_seq = last_seq + %(n)s"]
+        if touch:
+            sets.append("updated_at = now()")
+        if set_sql:
+            sets.append(set_sql)
+        where = "id = %(id)s"
+        if fence is not None:
+            where += " AND worker_id = %(fence_w)s AND generation = %(fence_g)s"
+            p["fence_w"], p["fence_g"] = fence.worker_id, fence.generation
+        if where_sql:
+            where += f" AND {where_sql}"
+        ret = "id, last_seq"
+        if returning:
+            ret += f", {returning}"
+        if notify:
+            ret += f", pg_notify('{WATCH_CHANNEL}', owner_id || ' ' || id::text || ' u') AS _n"
+        stamp = ts(now())
+        offsets: list[int] = []
+        blobs: list[bytes] = []
+        for i, ev in enumerate(events):
+            ev.chat_id = chat_id
+            ev.time.CopyFrom(stamp)
+            if ev.WhichOneof("event") in DURABLE_KINDS:
+                offsets.append(i)
+                blobs.append(ev.SerializeToString())
+        ctes = [f"c AS (UPDATE chat_chats SET {', '.join(sets)} WHERE {where} RETURNING {ret})"]
+        if message is not None:
+            message_id, msg, when, at = message
+            p["m_at"] = at
+            usage = msg.usage or chat_pb2.Usage()
+            p.update(
+                m_id=message_id,
+                m_role=msg.role,
+                m_parts=Jsonb(parts_mod.to_json(msg.parts)),
+                m_vis=msg.visibility,
+                m_model=msg.model_config_id,
+                m_runtime=msg.runtime_ms,
+                m_sender=msg.sender_id,
+                m_when=when,
+                **{f"m_{f}": getattr(usage, f) for f in USAGE_FIELDS},
+            )
+            ctes.append(
+                "m AS (INSERT INTO chat_messages (id, chat_id, seq, role, parts, visibility, model_config_id,"
+                " runtime_ms, sender_id, input_tokens, output_tokens, reasoning_tokens, cache_read_tokens,"
+                " cache_write_tokens, cost_micros, created_at)"
+                " SELECT %(m_id)s, c.id, c.last_seq - %(n)s + 1 + %(m_at)s, %(m_role)s, %(m_parts)s,"
+                " %(m_vis)s,"
+                " %(m_model)s, %(m_runtime)s, %(m_sender)s, %(m_input_tokens)s, %(m_output_tokens)s,"
+                " %(m_reasoning_tokens)s, %(m_cache_read_tokens)s, %(m_cache_write_tokens)s,"
+                " %(m_cost_micros)s, %(m_when)s FROM c)"
+            )
+        if offsets:
+            p["e_off"], p["e_ev"] = offsets, blobs
+            ctes.append(
+                "e AS (INSERT INTO chat_events (chat_id, seq, event)"
+                " SELECT c.id, c.last_seq - %(n)s + 1 + d.i, d.ev"
+                " FROM c, unnest(%(e_off)s::int[], %(e_ev)s::bytea[]) AS d(i, ev))"
+            )
+        async with self._stmt() as cur:
+            await cur.execute(f"WITH {', '.join(ctes)} SELECT * FROM c", p)
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        first = int(row["last_seq"]) - n + 1
+        for i, ev in enumerate(events):
+            ev.seq = first + i
+            if ev.message_persisted.id:
+                ev.message_persisted.seq = ev.seq
         return dict(row)
 
     async def _insert_message(
@@ -925,12 +1029,20 @@ class ChatStore:
         """Durable events with after_seq < seq (< before_seq), in order."""
         async with self._pool.connection() as conn, conn.cursor() as cur:
             await cur.execute(
-                "SELECT event FROM chat_events WHERE chat_id = %s AND seq > %s"
+                "SELECT seq, event FROM chat_events WHERE chat_id = %s AND seq > %s"
                 " AND (%s::bigint IS NULL OR seq < %s::bigint) ORDER BY seq LIMIT 5000",
                 (chat_id, after_seq, before_seq, before_seq),
             )
             rows = await cur.fetchall()
-        return [chat_pb2.ChatEvent.FromString(r["event"]) for r in rows]
+        out = []
+        for r in rows:
+            # Single-statement writes store events without their seq: the column is the truth.
+            ev = chat_pb2.ChatEvent.FromString(r["event"])
+            ev.seq = int(r["seq"])
+            if ev.message_persisted.id:
+                ev.message_persisted.seq = ev.seq
+            out.append(ev)
+        return out
 
     async def chat_for_watch(self, chat_id: str) -> chat_pb2.Chat | None:
         """A chat by id (no owner check: the watcher filters by owner), or None."""
@@ -945,7 +1057,7 @@ class ChatStore:
         """Acquire up to `limit` pending chats, oldest first, skipping rows others are locking."""
         if limit <= 0:
             return []
-        async with self._tx() as cur:
+        async with self._stmt() as cur:
             await cur.execute(
                 "UPDATE chat_chats SET status = 'running', worker_id = %(w)s, generation = generation + 1,"
                 " lease_expires_at = now() + make_interval(secs => %(l)s)"
@@ -958,7 +1070,7 @@ class ChatStore:
 
     async def renew(self, worker_id: str, lease_seconds: float) -> RenewResult:
         """Renew every lease of `worker_id` in one statement; report what it still holds."""
-        async with self._tx() as cur:
+        async with self._stmt() as cur:
             await cur.execute(
                 "UPDATE chat_chats SET lease_expires_at = now() + make_interval(secs => %s)"
                 " WHERE worker_id = %s RETURNING id, generation, interrupt",
@@ -997,7 +1109,28 @@ class ChatStore:
         `committed` is called right after the commit, before anything is published: from then on
         the chat's interrupt flag is clear, so the caller can start honouring new interrupts.
         """
-        events: list[chat_pb2.ChatEvent] = []
+        # Common case (no interrupt asking to resume): one statement.
+        events: list[chat_pb2.ChatEvent] = [self._status_event("running")]
+        fast = await self._write1(
+            chat_id,
+            events,
+            fence=fence,
+            set_sql="interrupt = NULL",
+            where_sql="interrupt IS DISTINCT FROM 'resume'",
+            returning="owner_id, model_config_id, workspace_id, agents_md",
+        )
+        if fast is not None:
+            if committed is not None:
+                committed()
+            await self._after_commit(chat_id, events)
+            return RunInfo(
+                chat_id=chat_id,
+                owner_id=fast["owner_id"],
+                model_config_id=fast["model_config_id"],
+                workspace_id=fast["workspace_id"],
+                agents_md=fast["agents_md"],
+            )
+        events = []
         async with self._tx() as cur:
             await cur.execute(
                 "SELECT * FROM chat_chats WHERE id = %s AND worker_id = %s AND generation = %s FOR UPDATE",
@@ -1067,7 +1200,7 @@ class ChatStore:
 
     async def set_agents_md(self, chat_id: str, fence: Fence, text: str) -> None:
         """Cache the workspace's AGENTS.md on the chat."""
-        async with self._tx() as cur:
+        async with self._stmt() as cur:
             await cur.execute(
                 "UPDATE chat_chats SET agents_md = %s WHERE id = %s AND worker_id = %s AND generation = %s"
                 " RETURNING id",
@@ -1078,8 +1211,10 @@ class ChatStore:
 
     async def emit(self, chat_id: str, fence: Fence | None, events: Sequence[chat_pb2.ChatEvent]) -> None:
         """Number and publish streaming events (durable kinds are stored too)."""
-        async with self._tx() as cur:
-            await self._bump(cur, chat_id, events, fence=fence, notify=False, touch=False)
+        if await self._write1(chat_id, events, fence=fence, notify=False, touch=False) is None:
+            if fence is not None:
+                raise LeaseLost(chat_id)
+            raise chat_not_found(chat_id)
         await self._after_commit(chat_id, events)
 
     async def persist(
@@ -1088,6 +1223,7 @@ class ChatStore:
         fence: Fence | None,
         msg: NewMessage,
         *,
+        pre_events: Sequence[chat_pb2.ChatEvent] = (),
         extra_events: Sequence[chat_pb2.ChatEvent] = (),
         message_id: str | None = None,
         guard_idle: bool = False,
@@ -1099,9 +1235,27 @@ class ChatStore:
         message_id = message_id or str(uuid.uuid4())
         when = now()
         usage = msg.usage or chat_pb2.Usage()
-        events = [self._message_event(chat_id, message_id, msg, when), *extra_events]
+        # `pre_events` (last deltas, last tool result announcement) come just before the message.
+        events = [*pre_events, self._message_event(chat_id, message_id, msg, when), *extra_events]
+        at = len(pre_events)
         sets = ", ".join(f"{f} = {f} + %({f})s" for f in USAGE_FIELDS)
         params = {f: getattr(usage, f) for f in USAGE_FIELDS}
+        if not guard_idle:
+            # The run's common write: chat row, message and events in one statement.
+            row = await self._write1(
+                chat_id,
+                events,
+                fence=fence,
+                set_sql=sets,
+                params=params,
+                message=(message_id, msg, when, at),
+            )
+            if row is None:
+                if fence is not None:
+                    raise LeaseLost(chat_id)
+                raise chat_not_found(chat_id)
+            await self._after_commit(chat_id, events)
+            return events[at].message_persisted
         async with self._tx() as cur:
             if guard_idle:
                 await cur.execute(
@@ -1114,9 +1268,9 @@ class ChatStore:
                         f"chat {chat_id} started running; compact it when it is idle", reason="CHAT_BUSY"
                     )
             await self._bump(cur, chat_id, events, fence=fence, set_sql=sets, params=params)
-            await self._insert_message(cur, chat_id, message_id, msg, events[0].seq, when)
+            await self._insert_message(cur, chat_id, message_id, msg, events[at].seq, when)
         await self._after_commit(chat_id, events)
-        m = events[0].message_persisted
+        m = events[at].message_persisted
         return m
 
     async def finish_turn(

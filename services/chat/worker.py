@@ -125,13 +125,17 @@ class Worker:
                         ctx.chat_id, ctx.fence, "INTERNAL", f"the agent loop failed unexpectedly: {exc}"
                     )
             finally:
+                # Only a full replica may have left pending chats unclaimed; otherwise the
+                # notification (or the poll) already woke the claim loop for them.
+                was_full = len(self.runs) >= self._settings.max_concurrent_chats
                 run = self.runs.get(ctx.chat_id)
                 if run is not None and run.ctx is ctx:
                     del self.runs[ctx.chat_id]
                 if self._on_step is not None:
                     for s in ctx.step_seconds:
                         self._on_step(s)
-                self._wake.set()
+                if was_full:
+                    self._wake.set()
 
     async def _renew_loop(self) -> None:
         while not self._stopping:
