@@ -542,29 +542,88 @@ class ChatStore:
         workspace_id: str,
         title: str,
     ) -> tuple[chat_pb2.Chat, chat_pb2.Message]:
-        """Create a chat with its first user message, PENDING; a repeated request_id returns the first."""
+        """Create a chat with its first user message, PENDING; a repeated request_id returns the first.
+
+        One self-committing statement: the idempotency key, the chat row, the message, its two
+        durable events and both notifications. A chat is new, so its seqs are known (1 and 2).
+        When the key exists (even one committed by a concurrent duplicate an instant ago, which
+        this statement's snapshot cannot see) nothing is inserted and the earlier chat is read.
+        """
         chat_id, message_id = str(uuid.uuid4()), str(uuid.uuid4())
         when = now()
-        async with self._tx() as cur:
-            earlier = await self._claim_request(cur, owner_id, "create", request_id, chat_id, message_id)
-            if earlier is not None:
-                events: list[chat_pb2.ChatEvent] = []
-                chat_id, message_id = str(earlier["chat_id"]), str(earlier["message_id"])
-            else:
-                await cur.execute(
-                    "INSERT INTO chat_chats (id, owner_id, title, status, model_config_id, workspace_id)"
-                    " VALUES (%s, %s, %s, 'pending', %s, %s)",
-                    (chat_id, owner_id, title, model_config_id, workspace_id),
-                )
-                msg = NewMessage(role="user", parts=content, sender_id=owner_id)
-                events = [self._message_event(chat_id, message_id, msg, when), self._status_event("pending")]
-                await self._bump(cur, chat_id, events)
-                await self._insert_message(cur, chat_id, message_id, msg, events[0].seq, when)
-                await cur.execute("SELECT pg_notify(%s, %s)", (PENDING_CHANNEL, chat_id))
-            chat = await self._chat(cur, chat_id)
-            message = await self._message(cur, chat_id, message_id)
+        msg = NewMessage(role="user", parts=content, sender_id=owner_id)
+        events = [self._message_event(chat_id, message_id, msg, when), self._status_event("pending")]
+        stamp = ts(when)
+        for i, ev in enumerate(events):
+            ev.seq, ev.chat_id = i + 1, chat_id
+            ev.time.CopyFrom(stamp)
+        events[0].message_persisted.seq = 1
+        p: dict[str, Any] = {
+            "id": chat_id,
+            "owner": owner_id,
+            "rid": request_id,
+            "title": title,
+            "model": model_config_id,
+            "ws": workspace_id,
+            "m_id": message_id,
+            "m_parts": Jsonb(parts_mod.to_json(content)),
+            "m_vis": msg.visibility,
+            "when": when,
+            "e_ev": [ev.SerializeToString() for ev in events],
+        }
+        async with self._stmt() as cur:
+            await cur.execute(
+                "WITH r AS (INSERT INTO chat_requests (owner_id, kind, request_id, chat_id, message_id)"
+                " SELECT %(owner)s, 'create', %(rid)s, %(id)s, %(m_id)s WHERE %(rid)s <> ''"
+                " ON CONFLICT DO NOTHING RETURNING chat_id),"
+                " c AS (INSERT INTO chat_chats (id, owner_id, title, status, model_config_id, workspace_id,"
+                " last_seq) SELECT %(id)s, %(owner)s, %(title)s, 'pending', %(model)s, %(ws)s, 2"
+                " WHERE %(rid)s = '' OR EXISTS (SELECT 1 FROM r)"
+                f" RETURNING *, pg_notify('{PENDING_CHANNEL}', id::text) AS _p,"
+                f" pg_notify('{WATCH_CHANNEL}', owner_id || ' ' || id::text || ' u') AS _n),"
+                " m AS (INSERT INTO chat_messages (id, chat_id, seq, role, parts, visibility, sender_id,"
+                " created_at) SELECT %(m_id)s, c.id, 1, 'user', %(m_parts)s, %(m_vis)s, c.owner_id, %(when)s"
+                " FROM c RETURNING parts),"
+                " e AS (INSERT INTO chat_events (chat_id, seq, event)"
+                " SELECT c.id, d.seq, d.ev FROM c, unnest(%(e_ev)s::bytea[]) WITH ORDINALITY AS d(ev, seq))"
+                " SELECT c.*, m.parts AS m_parts FROM c, m",
+                p,
+            )
+            row = await cur.fetchone()
+        if row is None:
+            return await self._earlier_create(owner_id, request_id)
+        chat = chat_from_row({**row, "queued_count": 0})
+        message = message_from_row(
+            {
+                "id": message_id,
+                "chat_id": chat_id,
+                "role": "user",
+                "parts": row["m_parts"],
+                "visibility": msg.visibility,
+                "model_config_id": "",
+                "runtime_ms": 0,
+                "sender_id": owner_id,
+                "seq": 1,
+                "created_at": when,
+                **{f: 0 for f in USAGE_FIELDS},
+            }
+        )
         await self._after_commit(chat_id, events)
         return chat, message
+
+    async def _earlier_create(self, owner_id: str, request_id: str) -> tuple[chat_pb2.Chat, chat_pb2.Message]:
+        """The chat and first message a repeated CreateChat request_id made the first time."""
+        async with self._tx() as cur:
+            await cur.execute(
+                "SELECT chat_id, message_id FROM chat_requests"
+                " WHERE owner_id = %s AND kind = 'create' AND request_id = %s",
+                (owner_id, request_id),
+            )
+            earlier = await cur.fetchone()
+            if earlier is None:  # cannot happen: the key existed when the insert skipped it
+                raise RuntimeError(f"idempotency key {request_id!r} vanished")
+            chat_id, message_id = str(earlier["chat_id"]), str(earlier["message_id"])
+            return await self._chat(cur, chat_id), await self._message(cur, chat_id, message_id)
 
     async def _message(self, cur: AsyncCursor[Any], chat_id: str, message_id: str) -> chat_pb2.Message:
         await cur.execute("SELECT * FROM chat_messages WHERE id = %s AND chat_id = %s", (message_id, chat_id))
