@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import grpc
 import grpc.aio
 from agentplane.chat.v1 import chat_pb2, chat_service_pb2, chat_service_pb2_grpc
 
-from services.bench.stack import LocalStack, StackOptions, percentile, rss_mib
+from services.bench.stack import LocalStack, StackOptions, cpu_share, percentile, rss_mib
 from services.common.client import create_channel
 
 NAME = "scale"
@@ -78,6 +79,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     results = Results()
     async with LocalStack(options) as stack:
         channels = [create_channel(stack.addresses["chat"]) for _ in range(max(1, args.channels))]
+        cpu_before = stack.cpu_seconds()
         started = time.perf_counter()
         try:
             users = [_user(i, stack, channels[i % len(channels)], args, results) for i in range(args.chats)]
@@ -86,6 +88,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             for channel in channels:
                 await channel.close()
         elapsed = time.perf_counter() - started
+        cores = cpu_share(cpu_before, stack.cpu_seconds(), elapsed)
         rss = rss_mib(stack)
     return {
         "chats": args.chats,
@@ -99,6 +102,10 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         "turn_p99_ms": round(percentile(results.turn_ms, 99), 1),
         "duration_s": round(elapsed, 1),
         "simulator_ttft_ms": args.ttft_ms,
+        # Average cores each process used during the run; machine_busy includes everything else
+        # running on the machine at the time (the 1-minute load average too).
+        "cores_used": cores,
+        "load_average_1m": round(os.getloadavg()[0], 2),
         **rss,
     }
 

@@ -194,6 +194,39 @@ class LocalStack:
                     self.peak_rss[name] = max(self.peak_rss[name], rss)
             await asyncio.sleep(0.25)
 
+    def _cpu_processes(self) -> dict[str, list[psutil.Process]]:
+        """The processes whose CPU time each component is charged with (Postgres: all backends)."""
+        out: dict[str, list[psutil.Process]] = {}
+        for name, proc in self.processes.items():
+            with contextlib.suppress(psutil.Error):
+                out[name] = [psutil.Process(proc.pid)]
+        if self._postgres is not None:
+            pid_file = Path(self._postgres._server.pgdata) / "postmaster.pid"
+            with contextlib.suppress(OSError, ValueError, psutil.Error):
+                master = psutil.Process(int(pid_file.read_text().split()[0]))
+                out["postgres"] = [master, *master.children()]
+        if self._redis is not None:
+            with contextlib.suppress(psutil.Error):
+                out["redis"] = [psutil.Process(self._redis.process.pid)]
+        return out
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds (user + system) used so far by each child, Postgres and Redis, plus the
+        benchmark process itself (`client`) and the whole machine (`machine_busy`)."""
+        out: dict[str, float] = {}
+        for name, procs in self._cpu_processes().items():
+            total = 0.0
+            for p in procs:
+                with contextlib.suppress(psutil.Error):
+                    t = p.cpu_times()
+                    total += t.user + t.system
+            out[name] = total
+        me = psutil.Process().cpu_times()
+        out["client"] = me.user + me.system
+        machine = psutil.cpu_times()
+        out["machine_busy"] = sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)
+        return out
+
     def kill(self, name: str) -> None:
         """SIGKILL one child (failure tests and benchmarks)."""
         proc = self.processes[name]
@@ -247,6 +280,11 @@ def percentile(values: list[float], pct: float) -> float:
     ordered = sorted(values)
     index = max(0, min(len(ordered) - 1, round(pct / 100 * len(ordered) + 0.5) - 1))
     return ordered[index]
+
+
+def cpu_share(before: dict[str, float], after: dict[str, float], elapsed: float) -> dict[str, float]:
+    """Average cores used by each component between two `cpu_seconds` snapshots."""
+    return {name: round((after[name] - before.get(name, 0.0)) / elapsed, 2) for name in after if elapsed > 0}
 
 
 def rss_mib(stack: LocalStack) -> dict[str, Any]:
