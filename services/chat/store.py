@@ -32,6 +32,8 @@ from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 PENDING_CHANNEL = "agentplane_chat_pending"
 INTERRUPT_CHANNEL = "agentplane_chat_interrupt"
 WATCH_CHANNEL = "agentplane_chat_watch"
+# Tells WatchChats subscribers that a chat changed, as a RETURNING item of the chat row's update.
+_NOTIFY_WATCH = f"pg_notify('{WATCH_CHANNEL}', owner_id || ' ' || id::text || ' u') AS _n"
 
 STATUS_TO_PB = {
     "pending": chat_pb2.CHAT_STATUS_PENDING,
@@ -1337,39 +1339,140 @@ class ChatStore:
     ) -> bool:
         """End a turn: deliver the next queued message (True: keep running) or wait for the user.
 
-        `committed` is called right after the commit (see `start_run`).
+        Usually one statement. It reads the queue and the chat row's `last_seq` in its snapshot
+        and releases the chat only if the fenced row it then locks still has that `last_seq`:
+        every queue change bumps `last_seq` under the row lock, so a message queued at the same
+        moment either makes the release miss (and we look again) or is stored after it (and the
+        sender sees an idle chat and makes it PENDING) -- it is never stranded. A non-empty queue
+        takes a second statement that pops its front under the same check. `committed` is called
+        right after the commit (see `start_run`).
         """
-        async with self._tx() as cur:
+        waiting = self._status_event("waiting")
+        waiting.chat_id = chat_id
+        waiting.time.CopyFrom(ts(now()))
+        p: dict[str, Any] = {
+            "id": chat_id,
+            "w": fence.worker_id,
+            "g": fence.generation,
+            "ev": waiting.SerializeToString(),
+        }
+        # Loops only when a concurrent change (a send, an interrupt, a queue edit) committed
+        # between the statement's snapshot and its row lock; each attempt takes a new snapshot.
+        while True:
+            async with self._stmt() as cur:
+                await cur.execute(
+                    "WITH s AS (SELECT last_seq, interrupt FROM chat_chats"
+                    " WHERE id = %(id)s AND worker_id = %(w)s AND generation = %(g)s),"
+                    " q AS (SELECT id, parts, sender_id, created_at, position FROM chat_queued_messages"
+                    " WHERE chat_id = %(id)s ORDER BY position LIMIT 100),"
+                    " c AS (UPDATE chat_chats SET"
+                    " last_seq = last_seq + CASE WHEN interrupt = 'stop' THEN 0 ELSE 1 END,"
+                    " status = 'waiting', worker_id = NULL, lease_expires_at = NULL, interrupt = NULL,"
+                    " updated_at = now()"
+                    " WHERE id = %(id)s AND worker_id = %(w)s AND generation = %(g)s"
+                    " AND last_seq = (SELECT last_seq FROM s)"
+                    " AND (interrupt = 'stop' OR NOT EXISTS (SELECT 1 FROM q))"
+                    f" RETURNING id, last_seq, {_NOTIFY_WATCH}),"
+                    " e AS (INSERT INTO chat_events (chat_id, seq, event)"
+                    " SELECT c.id, c.last_seq, %(ev)s FROM c, s WHERE c.last_seq > s.last_seq)"
+                    " SELECT s.last_seq AS snap_seq, s.interrupt AS snap_interrupt,"
+                    " (SELECT last_seq FROM c) AS new_seq,"
+                    " (SELECT json_agg(json_build_object('id', q.id, 'parts', q.parts,"
+                    " 'sender_id', q.sender_id, 'created_at', q.created_at) ORDER BY q.position)"
+                    " FROM q) AS queue"
+                    " FROM (SELECT 1) AS one LEFT JOIN s ON true",
+                    p,
+                )
+                row = await cur.fetchone()
+            assert row is not None
+            if row["snap_seq"] is None:
+                raise LeaseLost(chat_id)  # generations only grow: the fence never comes back
+            snap_seq = int(row["snap_seq"])
+            if row["new_seq"] is not None:
+                events: list[chat_pb2.ChatEvent] = []
+                if int(row["new_seq"]) > snap_seq:
+                    waiting.seq = int(row["new_seq"])
+                    events.append(waiting)
+                if committed is not None:
+                    committed()
+                await self._after_commit(chat_id, events)
+                return False
+            queue = row["queue"] or []
+            if queue and row["snap_interrupt"] != "stop":
+                if await self._deliver_next(chat_id, fence, snap_seq, queue, committed):
+                    return True
+
+    async def _deliver_next(
+        self,
+        chat_id: str,
+        fence: Fence,
+        expected_seq: int,
+        queue: list[dict[str, Any]],
+        committed: Callable[[], None] | None,
+    ) -> bool:
+        """Move the front of `queue` (read at `expected_seq`) into the history, in one statement.
+
+        False (nothing written) when the chat row changed since that read: the caller looks again.
+        """
+        for q in queue:
+            q["chat_id"] = chat_id
+            q["created_at"] = dt.datetime.fromisoformat(q["created_at"])
+        front, rest = queue[0], queue[1:]
+        when = now()
+        msg = NewMessage(role="user", parts=parts_mod.from_json(front["parts"]), sender_id=front["sender_id"])
+        # The queued message keeps its id, so an idempotent SendMessage finds it in the history.
+        events = [
+            self._message_event(chat_id, str(front["id"]), msg, when),
+            chat_pb2.ChatEvent(
+                queue_changed=chat_pb2.QueueChanged(
+                    queued_messages=[queued_from_row(r, i + 1) for i, r in enumerate(rest)]
+                )
+            ),
+        ]
+        stamp = ts(when)
+        for ev in events:
+            ev.chat_id = chat_id
+            ev.time.CopyFrom(stamp)
+        async with self._stmt() as cur:
             await cur.execute(
-                "SELECT interrupt FROM chat_chats"
-                " WHERE id = %s AND worker_id = %s AND generation = %s FOR UPDATE",
-                (chat_id, fence.worker_id, fence.generation),
+                "WITH c AS (UPDATE chat_chats SET last_seq = last_seq + 2, status = 'running',"
+                " interrupt = NULL, updated_at = now()"
+                " WHERE id = %(id)s AND worker_id = %(w)s AND generation = %(g)s AND last_seq = %(expected)s"
+                " AND interrupt IS DISTINCT FROM 'stop'"
+                f" RETURNING id, last_seq, {_NOTIFY_WATCH}),"
+                # Only when the row still matched: the queue is then exactly what we read.
+                " d AS (DELETE FROM chat_queued_messages WHERE id = %(q_id)s AND chat_id = %(id)s"
+                " AND EXISTS (SELECT 1 FROM c) RETURNING id),"
+                " m AS (INSERT INTO chat_messages (id, chat_id, seq, role, parts, visibility, sender_id,"
+                " created_at) SELECT %(q_id)s, c.id, c.last_seq - 1, 'user', %(parts)s, %(vis)s, %(sender)s,"
+                " %(when)s FROM c),"
+                " e AS (INSERT INTO chat_events (chat_id, seq, event)"
+                " SELECT c.id, c.last_seq - 2 + d.i, d.ev FROM c,"
+                " unnest(%(evs)s::bytea[]) WITH ORDINALITY AS d(ev, i))"
+                " SELECT c.last_seq FROM c",
+                {
+                    "id": chat_id,
+                    "w": fence.worker_id,
+                    "g": fence.generation,
+                    "expected": expected_seq,
+                    "q_id": str(front["id"]),
+                    "parts": Jsonb(front["parts"]),
+                    "vis": msg.visibility,
+                    "sender": msg.sender_id,
+                    "when": when,
+                    "evs": [ev.SerializeToString() for ev in events],
+                },
             )
             row = await cur.fetchone()
-            if row is None:
-                raise LeaseLost(chat_id)
-            stop = row["interrupt"] == "stop"
-            events = [] if stop else await self._deliver_front(cur, chat_id)
-            if events:
-                await self._bump(
-                    cur, chat_id, events, fence=fence, set_sql="interrupt = NULL, status = 'running'"
-                )
-                await self._insert_delivered(cur, chat_id, events)
-                more = True
-            else:
-                events = [] if stop else [self._status_event("waiting")]
-                await self._bump(
-                    cur,
-                    chat_id,
-                    events,
-                    fence=fence,
-                    set_sql="status = 'waiting', worker_id = NULL, lease_expires_at = NULL, interrupt = NULL",
-                )
-                more = False
+        if row is None:
+            return False
+        for i, ev in enumerate(events):
+            ev.seq = int(row["last_seq"]) - 1 + i
+        events[0].message_persisted.seq = events[0].seq
         if committed is not None:
             committed()
         await self._after_commit(chat_id, events)
-        return more
+        return True
 
     async def fail_run(self, chat_id: str, fence: Fence, reason: str, message: str) -> None:
         """End a run in ERROR with last_error."""

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
+import psycopg
 import pytest
 from agentplane.chat.v1 import chat_pb2
+from psycopg.types.json import Jsonb
 
 from services.chat.store import ChatStore, LeaseLost, NewMessage
 from services.common import db
@@ -111,3 +116,55 @@ async def test_claim_skips_locked_and_respects_limit(
     b = await s.claim("b", 10, 30)
     assert len(a) == 2 and len(b) == 3
     assert not {c.chat_id for c in a} & {c.chat_id for c in b}
+
+
+async def _blocked_on_lock(conn: psycopg.AsyncConnection[Any], pid: int) -> bool:
+    cur = await conn.execute(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND wait_event_type = 'Lock' AND pid <> %s",
+        (pid,),
+    )
+    row = await cur.fetchone()
+    return row is not None and row[0] > 0
+
+
+async def test_finish_turn_never_strands_a_message_queued_meanwhile(
+    store: tuple[ChatStore, list[chat_pb2.ChatEvent]], database_url: str
+) -> None:
+    s, published = store
+    chat, _ = await s.create_chat(
+        owner_id="alice", request_id="", content=text("hi"), model_config_id="m", workspace_id="", title="t"
+    )
+    [claim] = await s.claim("w", 5, lease_seconds=30)
+    async with (
+        await psycopg.AsyncConnection.connect(database_url) as sender,
+        await psycopg.AsyncConnection.connect(database_url, autocommit=True) as watcher,
+    ):
+        # What SendMessage does to a running chat, held open: lock the row, queue, bump last_seq.
+        await sender.execute("SELECT 1 FROM chat_chats WHERE id = %s FOR UPDATE", (chat.id,))
+        queued_id = str(uuid.uuid4())
+        await sender.execute(
+            "INSERT INTO chat_queued_messages (id, chat_id, position, parts, sender_id)"
+            " VALUES (%s, %s, 0, %s, 'alice')",
+            (queued_id, chat.id, Jsonb([{"text": {"text": "queued meanwhile"}}])),
+        )
+        await sender.execute("UPDATE chat_chats SET last_seq = last_seq + 1 WHERE id = %s", (chat.id,))
+        # finish_turn takes its snapshot now (the queue looks empty) and waits for the row lock.
+        finishing = asyncio.create_task(s.finish_turn(chat.id, claim.fence))
+        await eventually(lambda: _blocked_on_lock(watcher, sender.info.backend_pid), within=10)
+        await sender.commit()
+        assert await asyncio.wait_for(finishing, 10) is True
+    history = await s.history(chat.id)
+    assert [m.id for m in history][-1] == queued_id
+    assert history[-1].parts[0].text.text == "queued meanwhile"
+    after = await s.get_chat("alice", chat.id)
+    assert after.status == chat_pb2.CHAT_STATUS_RUNNING and after.queued_message_count == 0
+    delivered = [e for e in published if e.message_persisted.id == queued_id]
+    assert len(delivered) == 1 and delivered[0].seq == history[-1].seq
+    # The next finish finds the queue empty and releases the chat with one WAITING event.
+    assert not await s.finish_turn(chat.id, claim.fence)
+    final = await s.get_chat("alice", chat.id)
+    assert final.status == chat_pb2.CHAT_STATUS_WAITING and published[-1].seq == final.last_seq
+    assert published[-1].status_changed.status == chat_pb2.CHAT_STATUS_WAITING
+    stored = await s.events_between(chat.id, 0)
+    assert [e.seq for e in stored] == sorted({e.seq for e in stored})
