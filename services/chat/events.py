@@ -101,6 +101,30 @@ class EventHub:
                 for sub in self._subs.get(chat_id, ()):
                     sub.offer(ev)
 
+    async def publish_many(self, batch: Sequence[tuple[str, Sequence[chat_pb2.ChatEvent]]]) -> None:
+        """Publish committed events of many chats at once (one Redis round trip); never raises."""
+        if self._redis is None:
+            for chat_id, events in batch:
+                await self.publish(chat_id, events)
+            return
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for chat_id, events in batch:
+                    key = self._key(chat_id)
+                    for ev in events:
+                        pipe.xadd(
+                            key, {"e": ev.SerializeToString()}, maxlen=self._buffer_size, approximate=True
+                        )
+                    # Streaming events only come while a run is busy: the expiry set by the
+                    # run's durable events covers them, so no EXPIRE per batch.
+                await pipe.execute()
+        except Exception as exc:  # these are streaming events: local subscribers still get them
+            log.warning("publishing chat events to redis failed", extra={"error": str(exc)})
+            for chat_id, events in batch:
+                for ev in events:
+                    for sub in self._subs.get(chat_id, ()):
+                        sub.offer(ev)
+
     async def _buffered(self, chat_id: str, after_seq: int) -> tuple[list[chat_pb2.ChatEvent], str]:
         """Buffered events after `after_seq`, and the Redis stream id to follow from."""
         if self._redis is None:

@@ -17,6 +17,7 @@ from agentplane.toolexec.v1 import toolexec_service_pb2, toolexec_service_pb2_gr
 from prometheus_client import CollectorRegistry
 
 from services.chat.clients import ConfigPrompts, InferenceModel, ToolExecTools
+from services.chat.deltas import EventNumberer
 from services.chat.events import EventHub
 from services.chat.notify import Notifier
 from services.chat.service import ChatAPI, ChatDeps
@@ -82,7 +83,9 @@ async def build_server(
     config = ConfigClient(settings.address("config"), tokens, redis_url=settings.redis_url, registry=registry)
     inference_channel = create_channel(settings.address("inference"), token_provider=tokens)
     toolexec_channel = create_channel(settings.address("toolexec"), token_provider=tokens)
-    store = ChatStore(pool, hub.publish, max_queued=cs.max_queued_messages)
+    store = ChatStore(
+        pool, hub.publish, max_queued=cs.max_queued_messages, numberer=EventNumberer(pool, hub.publish_many)
+    )
     model = InferenceModel(inference_channel)
     tools = ToolExecTools(toolexec_channel, call_timeout_seconds=cs.tool_timeout_seconds)
     prompts = ConfigPrompts(config)

@@ -27,11 +27,14 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from services.chat import parts as parts_mod
+from services.chat.deltas import EventNumberer, Unnumbered
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 
 PENDING_CHANNEL = "agentplane_chat_pending"
 INTERRUPT_CHANNEL = "agentplane_chat_interrupt"
 WATCH_CHANNEL = "agentplane_chat_watch"
+# Any canonical UUID's text has this length (36); used to split a serialized chat_id field.
+_UUID_TEMPLATE = "00000000-0000-0000-0000-000000000000"
 # Tells WatchChats subscribers that a chat changed, as a RETURNING item of the chat row's update.
 _NOTIFY_WATCH = f"pg_notify('{WATCH_CHANNEL}', owner_id || ' ' || id::text || ' u') AS _n"
 
@@ -81,10 +84,11 @@ class Fence:
 
 @dataclass(frozen=True)
 class Claim:
-    """A chat a worker just acquired."""
+    """A chat a worker just acquired; `info` is set when the claim also started the run."""
 
     chat_id: str
     fence: Fence
+    info: RunInfo | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,9 @@ class RunInfo:
     model_config_id: str
     workspace_id: str
     agents_md: str | None
+    # True when `agents_md` was read in this run and is not cached on the chat row yet: the
+    # run's next persisted message stores it in the same statement.
+    agents_md_unsaved: bool = False
 
 
 @dataclass(frozen=True)
@@ -237,9 +244,12 @@ class ChatStore:
         *,
         max_queued: int = 20,
         service_sender: str = "service:chat",
+        numberer: EventNumberer | None = None,
     ) -> None:
         self._pool = pool
         self._publish = publish
+        # Streaming events of all chats share batched seq statements (see services/chat/deltas.py).
+        self._numberer = numberer
         self.max_queued = max_queued
         self.service_sender = service_sender
 
@@ -1115,19 +1125,59 @@ class ChatStore:
     # --- workers -----------------------------------------------------------------------------
 
     async def claim(self, worker_id: str, limit: int, lease_seconds: float) -> list[Claim]:
-        """Acquire up to `limit` pending chats, oldest first, skipping rows others are locking."""
+        """Acquire up to `limit` pending chats, oldest first, skipping rows others are locking.
+
+        The same statement starts each run (RUNNING event, interrupt flag cleared) and returns
+        what the run needs, so a claimed chat costs no `start_run` round trip. Chats whose
+        interrupt asked to resume with a queued message are only claimed: their run calls
+        `start_run`, which delivers that message.
+        """
         if limit <= 0:
             return []
+        running = self._status_event("running")
+        running.time.CopyFrom(ts(now()))
+        # Serialized protobuf messages concatenate as a merge, so the event stored for each chat
+        # is this prefix plus the chat_id field, whose bytes SQL appends (the seq column is the
+        # seq's truth, as for every single-statement write).
+        id_field = chat_pb2.ChatEvent(chat_id=_UUID_TEMPLATE).SerializeToString()[: -len(_UUID_TEMPLATE)]
         async with self._stmt() as cur:
             await cur.execute(
-                "UPDATE chat_chats SET status = 'running', worker_id = %(w)s, generation = generation + 1,"
-                " lease_expires_at = now() + make_interval(secs => %(l)s)"
+                "WITH c AS (UPDATE chat_chats SET status = 'running', worker_id = %(w)s,"
+                " generation = generation + 1, lease_expires_at = now() + make_interval(secs => %(l)s),"
+                " last_seq = last_seq + CASE WHEN interrupt = 'resume' THEN 0 ELSE 1 END,"
+                " interrupt = CASE WHEN interrupt = 'resume' THEN 'resume' END, updated_at = now()"
                 " WHERE id IN (SELECT id FROM chat_chats WHERE status = 'pending' ORDER BY updated_at"
-                " FOR UPDATE SKIP LOCKED LIMIT %(n)s) RETURNING id, generation",
-                {"w": worker_id, "l": lease_seconds, "n": limit},
+                " FOR UPDATE SKIP LOCKED LIMIT %(n)s)"
+                " RETURNING id, generation, last_seq, interrupt, owner_id, model_config_id, workspace_id,"
+                f" agents_md, {_NOTIFY_WATCH}),"
+                " e AS (INSERT INTO chat_events (chat_id, seq, event)"
+                " SELECT c.id, c.last_seq, %(ev)s || convert_to(c.id::text, 'UTF8') FROM c"
+                " WHERE c.interrupt IS NULL)"
+                " SELECT * FROM c",
+                {
+                    "w": worker_id,
+                    "l": lease_seconds,
+                    "n": limit,
+                    "ev": running.SerializeToString() + id_field,
+                },
             )
             rows = await cur.fetchall()
-        return [Claim(str(r["id"]), Fence(worker_id, int(r["generation"]))) for r in rows]
+        claims = []
+        for r in rows:
+            chat_id = str(r["id"])
+            info = None
+            if r["interrupt"] is None:
+                info = RunInfo(
+                    chat_id, r["owner_id"], r["model_config_id"], r["workspace_id"], r["agents_md"]
+                )
+            claims.append(Claim(chat_id, Fence(worker_id, int(r["generation"])), info))
+        for r, claim in zip(rows, claims, strict=True):
+            if claim.info is not None:
+                ev = chat_pb2.ChatEvent()
+                ev.CopyFrom(running)
+                ev.chat_id, ev.seq = claim.chat_id, int(r["last_seq"])
+                await self._after_commit(claim.chat_id, [ev])
+        return claims
 
     async def renew(self, worker_id: str, lease_seconds: float) -> RenewResult:
         """Renew every lease of `worker_id` in one statement; report what it still holds."""
@@ -1259,19 +1309,18 @@ class ChatStore:
             rows = await cur.fetchall()
         return [message_from_row(r) for r in rows]
 
-    async def set_agents_md(self, chat_id: str, fence: Fence, text: str) -> None:
-        """Cache the workspace's AGENTS.md on the chat."""
-        async with self._stmt() as cur:
-            await cur.execute(
-                "UPDATE chat_chats SET agents_md = %s WHERE id = %s AND worker_id = %s AND generation = %s"
-                " RETURNING id",
-                (text, chat_id, fence.worker_id, fence.generation),
-            )
-            if await cur.fetchone() is None:
-                raise LeaseLost(chat_id)
-
     async def emit(self, chat_id: str, fence: Fence | None, events: Sequence[chat_pb2.ChatEvent]) -> None:
         """Number and publish streaming events (durable kinds are stored too)."""
+        if self._numberer is not None and not any(ev.WhichOneof("event") in DURABLE_KINDS for ev in events):
+            try:
+                await self._numberer.emit(
+                    chat_id, None if fence is None else (fence.worker_id, fence.generation), events
+                )
+            except Unnumbered:
+                if fence is not None:
+                    raise LeaseLost(chat_id) from None
+                raise chat_not_found(chat_id) from None
+            return
         if await self._write1(chat_id, events, fence=fence, notify=False, touch=False) is None:
             if fence is not None:
                 raise LeaseLost(chat_id)
@@ -1288,10 +1337,12 @@ class ChatStore:
         extra_events: Sequence[chat_pb2.ChatEvent] = (),
         message_id: str | None = None,
         guard_idle: bool = False,
+        agents_md: str | None = None,
     ) -> chat_pb2.Message:
         """Persist a generated message (fenced), adding its usage to the chat, plus extra events after it.
 
         `guard_idle` (CompactChat outside a run) requires that no worker owns the chat.
+        `agents_md`, when given, is cached on the chat row by the same statement.
         """
         message_id = message_id or str(uuid.uuid4())
         when = now()
@@ -1300,7 +1351,10 @@ class ChatStore:
         events = [*pre_events, self._message_event(chat_id, message_id, msg, when), *extra_events]
         at = len(pre_events)
         sets = ", ".join(f"{f} = {f} + %({f})s" for f in USAGE_FIELDS)
-        params = {f: getattr(usage, f) for f in USAGE_FIELDS}
+        params: dict[str, Any] = {f: getattr(usage, f) for f in USAGE_FIELDS}
+        if agents_md is not None:
+            sets += ", agents_md = %(agents_md)s"
+            params["agents_md"] = agents_md
         if not guard_idle:
             # The run's common write: chat row, message and events in one statement.
             row = await self._write1(
