@@ -25,6 +25,7 @@ from typing import Any
 from agentplane.config.v1 import config_service_pb2, config_service_pb2_grpc
 from prometheus_client import CollectorRegistry
 
+from services.bench.stats import percentile
 from services.common import auth
 from services.common.client import create_channel
 from services.common.db import with_database
@@ -52,11 +53,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark; returns the JSON-ready results."""
     return asyncio.run(_run(args))
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
@@ -170,10 +166,10 @@ async def _measure(
 
     return {
         "client_hit_p50_us": round(statistics.median(client_samples), 2),
-        "client_hit_p99_us": round(_percentile(client_samples, 0.99), 2),
+        "client_hit_p99_us": round(percentile(client_samples, 99), 2),
         "client_iterations": args.client_iterations,
         "rpc_hit_p50_ms": round(statistics.median(rpc_samples), 3),
-        "rpc_hit_p99_ms": round(_percentile(rpc_samples, 0.99), 3),
+        "rpc_hit_p99_ms": round(percentile(rpc_samples, 99), 3),
         "rpc_iterations": args.rpc_iterations,
         "db_queries_per_10k": round(queries * 10_000 / args.resolves, 2),
         "resolves": args.resolves,

@@ -24,6 +24,7 @@ import time
 import uuid
 from typing import Any
 
+from services.bench.stats import percentile
 from services.common import auth
 from services.common.client import create_channel
 from services.common.db import with_database
@@ -56,11 +57,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 class _NoTemplates:
     async def fetch(self, id_or_name: str) -> Any:
         raise NotFound(f"workspace template {id_or_name} not found")
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
@@ -152,7 +148,7 @@ async def _measure(args: argparse.Namespace, address: str, token: str) -> dict[s
         await channel.close()
 
     def p(values: list[float], q: float) -> float:
-        return round(_percentile(values, q), 3)
+        return round(percentile(values, 100 * q), 3)
 
     return {
         "read_file_p50_ms": p(reads, 0.5),
