@@ -112,7 +112,6 @@ class Store(Protocol):
         self, chat_id: str, fence: Fence, *, committed: Callable[[], None] | None = None
     ) -> RunInfo: ...
     async def history(self, chat_id: str) -> list[chat_pb2.Message]: ...
-    async def set_agents_md(self, chat_id: str, fence: Fence, text: str) -> None: ...
     async def emit(self, chat_id: str, fence: Fence | None, events: Sequence[chat_pb2.ChatEvent]) -> None: ...
     async def persist(
         self,
@@ -124,6 +123,7 @@ class Store(Protocol):
         extra_events: Sequence[chat_pb2.ChatEvent] = (),
         message_id: str | None = None,
         guard_idle: bool = False,
+        agents_md: str | None = None,
     ) -> chat_pb2.Message: ...
     async def finish_turn(
         self, chat_id: str, fence: Fence, *, committed: Callable[[], None] | None = None
@@ -154,6 +154,8 @@ class RunContext:
     interrupted: asyncio.Event = field(default_factory=asyncio.Event)
     steps_run: int = 0
     turn_started: float = 0.0
+    # Set when the claim already started the run (see ChatStore.claim): no start_run needed.
+    started: RunInfo | None = None
     step_seconds: list[float] = field(default_factory=list)
 
 
@@ -176,7 +178,10 @@ async def run_chat(ctx: RunContext) -> None:
         ctx.turn_started = time.monotonic()
         ctx.interrupted.clear()
 
-    info = await ctx.store.start_run(ctx.chat_id, ctx.fence, committed=begin_turn)
+    if ctx.started is not None:
+        info = ctx.started  # the claim's statement started it; the worker set turn_started
+    else:
+        info = await ctx.store.start_run(ctx.chat_id, ctx.fence, committed=begin_turn)
     # Background work: every call to another service acts for the chat's owner explicitly.
     with auth.acting_for(info.owner_id):
         while True:
@@ -313,9 +318,19 @@ async def _agents_md(ctx: RunContext, info: RunInfo) -> str:
         json.dumps({"path": AGENTS_MD_PATH}),
     )
     text = "" if outcome.is_error else outcome.content
-    await ctx.store.set_agents_md(ctx.chat_id, ctx.fence, text)
+    # Cached on the chat row by the run's next persisted message (no statement of its own); a
+    # run that ends before persisting anything reads it again, and toolexec's ledger replays it.
     info.agents_md = text
+    info.agents_md_unsaved = True
     return text
+
+
+def _take_unsaved_agents_md(info: RunInfo) -> str | None:
+    """AGENTS.md text read in this run and not cached yet, for the next persist to store."""
+    if not info.agents_md_unsaved:
+        return None
+    info.agents_md_unsaved = False
+    return info.agents_md
 
 
 def to_model_messages(history: Sequence[chat_pb2.Message]) -> list[inference_pb2.Message]:
@@ -549,6 +564,7 @@ async def _generate(
         pre_events=tail,
         extra_events=[] if interrupted else started_events,
         message_id=message_id,
+        agents_md=_take_unsaved_agents_md(info),
     )
     return msg, interrupted
 
@@ -704,6 +720,7 @@ async def compact(
             runtime_ms=int((time.monotonic() - started) * 1000),
         ),
         guard_idle=not fenced,
+        agents_md=_take_unsaved_agents_md(info),
     )
 
 

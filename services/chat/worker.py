@@ -60,6 +60,10 @@ class Worker:
         self._tasks: list[asyncio.Task[None]] = []
         self._unsubscribe: list[Callable[[], None]] = []
         self._stopping = False
+        # While a claim statement is in flight its chats are not in `runs` yet; an interrupt
+        # notified meanwhile is honoured by one more renewal once they are.
+        self._claiming = False
+        self._interrupt_while_claiming = False
 
     async def start(self) -> None:
         """Start the claim, renewal and sweep loops."""
@@ -74,6 +78,8 @@ class Worker:
     def _on_interrupt(self, chat_id: str) -> None:
         if chat_id in self.runs:
             self._renew_now.set()
+        elif self._claiming:
+            self._interrupt_while_claiming = True
 
     async def _claim_loop(self) -> None:
         while not self._stopping:
@@ -83,9 +89,16 @@ class Worker:
             try:
                 free = self._settings.max_concurrent_chats - len(self.runs)
                 while free > 0 and not self._stopping:
-                    claims = await self._store.claim(self.worker_id, free, self._settings.lease_seconds)
+                    self._claiming, self._interrupt_while_claiming = True, False
+                    try:
+                        claims = await self._store.claim(self.worker_id, free, self._settings.lease_seconds)
+                    finally:
+                        self._claiming = False
                     for claim in claims:
                         self._start_run(claim)
+                    if self._interrupt_while_claiming:
+                        # A renewal from now on reads the interrupt flag and sees the new runs.
+                        self._renew_now.set()
                     if len(claims) < free:
                         break
                     free = self._settings.max_concurrent_chats - len(self.runs)
@@ -105,9 +118,15 @@ class Worker:
             config=LoopConfig(
                 step_limit=self._settings.step_limit, delta_flush_ms=self._settings.delta_flush_ms
             ),
+            started=claim.info,
         )
+        claimed_at = time.monotonic()
+        if claim.info is not None:
+            # The claim's statement started the turn (and cleared the interrupt flag): from its
+            # commit on, which is before now, a renewal's view of the flag is about this turn.
+            ctx.turn_started = claimed_at
         task = asyncio.create_task(self._run(ctx))
-        self.runs[claim.chat_id] = _Run(ctx, task, time.monotonic())
+        self.runs[claim.chat_id] = _Run(ctx, task, claimed_at)
 
     async def _run(self, ctx: RunContext) -> None:
         with logs.request_id_scope():

@@ -1,7 +1,8 @@
 """CallTool's domain logic: owner check, ledger, validation, run, record (no grpc).
 
 Order for a new call: the ledger row is inserted as 'started' (one statement), the tool
-runs with no transaction open, then the row is completed (one statement). A repeated
+runs with no transaction open, then the row is completed (one statement). A read-only tool
+runs first and is then recorded as completed (one statement). A repeated
 tool_call_id returns the recorded result with `replayed` set and runs nothing. A row left
 'started' by a service that died mid-call is answered with an "interrupted" error result,
 recorded so that every later retry gets the same answer; the call is never re-run.
@@ -17,7 +18,7 @@ from dataclasses import dataclass, replace
 from services.common.auth import Identity
 from services.common.errors import AgentplaneError, InvalidArgument
 from services.toolexec.driver import WorkspaceDriver
-from services.toolexec.ledger import Ledger, call_fingerprint
+from services.toolexec.ledger import Ledger, LedgerEntry, call_fingerprint
 from services.toolexec.tools.base import ToolError, ToolResult
 from services.toolexec.tools.validation import parse_arguments
 from services.toolexec.workspaces import WorkspaceManager
@@ -26,6 +27,9 @@ log = logging.getLogger(__name__)
 
 MAX_TOOL_CALL_ID_LENGTH = 256
 MAX_TOOL_NAME_LENGTH = 128
+# Tools without side effects: running one twice is harmless, so the ledger records them once,
+# after they ran, instead of marking them started first (one statement per call, not two).
+READ_ONLY_TOOLS = frozenset({"read_file"})
 
 
 @dataclass(frozen=True)
@@ -121,28 +125,71 @@ class ToolCaller:
         sha: str,
         timeout_seconds: float | None,
     ) -> CallOutcome:
+        if name in READ_ONLY_TOOLS:
+            return await self._process_read_only(
+                workspace_id, tool_call_id, name, arguments_json, sha, timeout_seconds
+            )
         entry = await self._ledger.begin(workspace_id, tool_call_id, name, sha)
         if entry is not None:
-            if entry.arguments_sha256 != sha:
-                return CallOutcome(reused_id_result(tool_call_id, entry.tool_name), False, 0.0)
-            if entry.completed and entry.result is not None:
-                return CallOutcome(entry.result, True, entry.duration_ms / 1000)
-            result = interrupted_result(tool_call_id, name)
-            if not await self._ledger.complete(workspace_id, tool_call_id, result, 0.0, interrupted=True):
-                # Completed meanwhile by someone else: answer with what they recorded.
-                again = await self._ledger.begin(workspace_id, tool_call_id, name, sha)
-                if again is not None and again.result is not None:
-                    return CallOutcome(again.result, True, again.duration_ms / 1000)
-            return CallOutcome(result, True, 0.0)
+            return await self._answer_recorded(entry, workspace_id, tool_call_id, name, sha)
         started = time.monotonic()
+        try:
+            result = await self._execute(workspace_id, name, arguments_json, timeout_seconds)
+        except AgentplaneError:
+            # The workspace cannot run tools (its directory is gone): nothing ran, so no record.
+            await self._ledger.forget(workspace_id, tool_call_id)
+            raise
+        duration = time.monotonic() - started
+        await self._ledger.complete(workspace_id, tool_call_id, result, duration * 1000)
+        return CallOutcome(result, False, duration)
+
+    async def _process_read_only(
+        self,
+        workspace_id: str,
+        tool_call_id: str,
+        name: str,
+        arguments_json: str,
+        sha: str,
+        timeout_seconds: float | None,
+    ) -> CallOutcome:
+        """A call without side effects: run it, then record it (one statement, not two).
+
+        A repeated id is answered from the ledger as always (the read just happens again first).
+        """
+        started = time.monotonic()
+        result = await self._execute(workspace_id, name, arguments_json, timeout_seconds)
+        duration = time.monotonic() - started
+        entry = await self._ledger.record(workspace_id, tool_call_id, name, sha, result, duration * 1000)
+        if entry is not None:
+            return await self._answer_recorded(entry, workspace_id, tool_call_id, name, sha)
+        return CallOutcome(result, False, duration)
+
+    async def _answer_recorded(
+        self, entry: LedgerEntry, workspace_id: str, tool_call_id: str, name: str, sha: str
+    ) -> CallOutcome:
+        """The answer for a tool_call_id the ledger already holds."""
+        if entry.arguments_sha256 != sha:
+            return CallOutcome(reused_id_result(tool_call_id, entry.tool_name), False, 0.0)
+        if entry.completed and entry.result is not None:
+            return CallOutcome(entry.result, True, entry.duration_ms / 1000)
+        result = interrupted_result(tool_call_id, name)
+        if not await self._ledger.complete(workspace_id, tool_call_id, result, 0.0, interrupted=True):
+            # Completed meanwhile by someone else: answer with what they recorded.
+            again = await self._ledger.begin(workspace_id, tool_call_id, name, sha)
+            if again is not None and again.result is not None:
+                return CallOutcome(again.result, True, again.duration_ms / 1000)
+        return CallOutcome(result, True, 0.0)
+
+    async def _execute(
+        self, workspace_id: str, name: str, arguments_json: str, timeout_seconds: float | None
+    ) -> ToolResult:
+        """Validate and run the tool; every failure the model can act on becomes an error result."""
         try:
             args = parse_arguments(name, arguments_json)
             result = await self._driver.run_tool(workspace_id, name, args, timeout_seconds)
         except ToolError as exc:
             result = exc.to_result()
         except AgentplaneError:
-            # The workspace cannot run tools (its directory is gone): nothing ran, so no record.
-            await self._ledger.forget(workspace_id, tool_call_id)
             raise
         except Exception:
             log.exception("tool %s failed unexpectedly", name, extra={"workspace_id": workspace_id})
@@ -151,7 +198,4 @@ class ToolCaller:
                 "before retrying.",
                 code="internal_error",
             ).to_result()
-        duration = time.monotonic() - started
-        result = _sanitize(result)
-        await self._ledger.complete(workspace_id, tool_call_id, result, duration * 1000)
-        return CallOutcome(result, False, duration)
+        return _sanitize(result)

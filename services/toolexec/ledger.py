@@ -2,7 +2,8 @@
 
 Two short autocommit statements per call: `begin` records the call as started (or returns
 the earlier record, in the same round trip) before the tool runs, `complete` stores the
-result after. No transaction is ever open while a tool runs.
+result after. A read-only call (nothing to protect from a second run) takes one: `record`
+stores it as completed after it ran. No transaction is ever open while a tool runs.
 """
 
 from __future__ import annotations
@@ -22,6 +23,26 @@ WITH ins AS (
     INSERT INTO toolexec_tool_calls
         (workspace_id, tool_call_id, tool_name, arguments_sha256, state, instance_id)
     VALUES (%(ws)s, %(id)s, %(name)s, %(sha)s, 'started', %(instance)s)
+    ON CONFLICT (workspace_id, tool_call_id) DO NOTHING
+    RETURNING true AS inserted
+)
+SELECT true AS inserted, NULL AS tool_name, NULL AS arguments_sha256, NULL AS state,
+       NULL AS content, NULL AS structured_json, NULL::boolean AS is_error, NULL::float8 AS duration_ms
+FROM ins
+UNION ALL
+SELECT false, tool_name, arguments_sha256, state, content, structured_json, is_error, duration_ms
+FROM toolexec_tool_calls
+WHERE workspace_id = %(ws)s AND tool_call_id = %(id)s AND NOT EXISTS (SELECT 1 FROM ins)
+"""
+# A read-only call, recorded once it ran: insert the completed row, or (when the key exists)
+# return the recorded row instead, as `_BEGIN` does.
+_RECORD = """
+WITH ins AS (
+    INSERT INTO toolexec_tool_calls
+        (workspace_id, tool_call_id, tool_name, arguments_sha256, state, instance_id, content,
+         structured_json, is_error, duration_ms, completed_at)
+    VALUES (%(ws)s, %(id)s, %(name)s, %(sha)s, 'completed', %(instance)s, %(content)s, %(structured)s,
+            %(is_error)s, %(ms)s, now())
     ON CONFLICT (workspace_id, tool_call_id) DO NOTHING
     RETURNING true AS inserted
 )
@@ -82,15 +103,45 @@ class Ledger:
             "sha": sha,
             "instance": self._instance,
         }
+        return await self._insert_or_earlier(_BEGIN, params)
+
+    async def record(
+        self,
+        workspace_id: str,
+        tool_call_id: str,
+        name: str,
+        sha: str,
+        result: ToolResult,
+        duration_ms: float,
+    ) -> LedgerEntry | None:
+        """Record a read-only call that already ran as completed, in one statement.
+
+        None if we did (our result stands), else the earlier record, which the caller returns
+        instead: a read may run twice, but every answer to one tool_call_id is the recorded one.
+        """
+        params = {
+            "ws": workspace_id,
+            "id": tool_call_id,
+            "name": name,
+            "sha": sha,
+            "instance": self._instance,
+            "content": result.content,
+            "structured": json.dumps(result.structured, separators=(",", ":")),
+            "is_error": result.is_error,
+            "ms": duration_ms,
+        }
+        return await self._insert_or_earlier(_RECORD, params)
+
+    async def _insert_or_earlier(self, statement: str, params: dict[str, Any]) -> LedgerEntry | None:
         async with self._pool.connection() as conn:
-            cur = await conn.execute(_BEGIN, params)
+            cur = await conn.execute(statement, params)
             row = await cur.fetchone()
             if row is None:
                 # A concurrent insert committed after this statement's snapshot: read it now.
                 cur = await conn.execute(_SELECT, params)
                 row = await cur.fetchone()
         if row is None:
-            raise RuntimeError(f"ledger row for {workspace_id}/{tool_call_id} vanished")
+            raise RuntimeError(f"ledger row for {params['ws']}/{params['id']} vanished")
         if row["inserted"]:
             return None
         completed = row["state"] == "completed"

@@ -127,6 +127,9 @@ class WorkspaceManager:
             )
             return failed or record
         ready = await self._store.set_state(record.id, STATE_READY)
+        if ready is not None:
+            # The first GetWorkspace / CallTool on it (usually right after) needs no lookup.
+            self._ready[ready.id] = ready
         return ready or record
 
     async def get(self, identity: Identity, workspace_id: str) -> WorkspaceRecord:
