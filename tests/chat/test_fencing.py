@@ -168,3 +168,49 @@ async def test_finish_turn_never_strands_a_message_queued_meanwhile(
     assert published[-1].status_changed.status == chat_pb2.CHAT_STATUS_WAITING
     stored = await s.events_between(chat.id, 0)
     assert [e.seq for e in stored] == sorted({e.seq for e in stored})
+
+
+async def test_claim_starts_runs_in_its_statement(
+    store: tuple[ChatStore, list[chat_pb2.ChatEvent]],
+) -> None:
+    s, published = store
+    chat, _ = await s.create_chat(
+        owner_id="alice", request_id="", content=text("hi"), model_config_id="m", workspace_id="ws", title="t"
+    )
+    [claim] = await s.claim("w", 5, lease_seconds=30)
+    assert claim.info is not None
+    assert (claim.info.owner_id, claim.info.model_config_id, claim.info.workspace_id) == ("alice", "m", "ws")
+    got = await s.get_chat("alice", chat.id)
+    assert got.status == chat_pb2.CHAT_STATUS_RUNNING and got.last_seq == 3
+    running = published[-1]
+    assert running.seq == 3 and running.chat_id == chat.id
+    assert running.status_changed.status == chat_pb2.CHAT_STATUS_RUNNING
+    # The stored copy is the same event (its chat_id appended by SQL).
+    stored = (await s.events_between(chat.id, 2))[0]
+    assert stored == running
+
+
+async def test_claim_of_a_resume_interrupt_leaves_delivery_to_start_run(
+    store: tuple[ChatStore, list[chat_pb2.ChatEvent]],
+) -> None:
+    s, _ = store
+    chat, _ = await s.create_chat(
+        owner_id="alice", request_id="", content=text("hi"), model_config_id="m", workspace_id="", title="t"
+    )
+    [old] = await s.claim("w1", 5, lease_seconds=0.2)
+    _, _, queued = await s.send_message(
+        owner_id="alice", chat_id=chat.id, request_id="", content=text("next"), interrupt=True
+    )
+    assert queued is not None
+
+    async def swept() -> bool:
+        return chat.id in await s.sweep()
+
+    await eventually(swept, within=5)  # the lease expired: PENDING, interrupt still 'resume'
+    [claim] = await s.claim("w2", 5, lease_seconds=30)
+    assert claim.info is None and claim.fence.generation > old.fence.generation
+    info = await s.start_run(chat.id, claim.fence)
+    assert info.owner_id == "alice"
+    history = await s.history(chat.id)
+    assert [m.id for m in history][-1] == queued.id
+    assert (await s.get_chat("alice", chat.id)).queued_message_count == 0

@@ -114,3 +114,30 @@ async def test_started_but_never_completed_is_answered_as_interrupted(
     # Nothing ran.
     r = await stub.CallTool(call_request(ws, "execute", {"command": "ls"}))
     assert "side_effect" not in json.loads(r.structured_json)["output"]
+
+
+async def test_read_only_call_is_recorded_once_and_replayed(toolexec: Toolexec, database_url: str) -> None:
+    ws = await toolexec.create()
+    stub = toolexec.stub()
+    await stub.CallTool(call_request(ws, "write_file", {"path": "n.txt", "content": "first\n"}))
+    read = call_request(ws, "read_file", {"path": "n.txt"}, "read-1")
+    first = await stub.CallTool(read)
+    assert not first.replayed and "first" in first.content
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        cur = await conn.execute(
+            "SELECT state, content FROM toolexec_tool_calls"
+            " WHERE workspace_id = %s AND tool_call_id = 'read-1'",
+            (ws,),
+        )
+        assert await cur.fetchone() == ("completed", first.content)
+    # The file changes, yet the same tool_call_id answers with what was recorded.
+    await stub.CallTool(call_request(ws, "write_file", {"path": "n.txt", "content": "second\n"}))
+    again = await stub.CallTool(read)
+    assert again.replayed and again.content == first.content
+    # A reused id with other arguments is still refused.
+    other = await stub.CallTool(call_request(ws, "read_file", {"path": "other.txt"}, "read-1"))
+    assert other.is_error and "already used" in other.content
+    # Concurrent duplicates all answer with the one recorded result.
+    dup = call_request(ws, "read_file", {"path": "n.txt"}, "read-2")
+    results = await asyncio.gather(*(stub.CallTool(dup) for _ in range(5)))
+    assert len({r.content for r in results}) == 1 and "second" in results[0].content
