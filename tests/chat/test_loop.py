@@ -159,9 +159,27 @@ async def test_provider_failure_puts_chat_in_error_and_a_new_message_resumes(sta
 
 
 async def test_queued_messages_run_in_order(stack: Stack) -> None:
-    stack.sim.set_script(None)
+    # The first reply streams for about 2.4 s (60 words, 40 ms apart), so the chat is still busy
+    # while the three messages below are queued and listed; the queued ones get short replies.
+    long_reply = " ".join(f"word{i}" for i in range(60))
+    stack.sim.set_script(
+        Script.from_data(
+            {
+                "conversations": [
+                    {
+                        "match": "first",
+                        "turns": [
+                            {"text": long_reply, "token_delay_ms": 40},
+                            {"text": "Reply 0."},
+                            {"text": "Reply 1."},
+                            {"text": "Reply 2."},
+                        ],
+                    }
+                ]
+            }
+        )
+    )
     stub = stack.stub()
-    # A slow first reply keeps the chat busy while the others are queued.
     resp = await stub.CreateChat(chat_service_pb2.CreateChatRequest(content=text("first [[words=60]]")))
     chat_id = resp.chat.id
     queued_ids = []
@@ -186,6 +204,8 @@ async def test_queued_messages_run_in_order(stack: Stack) -> None:
     # Queued messages keep their ids in the history; every one got its own reply.
     assert [m.id for m in users[1:]] == queued_ids
     assert [m.role for m in msgs] == [chat_pb2.MESSAGE_ROLE_USER, chat_pb2.MESSAGE_ROLE_ASSISTANT] * 4
+    replies = [m.parts[0].text.text for m in msgs if m.role == chat_pb2.MESSAGE_ROLE_ASSISTANT]
+    assert replies[1:] == ["Reply 0.", "Reply 1.", "Reply 2."]
 
 
 async def test_idempotent_send_and_create(stack: Stack) -> None:
