@@ -25,11 +25,14 @@ import psutil
 import psycopg
 from agentplane.config.v1 import config_pb2
 
+from services.bench.stats import percentile
 from services.common import auth
 from services.common.client import wait_for_health
 from services.common.embedded import EmbeddedPostgres, EmbeddedRedis, start_postgres, start_redis
 from services.common.migrations import migrate
 from services.config.testing import seed_provider_and_model
+
+__all__ = ["LocalStack", "StackOptions", "free_port", "percentile", "rss_mib"]
 
 SIMULATOR_API_KEY = "sk-bench-simulator"
 
@@ -271,15 +274,6 @@ async def _wait_http(url: str, limit_seconds: float) -> None:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{url} did not answer within {limit_seconds}s")
             await asyncio.sleep(0.05)
-
-
-def percentile(values: list[float], pct: float) -> float:
-    """The `pct` percentile (0-100) of `values` by nearest rank; 0.0 for no values."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    index = max(0, min(len(ordered) - 1, round(pct / 100 * len(ordered) + 0.5) - 1))
-    return ordered[index]
 
 
 def cpu_share(before: dict[str, float], after: dict[str, float], elapsed: float) -> dict[str, float]:
