@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -18,12 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+from services.common.embedded import free_port
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
@@ -34,7 +28,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
     env["AGENTPLANE_WORKSPACES_DIR"] = str(tmp_path / "workspaces")
     env["AGENTPLANE_LOG_LEVEL"] = "WARNING"
     for name in ("config", "inference", "toolexec", "chat"):
-        port = _free_port()
+        port = free_port()
         env[f"AGENTPLANE_{name.upper()}_PORT"] = str(port)
         env[f"AGENTPLANE_{name.upper()}_ADDR"] = f"127.0.0.1:{port}"
         env[f"AGENTPLANE_{name.upper()}_METRICS_PORT"] = "-1"
@@ -75,7 +69,7 @@ async def test_up_runs_the_product_offline_and_a_chat_completes(data_root: Path)
         "--output",
         "json",
         "--simulator-port",
-        str(_free_port()),
+        str(free_port()),
         env=env,
         stdout=asyncio.subprocess.PIPE,
         start_new_session=True,

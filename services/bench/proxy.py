@@ -19,6 +19,8 @@ import sys
 import time
 from typing import Any
 
+from services.common.embedded import free_port
+
 NAME = "proxy"
 HELP = "Generate vs direct OpenAI SDK against the simulator: TTFT, total, rps and RSS growth"
 SECRET = "agentplane-bench-secret-0123456789"
@@ -32,13 +34,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rss-streams", type=int, default=10_000, help="streams before the final RSS sample")
     parser.add_argument("--rss-baseline", type=int, default=1_000, help="streams before the first RSS sample")
     parser.add_argument("--coalesce-ms", type=float, default=20.0)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], within: float = 30.0) -> None:
@@ -78,7 +73,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import psutil
 
     env = {**os.environ, "AGENTPLANE_SECRET": SECRET, "AGENTPLANE_LOG_LEVEL": "WARNING"}
-    sim_port, inf_port = _free_port(), _free_port()
+    sim_port, inf_port = free_port(), free_port()
     procs: list[subprocess.Popen[bytes]] = []
     try:
         sim = subprocess.Popen(

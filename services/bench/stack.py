@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ from agentplane.config.v1 import config_pb2
 from services.bench.stats import percentile
 from services.common import auth
 from services.common.client import wait_for_health
-from services.common.embedded import EmbeddedPostgres, EmbeddedRedis, start_postgres, start_redis
+from services.common.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, start_postgres, start_redis
 from services.common.migrations import migrate
 from services.config.testing import seed_provider_and_model
 
@@ -47,14 +46,6 @@ class StackOptions:
     # Load pg_stat_statements so a benchmark can count the statements the services ran.
     stat_statements: bool = False
     startup_timeout: float = 60.0
-
-
-def free_port() -> int:
-    """A currently free loopback TCP port."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class LocalStack:

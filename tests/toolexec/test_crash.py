@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -24,16 +23,11 @@ from agentplane.toolexec.v1 import toolexec_service_pb2, toolexec_service_pb2_gr
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.client import create_channel
+from services.common.embedded import free_port
 from tests.toolexec.conftest import call_request
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(90)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _alive(pid: int) -> bool:
@@ -117,7 +111,7 @@ async def test_killed_during_execute_and_restarted(
     database_url: str,
     workspaces_dir: str,
 ) -> None:
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     first = spawn(port)
     await _wait_serving(address, first)
