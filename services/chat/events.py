@@ -15,6 +15,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -65,7 +66,14 @@ class EventHub:
         self._prefix = key_prefix
         self._subs: dict[str, set[_Subscriber]] = collections.defaultdict(set)
         self._local: dict[str, collections.deque[chat_pb2.ChatEvent]] = {}
-        self._readers: dict[str, asyncio.Task[None]] = {}
+        # One reader per replica follows every chat with local subscribers in a single blocking
+        # XREAD (a reader per chat cost one Redis round trip per chat per published batch).
+        # `_positions` holds the last stream id read per followed chat; subscribing to a chat
+        # the reader does not follow yet wakes it through this replica's own wake stream.
+        self._positions: dict[str, str] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._wake_key = f"{key_prefix}wake:{uuid.uuid4().hex}"
+        self._wake_pos = "0-0"
         self._closed = False
 
     def _key(self, chat_id: str) -> str:
@@ -143,33 +151,54 @@ class EventHub:
                 out.append(ev)
         return out, last_id
 
-    def _ensure_reader(self, chat_id: str, start_id: str) -> None:
-        if self._redis is None or chat_id in self._readers:
+    async def _follow(self, chat_id: str, start_id: str) -> None:
+        """Have the replica's reader follow `chat_id` from `start_id` (no-op if it already does)."""
+        if self._redis is None or chat_id in self._positions:
             return
-        self._readers[chat_id] = asyncio.create_task(self._read(chat_id, start_id))
-
-    async def _read(self, chat_id: str, last_id: str) -> None:
-        """Follow a chat's Redis stream while it has local subscribers."""
-        assert self._redis is not None
-        key = self._key(chat_id)
+        self._positions[chat_id] = start_id
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.create_task(self._read())
+            return
+        # The reader may be blocked in an XREAD that does not name this chat: wake it.
         try:
-            while self._subs.get(chat_id):
-                try:
-                    res: Any = await self._redis.xread({key: last_id}, block=1000, count=500)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    log.warning("xread failed", extra={"chat_id": chat_id, "error": str(exc)})
-                    await asyncio.sleep(0.5)
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.xadd(self._wake_key, {"w": b"1"}, maxlen=16, approximate=True)
+                pipe.expire(self._wake_key, 3600)
+                await pipe.execute()
+        except Exception as exc:  # the reader picks the chat up when its block times out
+            log.warning("waking the chat event reader failed", extra={"error": str(exc)})
+
+    async def _read(self) -> None:
+        """Follow the Redis streams of every chat with local subscribers, in one XREAD."""
+        assert self._redis is not None
+        prefix_len = len(self._prefix)
+        while self._positions:
+            streams: dict[Any, Any] = {self._key(c): pos for c, pos in self._positions.items()}
+            streams[self._wake_key] = self._wake_pos
+            try:
+                res: Any = await self._redis.xread(streams, block=1000, count=500)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("xread failed", extra={"error": str(exc)})
+                await asyncio.sleep(0.5)
+                continue
+            for raw_key, entries in res or []:
+                key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
+                if not entries:
                     continue
-                for _key, entries in res or []:
-                    for entry_id, fields in entries:
-                        last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-                        ev = chat_pb2.ChatEvent.FromString(fields[b"e"])
-                        for sub in list(self._subs.get(chat_id, ())):
-                            sub.offer(ev)
-        finally:
-            self._readers.pop(chat_id, None)
+                if key == self._wake_key:
+                    last = entries[-1][0]
+                    self._wake_pos = last.decode() if isinstance(last, bytes) else last
+                    continue
+                chat_id = key[prefix_len:]
+                if chat_id not in self._positions:
+                    continue  # its last subscriber left while the XREAD was in flight
+                for entry_id, fields in entries:
+                    self._positions[chat_id] = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                    ev = chat_pb2.ChatEvent.FromString(fields[b"e"])
+                    for sub in list(self._subs.get(chat_id, ())):
+                        sub.offer(ev)
 
     async def subscribe(
         self, chat_id: str, after_seq: int, durable: DurableReader
@@ -179,7 +208,7 @@ class EventHub:
         self._subs[chat_id].add(sub)
         try:
             buffered, start_id = await self._buffered(chat_id, after_seq)
-            self._ensure_reader(chat_id, start_id or "$")
+            await self._follow(chat_id, start_id or "$")
             stored = await durable(chat_id, after_seq, None)
             last = after_seq
             merged = {ev.seq: ev for ev in buffered}
@@ -220,18 +249,23 @@ class EventHub:
                 subs.discard(sub)
                 if not subs:
                     del self._subs[chat_id]
-                    reader = self._readers.pop(chat_id, None)
-                    if reader is not None:
-                        reader.cancel()
+                    self._positions.pop(chat_id, None)
+                    if not self._positions and self._reader is not None:
+                        self._reader.cancel()
+                        self._reader = None
 
     async def close(self) -> None:
-        """Stop every reader task."""
+        """Stop the reader task."""
         self._closed = True
-        for task in list(self._readers.values()):
-            task.cancel()
-        for task in list(self._readers.values()):
+        self._positions.clear()
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+                await reader
+        if self._redis is not None:
+            with contextlib.suppress(Exception):
+                await self._redis.delete(self._wake_key)
 
 
 def _coalesce(queue: asyncio.Queue[chat_pb2.ChatEvent]) -> chat_pb2.ChatEvent:

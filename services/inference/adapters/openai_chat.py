@@ -8,7 +8,7 @@ from typing import Any
 import openai
 from agentplane.config.v1 import config_pb2
 from agentplane.inference.v1 import inference_pb2, inference_service_pb2
-from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from openai.types.chat import ChatCompletion
 
 from services.inference.adapters import common
 from services.inference.events import (
@@ -126,7 +126,12 @@ def build_params(
 
 
 async def stream(client: openai.AsyncOpenAI, params: dict[str, Any]) -> AsyncIterator[ProviderEvent]:
-    """Stream one completion; tool calls are assembled by index and yielded whole before Finished."""
+    """Stream one completion; tool calls are assembled by index and yielded whole before Finished.
+
+    Chunks arrive as the decoded JSON dicts: building the SDK's pydantic model for every chunk
+    (recursively, with its type introspection) was about a fifth of this service's event-loop
+    CPU at scale, and we read only a handful of fields.
+    """
     response = await _create(client, params)
     calls: dict[int, list[str]] = {}
     finish: str | None = None
@@ -134,35 +139,39 @@ async def stream(client: openai.AsyncOpenAI, params: dict[str, Any]) -> AsyncIte
     response_id = ""
     try:
         async for chunk in response:
-            response_id = chunk.id or response_id
-            model = chunk.model or model
-            if chunk.usage is not None:
-                yield _usage(chunk.usage)
-            for choice in chunk.choices:
-                delta = choice.delta
-                if delta is not None:
-                    extra = delta.model_extra
-                    if extra:
-                        reasoning = extra.get("reasoning_content") or extra.get("reasoning")
-                        if reasoning:
-                            yield ReasoningChunk(text=reasoning)
-                    if delta.content:
-                        yield TextChunk(delta.content)
-                    if delta.tool_calls:
-                        for tc in delta.tool_calls:
-                            entry = calls.get(tc.index)
-                            if entry is None:
-                                entry = calls[tc.index] = ["", "", ""]
-                            if tc.id:
-                                entry[0] = tc.id
-                            fn = tc.function
-                            if fn is not None:
-                                if fn.name:
-                                    entry[1] += fn.name
-                                if fn.arguments:
-                                    entry[2] += fn.arguments
-                if choice.finish_reason:
-                    finish = FINISH.get(choice.finish_reason, "stop")
+            if not isinstance(chunk, dict):
+                continue
+            response_id = chunk.get("id") or response_id
+            model = chunk.get("model") or model
+            usage = chunk.get("usage")
+            if isinstance(usage, dict):
+                yield _usage(usage)
+            for choice in chunk.get("choices") or ():
+                delta = choice.get("delta")
+                if isinstance(delta, dict):
+                    # Compatible servers (vLLM, DeepSeek, Ollama) send reasoning under either name.
+                    reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+                    if reasoning and isinstance(reasoning, str):
+                        yield ReasoningChunk(text=reasoning)
+                    content = delta.get("content")
+                    if content:
+                        yield TextChunk(content)
+                    for tc in delta.get("tool_calls") or ():
+                        index = int(tc.get("index") or 0)
+                        entry = calls.get(index)
+                        if entry is None:
+                            entry = calls[index] = ["", "", ""]
+                        if tc.get("id"):
+                            entry[0] = tc["id"]
+                        fn = tc.get("function")
+                        if isinstance(fn, dict):
+                            if fn.get("name"):
+                                entry[1] += fn["name"]
+                            if fn.get("arguments"):
+                                entry[2] += fn["arguments"]
+                reason = choice.get("finish_reason")
+                if reason:
+                    finish = FINISH.get(reason, "stop")
     finally:
         await response.close()
     for index in sorted(calls):
@@ -177,28 +186,27 @@ async def stream(client: openai.AsyncOpenAI, params: dict[str, Any]) -> AsyncIte
     yield Finished(reason=finish, model=model, response_id=response_id)
 
 
-def _usage(usage: Any) -> UsageReport:
-    prompt_details = usage.prompt_tokens_details
-    completion_details = usage.completion_tokens_details
-    cached = (prompt_details.cached_tokens or 0) if prompt_details is not None else 0
-    reasoning = (completion_details.reasoning_tokens or 0) if completion_details is not None else 0
+def _usage(usage: dict[str, Any]) -> UsageReport:
+    prompt_details = usage.get("prompt_tokens_details") or {}
+    completion_details = usage.get("completion_tokens_details") or {}
+    cached = prompt_details.get("cached_tokens") or 0
+    reasoning = completion_details.get("reasoning_tokens") or 0
     return UsageReport(
-        input_tokens=max(0, (usage.prompt_tokens or 0) - cached),
-        output_tokens=usage.completion_tokens or 0,
+        input_tokens=max(0, (usage.get("prompt_tokens") or 0) - cached),
+        output_tokens=usage.get("completion_tokens") or 0,
         reasoning_tokens=reasoning,
         cache_read_tokens=cached,
     )
 
 
-async def _create(
-    client: openai.AsyncOpenAI, params: dict[str, Any]
-) -> openai.AsyncStream[ChatCompletionChunk]:
+async def _create(client: openai.AsyncOpenAI, params: dict[str, Any]) -> openai.AsyncStream[object]:
     """`chat.completions.create(**params, stream=True)` without the SDK's request transform.
 
     `create` walks the whole request through the SDK's TypedDict transform (aliases, date
     formats) on every call; for a long history that was a tenth of this service's CPU at
     scale. Our parameters are plain JSON with no aliased or formatted fields, so the SDK's own
-    `post` with the same path, body and stream class sends exactly the same request.
+    `post` with the same path and body sends exactly the same request; `AsyncStream[object]`
+    keeps the SDK's SSE decoding and error handling but hands over each chunk's dict as is.
     """
     body = {k: v for k, v in params.items() if k != "extra_body"}
     body.update(params.get("extra_body") or {})
@@ -207,5 +215,5 @@ async def _create(
         body=body,
         cast_to=ChatCompletion,
         stream=True,
-        stream_cls=openai.AsyncStream[ChatCompletionChunk],
+        stream_cls=openai.AsyncStream[object],
     )
