@@ -812,6 +812,21 @@ class ChatStore:
         # The queued message was deleted by the user: the request happened; nothing to return.
         return chat, None, None
 
+    async def _live_message(self, cur: Any, chat_id: str, message_id: str) -> dict[str, Any]:
+        """The row of a message of the chat that no edit has deleted, or NotFound."""
+        await cur.execute(
+            "SELECT * FROM chat_messages WHERE id = %s AND chat_id = %s AND NOT deleted",
+            (message_id, chat_id),
+        )
+        row: dict[str, Any] | None = await cur.fetchone()
+        if row is None:
+            raise NotFound(
+                f"message {message_id} not found in chat {chat_id}",
+                reason="MESSAGE_NOT_FOUND",
+                metadata={"message_id": message_id},
+            )
+        return row
+
     async def edit_message(
         self, *, owner_id: str, chat_id: str, message_id: str, content: Sequence[chat_pb2.ContentPart]
     ) -> tuple[chat_pb2.Chat, chat_pb2.Message]:
@@ -820,17 +835,7 @@ class ChatStore:
         when = now()
         async with self._tx() as cur:
             await self._lock_chat(cur, owner_id, chat_id)
-            await cur.execute(
-                "SELECT * FROM chat_messages WHERE id = %s AND chat_id = %s AND NOT deleted",
-                (message_id, chat_id),
-            )
-            old = await cur.fetchone()
-            if old is None:
-                raise NotFound(
-                    f"message {message_id} not found in chat {chat_id}",
-                    reason="MESSAGE_NOT_FOUND",
-                    metadata={"message_id": message_id},
-                )
+            old = await self._live_message(cur, chat_id, message_id)
             if old["role"] != "user":
                 raise FailedPrecondition(
                     f"message {message_id} is a {old['role']} message; only user messages can be edited",
@@ -994,18 +999,7 @@ class ChatStore:
                 return await self._chat(cur, str(earlier["chat_id"]))
             limit_seq = None
             if message_id:
-                await cur.execute(
-                    "SELECT seq FROM chat_messages WHERE id = %s AND chat_id = %s AND NOT deleted",
-                    (message_id, chat_id),
-                )
-                m = await cur.fetchone()
-                if m is None:
-                    raise NotFound(
-                        f"message {message_id} not found in chat {chat_id}",
-                        reason="MESSAGE_NOT_FOUND",
-                        metadata={"message_id": message_id},
-                    )
-                limit_seq = m["seq"]
+                limit_seq = (await self._live_message(cur, chat_id, message_id))["seq"]
             await cur.execute(
                 "SELECT * FROM chat_messages WHERE chat_id = %s AND NOT deleted"
                 " AND (%s::bigint IS NULL OR seq <= %s::bigint) ORDER BY seq",
