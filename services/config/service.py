@@ -27,7 +27,7 @@ from services.config.crypto import KeyRing, SealedKey
 from services.config.invalidation import Invalidation, InvalidationBus
 from services.config.metrics import ConfigMetrics
 from services.config.prompts import DEFAULT_SYSTEM_PROMPT
-from services.config.store import ConfigStore
+from services.config.store import ConfigStore, model_not_found, provider_not_found
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ class ConfigService:
         provider_id = validation.uuid_field("provider_id", provider_id)
         record = await self._provider(provider_id)
         if record is None:
-            raise _provider_not_found(provider_id)
+            raise provider_not_found(provider_id)
         return record.provider
 
     async def list_providers(self, page_size: int, page_token: str) -> tuple[list[config_pb2.Provider], str]:
@@ -233,7 +233,7 @@ class ConfigService:
         validation.update_paths(req.update_mask, validation.PROVIDER_UPDATE_PATHS)  # before any lookup
         current = await self._store.get_provider(provider_id)
         if current is None:
-            raise _provider_not_found(provider_id)
+            raise provider_not_found(provider_id)
         current_type = records.provider_from_row(current).type
         _, changes = validation.update_provider(req, current_type)
         if "api_key" in changes:
@@ -261,7 +261,7 @@ class ConfigService:
         provider_id = validation.uuid_field("provider_id", provider_id)
         record = await self._provider(provider_id)
         if record is None:
-            raise _provider_not_found(provider_id)
+            raise provider_not_found(provider_id)
         key = self._keyring.open(record.sealed, provider_id) if record.sealed else ""
         logs.register_secret(key)
         return config_service_pb2.GetProviderCredentialsResponse(provider=record.provider, api_key=key)
@@ -295,7 +295,7 @@ class ConfigService:
         model_id = validation.uuid_field("model_config_id", model_id)
         model = await self._model(model_id)
         if model is None or (not model.enabled and not _sees_disabled()):
-            raise _model_not_found(model_id)
+            raise model_not_found(model_id)
         return model
 
     async def list_model_configs(
@@ -325,7 +325,7 @@ class ConfigService:
         if "provider_id" in changes or "options" in changes:
             current = await self._store.get_model(model_id)
             if current is None:
-                raise _model_not_found(model_id)
+                raise model_not_found(model_id)
             provider_id = changes.get("provider_id", str(current["provider_id"]))
             await self._check_provider_for_model(provider_id, changes.get("options", current["options"]))
         row = await self._store.update_model(model_id, changes)
@@ -528,19 +528,3 @@ class ConfigService:
         return config_pb2.UserPrompt(
             user_id=user_id, text=row["text"], update_time=records.timestamp(row["update_time"])
         )
-
-
-def _provider_not_found(provider_id: str) -> NotFound:
-    return NotFound(
-        f"provider {provider_id} not found",
-        reason="PROVIDER_NOT_FOUND",
-        metadata={"provider_id": provider_id},
-    )
-
-
-def _model_not_found(model_id: str) -> NotFound:
-    return NotFound(
-        f"model config {model_id} not found",
-        reason="MODEL_CONFIG_NOT_FOUND",
-        metadata={"model_config_id": model_id},
-    )

@@ -153,7 +153,7 @@ class ConfigStore:
                 conn, "update_provider", *_update("config_providers", provider_id, changes)
             )
         if not rows:
-            raise _provider_not_found(provider_id)
+            raise provider_not_found(provider_id)
         return rows[0]
 
     async def delete_provider(self, provider_id: str) -> None:
@@ -186,7 +186,7 @@ class ConfigStore:
                     },
                 ) from None
         if not rows:
-            raise _provider_not_found(provider_id)
+            raise provider_not_found(provider_id)
 
     # --- model configs ---------------------------------------------------------------
 
@@ -291,7 +291,7 @@ class ConfigStore:
                 conn, "update_model", *_update("config_model_configs", model_id, changes)
             )
         if not rows:
-            raise _model_not_found(model_id)
+            raise model_not_found(model_id)
         return rows[0]
 
     async def delete_model(self, model_id: str) -> None:
@@ -302,7 +302,7 @@ class ConfigStore:
                 conn, "get_model", "SELECT is_default FROM config_model_configs WHERE id = %s", (model_id,)
             )
             if not rows:
-                raise _model_not_found(model_id)
+                raise model_not_found(model_id)
             if rows[0]["is_default"]:
                 raise FailedPrecondition(
                     f"model config {model_id} is the default; make another model the default "
@@ -326,7 +326,7 @@ class ConfigStore:
                 (model_id,),
             )
             if not target:
-                raise _model_not_found(model_id)
+                raise model_not_found(model_id)
             if not target[0]["enabled"] or not target[0]["provider_enabled"]:
                 what = "model config" if not target[0]["enabled"] else "provider of model config"
                 raise FailedPrecondition(
@@ -478,7 +478,8 @@ def _update(table: str, row_id: str, changes: dict[str, Any]) -> tuple[sql.Compo
     return query, [*(_adapt(v) for v in changes.values()), row_id]
 
 
-def _provider_not_found(provider_id: str) -> NotFound:
+def provider_not_found(provider_id: str) -> NotFound:
+    """The NotFound for a missing provider (shared with the service layer)."""
     return NotFound(
         f"provider {provider_id} not found",
         reason="PROVIDER_NOT_FOUND",
@@ -486,7 +487,8 @@ def _provider_not_found(provider_id: str) -> NotFound:
     )
 
 
-def _model_not_found(model_id: str) -> NotFound:
+def model_not_found(model_id: str) -> NotFound:
+    """The NotFound for a missing model config (shared with the service layer)."""
     return NotFound(
         f"model config {model_id} not found",
         reason="MODEL_CONFIG_NOT_FOUND",
