@@ -291,20 +291,9 @@ class ChatStore:
 
         Returns the row (its new last_seq); raises LeaseLost (fenced) or NotFound when no row matched.
         """
-        p: dict[str, Any] = {"id": chat_id, "n": len(events), **(params or {})}
-        sets = ["last_seq = last_seq + %(n)s"]
-        if touch:
-            sets.append("updated_at = now()")
-        if set_sql:
-            sets.append(set_sql)
-        where = "id = %(id)s"
-        if fence is not None:
-            where += " AND worker_id = %(fence_w)s AND generation = %(fence_g)s"
-            p["fence_w"], p["fence_g"] = fence.worker_id, fence.generation
-        returning = "last_seq"
-        if notify:
-            returning += f", pg_notify('{WATCH_CHANNEL}', owner_id || ' ' || id::text || ' u') AS _n"
-        await cur.execute(f"UPDATE chat_chats SET {', '.join(sets)} WHERE {where} RETURNING {returning}", p)
+        sets, where, p = _chat_row_update(chat_id, len(events), fence, set_sql, "", params, touch)
+        returning = f"last_seq, {_NOTIFY_WATCH}" if notify else "last_seq"
+        await cur.execute(f"UPDATE chat_chats SET {sets} WHERE {where} RETURNING {returning}", p)
         row = await cur.fetchone()
         if row is None:
             if fence is not None:
@@ -353,23 +342,8 @@ class ChatStore:
         when no row matched (fence lost, chat gone or `where_sql` false).
         """
         n = len(events)
-        p: dict[str, Any] = {"id": chat_id, "n": n, **(params or {})}
-        sets = ["last_seq = last_seq + %(n)s"]
-        if touch:
-            sets.append("updated_at = now()")
-        if set_sql:
-            sets.append(set_sql)
-        where = "id = %(id)s"
-        if fence is not None:
-            where += " AND worker_id = %(fence_w)s AND generation = %(fence_g)s"
-            p["fence_w"], p["fence_g"] = fence.worker_id, fence.generation
-        if where_sql:
-            where += f" AND {where_sql}"
-        ret = "id, last_seq"
-        if returning:
-            ret += f", {returning}"
-        if notify:
-            ret += f", pg_notify('{WATCH_CHANNEL}', owner_id || ' ' || id::text || ' u') AS _n"
+        sets, where, p = _chat_row_update(chat_id, n, fence, set_sql, where_sql, params, touch)
+        ret = ", ".join(c for c in ("id, last_seq", returning, _NOTIFY_WATCH if notify else "") if c)
         stamp = ts(now())
         offsets: list[int] = []
         blobs: list[bytes] = []
@@ -379,7 +353,7 @@ class ChatStore:
             if ev.WhichOneof("event") in DURABLE_KINDS:
                 offsets.append(i)
                 blobs.append(ev.SerializeToString())
-        ctes = [f"c AS (UPDATE chat_chats SET {', '.join(sets)} WHERE {where} RETURNING {ret})"]
+        ctes = [f"c AS (UPDATE chat_chats SET {sets} WHERE {where} RETURNING {ret})"]
         if message is not None:
             message_id, msg, when, at = message
             p["m_at"] = at
@@ -591,8 +565,7 @@ class ChatStore:
                 " c AS (INSERT INTO chat_chats (id, owner_id, title, status, model_config_id, workspace_id,"
                 " last_seq) SELECT %(id)s, %(owner)s, %(title)s, 'pending', %(model)s, %(ws)s, 2"
                 " WHERE %(rid)s = '' OR EXISTS (SELECT 1 FROM r)"
-                f" RETURNING *, pg_notify('{PENDING_CHANNEL}', id::text) AS _p,"
-                f" pg_notify('{WATCH_CHANNEL}', owner_id || ' ' || id::text || ' u') AS _n),"
+                f" RETURNING *, pg_notify('{PENDING_CHANNEL}', id::text) AS _p, {_NOTIFY_WATCH}),"
                 " m AS (INSERT INTO chat_messages (id, chat_id, seq, role, parts, visibility, sender_id,"
                 " created_at) SELECT %(m_id)s, c.id, 1, 'user', %(m_parts)s, %(m_vis)s, c.owner_id, %(when)s"
                 " FROM c RETURNING parts),"
@@ -1563,3 +1536,29 @@ class ChatStore:
         return RunInfo(
             chat_id, row["owner_id"], row["model_config_id"], row["workspace_id"], row["agents_md"]
         )
+
+
+def _chat_row_update(
+    chat_id: str,
+    n: int,
+    fence: Fence | None,
+    set_sql: str,
+    where_sql: str,
+    params: dict[str, Any] | None,
+    touch: bool,
+) -> tuple[str, str, dict[str, Any]]:
+    """SET list, WHERE clause and parameters of an update that takes `n` seqs from a chat row,
+    fenced by the run's worker and generation when `fence` is given."""
+    p: dict[str, Any] = {"id": chat_id, "n": n, **(params or {})}
+    sets = ["last_seq = last_seq + %(n)s"]
+    if touch:
+        sets.append("updated_at = now()")
+    if set_sql:
+        sets.append(set_sql)
+    where = "id = %(id)s"
+    if fence is not None:
+        where += " AND worker_id = %(fence_w)s AND generation = %(fence_g)s"
+        p["fence_w"], p["fence_g"] = fence.worker_id, fence.generation
+    if where_sql:
+        where += f" AND {where_sql}"
+    return ", ".join(sets), where, p
