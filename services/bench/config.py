@@ -26,7 +26,7 @@ from agentplane.config.v1 import config_service_pb2, config_service_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from services.bench.stats import percentile
-from services.common import auth
+from services.common import aio, auth
 from services.common.client import create_channel
 from services.common.db import with_database
 from services.common.embedded import start_postgres, start_redis
@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark; returns the JSON-ready results."""
-    return asyncio.run(_run(args))
+    return aio.run(_run(args))
 
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:

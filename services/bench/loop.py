@@ -30,6 +30,7 @@ from agentplane.toolexec.v1 import toolexec_service_pb2, toolexec_service_pb2_gr
 from psycopg import conninfo
 
 from services.bench.stack import LocalStack, StackOptions, percentile, rss_mib
+from services.common import aio
 from services.common.client import create_channel
 
 NAME = "loop"
@@ -69,7 +70,7 @@ def script() -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark and return its JSON-ready results."""
-    return asyncio.run(asyncio.wait_for(_run(args), args.timeout))
+    return aio.run(asyncio.wait_for(_run(args), args.timeout))
 
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:

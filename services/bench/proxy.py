@@ -19,6 +19,7 @@ import sys
 import time
 from typing import Any
 
+from services.common import aio
 from services.common.embedded import free_port
 
 NAME = "proxy"
@@ -257,9 +258,9 @@ async def _measure(mode: str, address: str, streams: int, concurrency: int) -> d
 
 def _main(argv: list[str]) -> None:
     if argv[0] == "serve":
-        asyncio.run(_serve(int(argv[1]), int(argv[2]), float(argv[3])))
+        aio.run(_serve(int(argv[1]), int(argv[2]), float(argv[3])))
     elif argv[0] == "client":
-        result = asyncio.run(_measure(argv[1], argv[2], int(argv[3]), int(argv[4])))
+        result = aio.run(_measure(argv[1], argv[2], int(argv[3]), int(argv[4])))
         print(json.dumps(result))
 
 

@@ -23,6 +23,7 @@ import grpc.aio
 from agentplane.chat.v1 import chat_pb2, chat_service_pb2, chat_service_pb2_grpc
 
 from services.bench.stack import LocalStack, StackOptions, cpu_share, percentile, rss_mib
+from services.common import aio
 from services.common.client import create_channel
 
 NAME = "scale"
@@ -61,7 +62,7 @@ class Results:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark and return its JSON-ready results."""
-    return asyncio.run(_run(args))
+    return aio.run(_run(args))
 
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import uuid
 from typing import Any
 
 from services.bench.stats import percentile
-from services.common import auth
+from services.common import aio, auth
 from services.common.client import create_channel
 from services.common.db import with_database
 from services.common.embedded import start_postgres
@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark; returns the JSON-ready results."""
-    return asyncio.run(_run(args))
+    return aio.run(_run(args))
 
 
 class _NoTemplates:

@@ -15,6 +15,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import struct
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
@@ -25,6 +26,9 @@ from agentplane.chat.v1 import chat_pb2
 from services.common.errors import ResourceExhausted
 
 log = logging.getLogger(__name__)
+
+ORIGIN_BYTES = 8
+_LENGTH = struct.Struct(">I")
 
 DurableReader = Callable[[str, int, int | None], Awaitable[list[chat_pb2.ChatEvent]]]
 
@@ -48,7 +52,15 @@ class _Subscriber:
 
 
 class EventHub:
-    """Publishes chat events and serves subscriptions (Redis streams or in-process)."""
+    """Publishes chat events and serves subscriptions (Redis streams + pub/sub, or in-process).
+
+    With Redis, a publish does three things: it offers the events to this replica's own
+    subscribers at once (no Redis round trip on the way back), appends them to the chat's
+    bounded Redis stream (what a reconnecting client replays), and PUBLISHes them on the chat's
+    channel, tagged with this replica's origin, for subscribers on other replicas. One pub/sub
+    connection per replica follows the channel of every chat with local subscribers and skips
+    its own messages; each delivery costs O(1) whatever the number of followed chats.
+    """
 
     def __init__(
         self,
@@ -56,28 +68,45 @@ class EventHub:
         *,
         buffer_size: int = 2000,
         subscriber_queue_size: int = 1000,
-        poll_seconds: float = 1.0,
+        poll_seconds: float | None = None,
         key_prefix: str = "agentplane:chat:events:",
+        confirm_timeout: float = 5.0,
     ) -> None:
         self._redis = redis
         self._buffer_size = buffer_size
         self._queue_size = subscriber_queue_size
-        self._poll = poll_seconds
+        # The durable poll is how events of other replicas arrive without Redis; with Redis it
+        # is only a safety net for a lost pub/sub message.
+        self._poll = poll_seconds if poll_seconds is not None else (5.0 if redis is not None else 1.0)
         self._prefix = key_prefix
+        self._channel_prefix = f"{key_prefix}live:".encode()
         self._subs: dict[str, set[_Subscriber]] = collections.defaultdict(set)
         self._local: dict[str, collections.deque[chat_pb2.ChatEvent]] = {}
-        # One reader per replica follows every chat with local subscribers in a single blocking
-        # XREAD (a reader per chat cost one Redis round trip per chat per published batch).
-        # `_positions` holds the last stream id read per followed chat; subscribing to a chat
-        # the reader does not follow yet wakes it through this replica's own wake stream.
-        self._positions: dict[str, str] = {}
+        self._origin = uuid.uuid4().bytes[:ORIGIN_BYTES]
+        self._confirm_timeout = confirm_timeout
+        self._pubsub: Any = None
         self._reader: asyncio.Task[None] | None = None
-        self._wake_key = f"{key_prefix}wake:{uuid.uuid4().hex}"
-        self._wake_pos = "0-0"
+        self._unsubscribing: dict[bytes, asyncio.Task[None]] = {}
+        # Per channel: SUBSCRIBE commands sent and confirmations received (Redis answers in
+        # order, so the n-th confirmation answers the n-th SUBSCRIBE), and who waits for which.
+        self._followed: set[bytes] = set()
+        self._sent: dict[bytes, int] = {}
+        self._confirmed: dict[bytes, int] = {}
+        self._waiters: dict[bytes, list[tuple[int, asyncio.Future[None]]]] = {}
         self._closed = False
 
     def _key(self, chat_id: str) -> str:
         return f"{self._prefix}{chat_id}"
+
+    def _channel(self, chat_id: str) -> bytes:
+        return self._channel_prefix + chat_id.encode()
+
+    def _offer(self, chat_id: str, events: Sequence[chat_pb2.ChatEvent]) -> None:
+        subs = self._subs.get(chat_id)
+        if subs:
+            for sub in list(subs):
+                for ev in events:
+                    sub.offer(ev)
 
     async def publish(self, chat_id: str, events: Sequence[chat_pb2.ChatEvent]) -> None:
         """Publish committed events (never raises: Redis holds nothing that cannot be lost)."""
@@ -85,29 +114,19 @@ class EventHub:
             buf = self._local.get(chat_id)
             if buf is None:
                 buf = self._local[chat_id] = collections.deque(maxlen=self._buffer_size)
-            for ev in events:
-                buf.append(ev)
-                for sub in self._subs.get(chat_id, ()):
-                    sub.offer(ev)
+            buf.extend(events)
+            self._offer(chat_id, events)
             return
+        self._offer(chat_id, events)
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
-                for ev in events:
-                    pipe.xadd(
-                        self._key(chat_id),
-                        {"e": ev.SerializeToString()},
-                        maxlen=self._buffer_size,
-                        approximate=True,
-                    )
+                self._append(pipe, chat_id, events)
                 pipe.expire(self._key(chat_id), 24 * 3600)
                 await pipe.execute()
-        except Exception as exc:  # subscribers fall back to Postgres for durable events
+        except Exception as exc:  # other replicas' subscribers fall back to Postgres
             log.warning(
                 "publishing chat events to redis failed", extra={"chat_id": chat_id, "error": str(exc)}
             )
-            for ev in events:
-                for sub in self._subs.get(chat_id, ()):
-                    sub.offer(ev)
 
     async def publish_many(self, batch: Sequence[tuple[str, Sequence[chat_pb2.ChatEvent]]]) -> None:
         """Publish committed events of many chats at once (one Redis round trip); never raises."""
@@ -115,90 +134,160 @@ class EventHub:
             for chat_id, events in batch:
                 await self.publish(chat_id, events)
             return
+        for chat_id, events in batch:
+            self._offer(chat_id, events)
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for chat_id, events in batch:
-                    key = self._key(chat_id)
-                    for ev in events:
-                        pipe.xadd(
-                            key, {"e": ev.SerializeToString()}, maxlen=self._buffer_size, approximate=True
-                        )
                     # Streaming events only come while a run is busy: the expiry set by the
                     # run's durable events covers them, so no EXPIRE per batch.
+                    self._append(pipe, chat_id, events)
                 await pipe.execute()
-        except Exception as exc:  # these are streaming events: local subscribers still get them
+        except Exception as exc:  # streaming events: local subscribers already have them
             log.warning("publishing chat events to redis failed", extra={"error": str(exc)})
-            for chat_id, events in batch:
-                for ev in events:
-                    for sub in self._subs.get(chat_id, ()):
-                        sub.offer(ev)
 
-    async def _buffered(self, chat_id: str, after_seq: int) -> tuple[list[chat_pb2.ChatEvent], str]:
-        """Buffered events after `after_seq`, and the Redis stream id to follow from."""
+    def _append(self, pipe: Any, chat_id: str, events: Sequence[chat_pb2.ChatEvent]) -> None:
+        """Queue on `pipe` the stream entries and the one pub/sub message for `events`."""
+        key = self._key(chat_id)
+        frames = [self._origin]
+        for ev in events:
+            data = ev.SerializeToString()
+            pipe.xadd(key, {"e": data}, maxlen=self._buffer_size, approximate=True)
+            frames.append(_LENGTH.pack(len(data)))
+            frames.append(data)
+        pipe.publish(self._channel(chat_id), b"".join(frames))
+
+    async def _buffered(self, chat_id: str, after_seq: int) -> list[chat_pb2.ChatEvent]:
+        """Buffered events after `after_seq`."""
         if self._redis is None:
-            return [ev for ev in self._local.get(chat_id, ()) if ev.seq > after_seq], ""
+            return [ev for ev in self._local.get(chat_id, ()) if ev.seq > after_seq]
         try:
             entries: Any = await self._redis.xrange(self._key(chat_id), "-", "+")
         except Exception as exc:
             log.warning("reading chat events from redis failed", extra={"error": str(exc)})
-            return [], "$"
+            return []
         out = []
-        last_id = "0-0"
-        for entry_id, fields in entries:
-            last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+        for _, fields in entries:
             ev = chat_pb2.ChatEvent.FromString(fields[b"e"])
             if ev.seq > after_seq:
                 out.append(ev)
-        return out, last_id
+        return out
 
-    async def _follow(self, chat_id: str, start_id: str) -> None:
-        """Have the replica's reader follow `chat_id` from `start_id` (no-op if it already does)."""
-        if self._redis is None or chat_id in self._positions:
+    async def _follow(self, chat_id: str) -> None:
+        """Have this replica's pub/sub connection follow `chat_id`; returns once Redis confirmed."""
+        if self._redis is None:
             return
-        self._positions[chat_id] = start_id
-        if self._reader is None or self._reader.done():
-            self._reader = asyncio.create_task(self._read())
-            return
-        # The reader may be blocked in an XREAD that does not name this chat: wake it.
+        channel = self._channel(chat_id)
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        if channel in self._followed:
+            # Subscribed already, or a SUBSCRIBE is on its way: wait for the latest one.
+            target = self._sent.get(channel, 0)
+            if self._confirmed.get(channel, 0) >= target:
+                return
+            self._waiters.setdefault(channel, []).append((target, waiter))
+        else:
+            pending = self._unsubscribing.get(channel)
+            if pending is not None:
+                # Let the UNSUBSCRIBE go out first, or it would cancel this SUBSCRIBE.
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(pending)
+                if channel in self._followed:
+                    return await self._follow(chat_id)
+            self._followed.add(channel)
+            target = self._sent[channel] = self._sent.get(channel, 0) + 1
+            self._waiters.setdefault(channel, []).append((target, waiter))
+            try:
+                if self._pubsub is None:
+                    self._pubsub = self._redis.pubsub()
+                await self._pubsub.subscribe(channel)
+            except Exception as exc:  # live events of other replicas then come from the poll
+                log.warning("subscribing to chat events failed", extra={"error": str(exc)})
+                return
+            if self._reader is None or self._reader.done():
+                self._reader = asyncio.create_task(self._read())
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.xadd(self._wake_key, {"w": b"1"}, maxlen=16, approximate=True)
-                pipe.expire(self._wake_key, 3600)
-                await pipe.execute()
-        except Exception as exc:  # the reader picks the chat up when its block times out
-            log.warning("waking the chat event reader failed", extra={"error": str(exc)})
+            async with asyncio.timeout(self._confirm_timeout):
+                await asyncio.shield(waiter)
+        except TimeoutError:
+            log.warning("redis did not confirm a chat event subscription", extra={"chat_id": chat_id})
+
+    def _unfollow(self, chat_id: str) -> None:
+        channel = self._channel(chat_id)
+        if channel not in self._followed or self._pubsub is None:
+            return
+        self._followed.discard(channel)
+
+        async def unsubscribe() -> None:
+            with contextlib.suppress(Exception):
+                await self._pubsub.unsubscribe(channel)
+
+        task = asyncio.get_running_loop().create_task(unsubscribe())
+        self._unsubscribing[channel] = task
+
+        def done(_: asyncio.Task[None]) -> None:
+            if self._unsubscribing.get(channel) is task:
+                del self._unsubscribing[channel]
+
+        task.add_done_callback(done)
 
     async def _read(self) -> None:
-        """Follow the Redis streams of every chat with local subscribers, in one XREAD."""
-        assert self._redis is not None
-        prefix_len = len(self._prefix)
-        while self._positions:
-            streams: dict[Any, Any] = {self._key(c): pos for c, pos in self._positions.items()}
-            streams[self._wake_key] = self._wake_pos
+        """Deliver other replicas' pub/sub messages to this replica's subscribers."""
+        prefix_len = len(self._channel_prefix)
+        resync = False
+        while not self._closed:
             try:
-                res: Any = await self._redis.xread(streams, block=1000, count=500)
+                if resync:
+                    await self._resync()
+                    resync = False
+                message = await self._pubsub.get_message(timeout=1.0)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
-                log.warning("xread failed", extra={"error": str(exc)})
+            except Exception as exc:  # the connection resubscribes; replay what we may have missed
+                log.warning("reading chat events from redis failed", extra={"error": str(exc)})
+                resync = True
                 await asyncio.sleep(0.5)
                 continue
-            for raw_key, entries in res or []:
-                key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
-                if not entries:
-                    continue
-                if key == self._wake_key:
-                    last = entries[-1][0]
-                    self._wake_pos = last.decode() if isinstance(last, bytes) else last
-                    continue
-                chat_id = key[prefix_len:]
-                if chat_id not in self._positions:
-                    continue  # its last subscriber left while the XREAD was in flight
-                for entry_id, fields in entries:
-                    self._positions[chat_id] = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-                    ev = chat_pb2.ChatEvent.FromString(fields[b"e"])
-                    for sub in list(self._subs.get(chat_id, ())):
-                        sub.offer(ev)
+            if message is None:
+                continue
+            kind = message.get("type")
+            channel = message.get("channel")
+            if kind == "message":
+                data = message["data"]
+                if data[:ORIGIN_BYTES] == self._origin:
+                    continue  # published here: already offered to the local subscribers
+                chat_id = channel[prefix_len:].decode()
+                if chat_id in self._subs:
+                    self._offer(chat_id, _frames(data))
+            elif kind == "subscribe":
+                self._confirm(channel)
+            elif kind == "unsubscribe" and channel not in self._followed:
+                if self._sent.get(channel, 0) <= self._confirmed.get(channel, 0):
+                    self._sent.pop(channel, None)
+                    self._confirmed.pop(channel, None)
+
+    def _confirm(self, channel: bytes) -> None:
+        confirmed = self._confirmed[channel] = self._confirmed.get(channel, 0) + 1
+        waiters = self._waiters.get(channel)
+        if not waiters:
+            return
+        keep = []
+        for target, waiter in waiters:
+            if target <= confirmed:
+                if not waiter.done():
+                    waiter.set_result(None)
+            else:
+                keep.append((target, waiter))
+        if keep:
+            self._waiters[channel] = keep
+        else:
+            del self._waiters[channel]
+
+    async def _resync(self) -> None:
+        """After a lost pub/sub connection: offer every followed chat's buffered events again."""
+        for chat_id in list(self._subs):
+            events = await self._buffered(chat_id, 0)
+            self._offer(chat_id, events)
 
     async def subscribe(
         self, chat_id: str, after_seq: int, durable: DurableReader
@@ -207,8 +296,10 @@ class EventHub:
         sub = _Subscriber(self._queue_size)
         self._subs[chat_id].add(sub)
         try:
-            buffered, start_id = await self._buffered(chat_id, after_seq)
-            await self._follow(chat_id, start_id or "$")
+            # Follow first, then read the buffer: whatever is published after the buffer read
+            # arrives live (duplicates are dropped by seq below).
+            await self._follow(chat_id)
+            buffered = await self._buffered(chat_id, after_seq)
             stored = await durable(chat_id, after_seq, None)
             last = after_seq
             merged = {ev.seq: ev for ev in buffered}
@@ -227,7 +318,8 @@ class EventHub:
                 if sub.queue.empty():
                     sub.wake.clear()
                     try:
-                        await asyncio.wait_for(sub.wake.wait(), self._poll)
+                        async with asyncio.timeout(self._poll):
+                            await sub.wake.wait()
                     except TimeoutError:
                         # Fallback for events published elsewhere without Redis: poll Postgres.
                         for ev in await durable(chat_id, last, None):
@@ -249,23 +341,41 @@ class EventHub:
                 subs.discard(sub)
                 if not subs:
                     del self._subs[chat_id]
-                    self._positions.pop(chat_id, None)
-                    if not self._positions and self._reader is not None:
-                        self._reader.cancel()
-                        self._reader = None
+                    self._unfollow(chat_id)
+
+    def follows(self, chat_id: str) -> bool:
+        """Whether this replica's pub/sub connection follows `chat_id` (confirmed by Redis)."""
+        channel = self._channel(chat_id)
+        return channel in self._followed and self._confirmed.get(channel, 0) >= self._sent.get(channel, 1)
 
     async def close(self) -> None:
-        """Stop the reader task."""
+        """Stop the reader and drop the pub/sub connection."""
         self._closed = True
-        self._positions.clear()
+        self._followed.clear()
         reader, self._reader = self._reader, None
         if reader is not None:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
-        if self._redis is not None:
+        for task in list(self._unsubscribing.values()):
+            task.cancel()
+        if self._pubsub is not None:
             with contextlib.suppress(Exception):
-                await self._redis.delete(self._wake_key)
+                await self._pubsub.aclose()
+            self._pubsub = None
+
+
+def _frames(data: bytes) -> list[chat_pb2.ChatEvent]:
+    """The events of one pub/sub message: origin, then (length, serialized event) frames."""
+    out = []
+    pos = ORIGIN_BYTES
+    size = len(data)
+    while pos < size:
+        (length,) = _LENGTH.unpack_from(data, pos)
+        pos += _LENGTH.size
+        out.append(chat_pb2.ChatEvent.FromString(data[pos : pos + length]))
+        pos += length
+    return out
 
 
 def _coalesce(queue: asyncio.Queue[chat_pb2.ChatEvent]) -> chat_pb2.ChatEvent:

@@ -9,11 +9,12 @@ To add a group, write the module and add one line to `COMMAND_MODULES`.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
 import inspect
 import sys
 from collections.abc import Sequence
+
+from services.common import aio
 
 COMMAND_MODULES: list[str] = [
     "services.cli.serve",
@@ -44,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     result = args.func(args)
     if inspect.iscoroutine(result):
         try:
-            result = asyncio.run(result)
+            result = aio.run(result)
         except KeyboardInterrupt:
             result = 130
     sys.exit(int(result or 0))

@@ -69,7 +69,11 @@ class ProviderClients:
         # max_retries=0: the SDKs' own retries are off; our retry loop (with events) is the only one.
         if provider.type == config_pb2.PROVIDER_TYPE_ANTHROPIC:
             return anthropic.AsyncAnthropic(
-                api_key=api_key or "unset", base_url=base_url, max_retries=0, timeout=self._timeout
+                api_key=api_key or "unset",
+                base_url=base_url,
+                max_retries=0,
+                timeout=self._timeout,
+                http_client=anthropic.DefaultAioHttpClient(timeout=self._timeout),
             )
         if provider.type in (config_pb2.PROVIDER_TYPE_OPENAI, config_pb2.PROVIDER_TYPE_OPENAI_COMPATIBLE):
             if provider.type == config_pb2.PROVIDER_TYPE_OPENAI_COMPATIBLE and not base_url:
@@ -80,7 +84,11 @@ class ProviderClients:
                 )
             # Local OpenAI-compatible servers often need no key, but the SDK insists on one.
             return openai.AsyncOpenAI(
-                api_key=api_key or "unset", base_url=base_url, max_retries=0, timeout=self._timeout
+                api_key=api_key or "unset",
+                base_url=base_url,
+                max_retries=0,
+                timeout=self._timeout,
+                http_client=openai.DefaultAioHttpClient(timeout=self._timeout),
             )
         raise FailedPrecondition(
             f"provider {provider.id} has an unsupported type {provider.type}",

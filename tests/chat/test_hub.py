@@ -41,8 +41,8 @@ async def first_event(hub: EventHub, chat_id: str, store: ChatStore) -> chat_pb2
 
 
 async def _followed(hub: EventHub, chat_id: str) -> bool:
-    """Whether the replica's reader follows `chat_id`."""
-    return chat_id in hub._positions
+    """Whether the replica's pub/sub connection follows `chat_id`."""
+    return hub.follows(chat_id)
 
 
 async def test_more_chats_than_redis_connections_all_get_events_from_another_replica(
@@ -73,3 +73,68 @@ async def test_more_chats_than_redis_connections_all_get_events_from_another_rep
         await publisher.close()
         await small.aclose()
         await publisher_redis.aclose()
+
+
+def _delta(chat_id: str, seq: int) -> chat_pb2.ChatEvent:
+    return chat_pb2.ChatEvent(seq=seq, chat_id=chat_id, part_delta=chat_pb2.PartDelta(text=f"d{seq}"))
+
+
+async def test_own_publishes_reach_local_subscribers_once_and_in_order(
+    redis_url: str, store: ChatStore
+) -> None:
+    # Local subscribers get a replica's own events directly; the same events also come back
+    # over pub/sub (for other replicas) and must not be delivered twice.
+    client = aioredis.Redis.from_url(redis_url)
+    hub = EventHub(client)
+    chat_id = str(uuid.uuid4())
+    stream = cast(AsyncGenerator[chat_pb2.ChatEvent, None], hub.subscribe(chat_id, 0, store.events_between))
+    try:
+        async with asyncio.timeout(20):
+            first = asyncio.create_task(anext(stream))
+            await eventually(functools.partial(_followed, hub, chat_id), within=5)
+            for seq in range(1, 6):
+                await hub.publish(chat_id, [_delta(chat_id, seq)])
+            seen = [await first]
+            while seen[-1].seq < 5:
+                seen.append(await anext(stream))
+            # Nothing else is queued: a sixth event is the next one yielded.
+            await hub.publish(chat_id, [_delta(chat_id, 6)])
+            seen.append(await anext(stream))
+        texts = "".join(ev.part_delta.text for ev in seen)
+        assert texts == "d1d2d3d4d5d6"
+        assert seen[-1].seq == 6
+    finally:
+        await stream.aclose()
+        await hub.close()
+        await client.aclose()
+
+
+async def test_resubscribing_right_after_leaving_still_gets_other_replicas_events(
+    redis_url: str, store: ChatStore
+) -> None:
+    # Leaving sends UNSUBSCRIBE; a new subscription right after must not be cancelled by it.
+    sub_client, pub_client = aioredis.Redis.from_url(redis_url), aioredis.Redis.from_url(redis_url)
+    subscriber, publisher = EventHub(sub_client), EventHub(pub_client)
+    chat_id = str(uuid.uuid4())
+    try:
+        async with asyncio.timeout(20):
+            for round_ in range(1, 4):
+                first, second = 2 * round_ - 1, 2 * round_
+                stream = cast(
+                    AsyncGenerator[chat_pb2.ChatEvent, None],
+                    subscriber.subscribe(chat_id, first - 1, store.events_between),
+                )
+                task = asyncio.create_task(anext(stream))
+                await eventually(functools.partial(_followed, subscriber, chat_id), within=5)
+                await publisher.publish(chat_id, [_delta(chat_id, first)])
+                assert (await task).seq == first  # from the buffer or live
+                # Published after the subscription yielded: only pub/sub can bring it.
+                await publisher.publish(chat_id, [_delta(chat_id, second)])
+                ev = await anext(stream)
+                assert (ev.seq, ev.part_delta.text) == (second, f"d{second}")
+                await stream.aclose()
+    finally:
+        await subscriber.close()
+        await publisher.close()
+        await sub_client.aclose()
+        await pub_client.aclose()
