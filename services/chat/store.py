@@ -67,6 +67,11 @@ CHAT_COLUMNS = """
     c.*, (SELECT count(*) FROM chat_queued_messages q WHERE q.chat_id = c.id) AS queued_count
 """
 
+
+class _GeneralPath(Exception):
+    """Raised inside a fast-path transaction to roll it back and take the general path."""
+
+
 Publisher = Callable[[str, Sequence[chat_pb2.ChatEvent]], Awaitable[None]]
 
 
@@ -708,6 +713,9 @@ class ChatStore:
         """Add a user message: into the history when idle, else queued (or queued first + interrupt)."""
         new_id = str(uuid.uuid4())
         when = now()
+        sent = await self._send_when_idle(owner_id, chat_id, request_id, content, new_id, when)
+        if sent is not None:
+            return sent
         events: list[chat_pb2.ChatEvent] = []
         async with self._tx() as cur:
             row = await self._lock_chat(cur, owner_id, chat_id)
@@ -770,6 +778,76 @@ class ChatStore:
                 result = (chat, None, queued)
         await self._after_commit(chat_id, events)
         return result
+
+    async def _send_when_idle(
+        self,
+        owner_id: str,
+        chat_id: str,
+        request_id: str,
+        content: Sequence[chat_pb2.ContentPart],
+        new_id: str,
+        when: dt.datetime,
+    ) -> tuple[chat_pb2.Chat, chat_pb2.Message, None] | None:
+        """The common case of `send_message` (an idle chat, a new request id) in one statement.
+
+        The chat row's update matches only an idle chat of the owner whose request id is new; the
+        idempotency key, the message and its two durable events (stored without seqs: the column
+        is the truth) hang off its RETURNING. It runs inside a transaction so that the one race
+        this snapshot cannot see (a concurrent duplicate committing its key first) rolls back
+        instead of storing the message twice. None: not the common case; take the general path.
+        """
+        msg = NewMessage(role="user", parts=content, sender_id=owner_id)
+        events = [self._message_event(chat_id, new_id, msg, when), self._status_event("pending")]
+        stamp = ts(when)
+        for ev in events:
+            ev.chat_id = chat_id
+            ev.time.CopyFrom(stamp)
+        p: dict[str, Any] = {
+            "id": chat_id,
+            "owner": owner_id,
+            "rid": request_id,
+            "m_id": new_id,
+            "m_parts": Jsonb(parts_mod.to_json(content)),
+            "m_vis": msg.visibility,
+            "when": when,
+            "e_ev": [ev.SerializeToString() for ev in events],
+        }
+        try:
+            async with self._tx() as cur:
+                await cur.execute(
+                    "WITH u AS (UPDATE chat_chats SET last_seq = last_seq + 2, updated_at = now(),"
+                    " status = 'pending', last_error_reason = NULL, last_error_message = NULL,"
+                    " last_error_time = NULL"
+                    " WHERE id = %(id)s AND owner_id = %(owner)s AND worker_id IS NULL"
+                    " AND status IN ('waiting', 'error') AND NOT EXISTS (SELECT 1 FROM chat_requests"
+                    " WHERE owner_id = %(owner)s AND kind = 'send' AND request_id = %(rid)s)"
+                    f" RETURNING *, pg_notify('{PENDING_CHANNEL}', id::text) AS _p, {_NOTIFY_WATCH}),"
+                    " r AS (INSERT INTO chat_requests (owner_id, kind, request_id, chat_id, message_id)"
+                    " SELECT %(owner)s, 'send', %(rid)s, u.id, %(m_id)s FROM u WHERE %(rid)s <> ''"
+                    " ON CONFLICT DO NOTHING RETURNING chat_id),"
+                    " m AS (INSERT INTO chat_messages (id, chat_id, seq, role, parts, visibility, sender_id,"
+                    " created_at) SELECT %(m_id)s, u.id, u.last_seq - 1, 'user', %(m_parts)s, %(m_vis)s,"
+                    " %(owner)s, %(when)s FROM u),"
+                    " e AS (INSERT INTO chat_events (chat_id, seq, event)"
+                    " SELECT u.id, u.last_seq - 2 + d.i, d.ev FROM u,"
+                    " unnest(%(e_ev)s::bytea[]) WITH ORDINALITY AS d(ev, i))"
+                    " SELECT u.*, (SELECT count(*) FROM chat_queued_messages q WHERE q.chat_id = u.id)"
+                    " AS queued_count, %(rid)s = '' OR EXISTS (SELECT 1 FROM r) AS _recorded FROM u",
+                    p,
+                )
+                row = await cur.fetchone()
+                if row is None or not row["_recorded"]:
+                    raise _GeneralPath
+        except _GeneralPath:
+            return None
+        first = int(row["last_seq"]) - 1
+        for i, ev in enumerate(events):
+            ev.seq = first + i
+        events[0].message_persisted.seq = first
+        message = chat_pb2.Message()
+        message.CopyFrom(events[0].message_persisted)
+        await self._after_commit(chat_id, events)
+        return chat_from_row(row), message, None
 
     async def _earlier_send(
         self, cur: AsyncCursor[Any], chat_id: str, message_id: str

@@ -10,6 +10,7 @@ This module does not import grpc; the interceptors in `interceptors` and `client
 
 from __future__ import annotations
 
+import collections
 import contextvars
 import enum
 import time
@@ -99,8 +100,28 @@ def mint_service_token(secret: str, service: str, ttl_seconds: float | None = No
     return mint_token(secret, service_subject(service), Role.SERVICE, ttl_seconds)
 
 
+# Verified tokens, so a client's every call does not pay for HMAC and JSON decoding again. A
+# hit is only trusted until the token's own expiry; the cache is bounded (oldest out first).
+_VERIFIED: collections.OrderedDict[tuple[str, str], tuple[Identity, float]] = collections.OrderedDict()
+VERIFIED_CACHE_SIZE = 4096
+
+
 def verify_token(secret: str, token: str) -> Identity:
     """Verify `token` and return its identity; raises `Unauthenticated` saying what is wrong."""
+    key = (secret, token)
+    hit = _VERIFIED.get(key)
+    if hit is not None:
+        if time.time() < hit[1]:
+            return hit[0]
+        _VERIFIED.pop(key, None)
+    identity, expires = _verify(secret, token)
+    while len(_VERIFIED) >= VERIFIED_CACHE_SIZE:
+        _VERIFIED.popitem(last=False)
+    _VERIFIED[key] = (identity, expires)
+    return identity
+
+
+def _verify(secret: str, token: str) -> tuple[Identity, float]:
     try:
         claims = jwt.decode(
             token,
@@ -126,7 +147,7 @@ def verify_token(secret: str, token: str) -> Identity:
         _check_subject(subject, role)
     except ValueError as exc:
         raise Unauthenticated(str(exc), reason="TOKEN_INVALID") from None
-    return Identity(subject=subject, role=role)
+    return Identity(subject=subject, role=role), float(claims["exp"])
 
 
 def parse_authorization(value: str | None) -> str:
