@@ -628,7 +628,7 @@ class ChatStore:
 
     async def get_chat(self, owner_id: str, chat_id: str) -> chat_pb2.Chat:
         """One of the owner's chats."""
-        async with self._tx() as cur:
+        async with self._stmt() as cur:
             await cur.execute(
                 f"SELECT {CHAT_COLUMNS} FROM chat_chats c WHERE c.id = %s AND c.owner_id = %s",
                 (chat_id, owner_id),
@@ -655,7 +655,7 @@ class ChatStore:
             except (KeyError, ValueError):
                 raise InvalidArgument("page_token", "is not a token returned by a previous call") from None
             where.append("(c.updated_at, c.id) < (%(t_at)s, %(t_id)s)")
-        async with self._tx() as cur:
+        async with self._stmt() as cur:
             await cur.execute(
                 f"SELECT {CHAT_COLUMNS} FROM chat_chats c WHERE {' AND '.join(where)}"
                 " ORDER BY c.updated_at DESC, c.id DESC LIMIT %(limit)s",
@@ -939,7 +939,7 @@ class ChatStore:
                 after = int(tok["s"])
             except (KeyError, ValueError, TypeError):
                 raise InvalidArgument("page_token", "is not a token returned by a previous call") from None
-        async with self._tx() as cur:
+        async with self._stmt() as cur:  # reads: no transaction needed
             await self._owned(cur, owner_id, chat_id)
             await cur.execute(
                 "SELECT * FROM chat_messages WHERE chat_id = %s AND NOT deleted AND seq > %s"
