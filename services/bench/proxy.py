@@ -183,7 +183,10 @@ async def _measure(mode: str, address: str, streams: int, concurrency: int) -> d
     if mode == "direct":
         import openai
 
-        client = openai.AsyncOpenAI(base_url=address, api_key="sk-bench", max_retries=0)
+        # The same SDK transport inference uses (aiohttp), so the comparison is like for like.
+        client = openai.AsyncOpenAI(
+            base_url=address, api_key="sk-bench", max_retries=0, http_client=openai.DefaultAioHttpClient()
+        )
 
         async def one() -> None:
             start = time.perf_counter()

@@ -110,6 +110,7 @@ SUMMARY_KEYS = (
     "failures",
     "first_delta_p50_ms",
     "first_delta_p99_ms",
+    "first_turn_first_delta_p99_ms",
     "later_turns_first_delta_p99_ms",
     "turn_p99_ms",
     "turns_per_second",

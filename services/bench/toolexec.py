@@ -51,7 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark; returns the JSON-ready results."""
-    return aio.run(_run(args))
+    from services.toolexec.server import EVENT_LOOP
+
+    # The server runs in this process: on the loop toolexec runs on in production.
+    return aio.run(_run(args), prefer=EVENT_LOOP)
 
 
 class _NoTemplates:

@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     result = args.func(args)
     if inspect.iscoroutine(result):
         try:
-            result = aio.run(result)
+            result = aio.run(result, prefer=getattr(args, "event_loop", aio.UVLOOP))
         except KeyboardInterrupt:
             result = 130
     sys.exit(int(result or 0))

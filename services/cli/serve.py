@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+from collections.abc import Coroutine
 from typing import Any
 
+from services.common import aio
 from services.common.settings import SERVICE_NAMES, Settings
 
 
@@ -16,9 +18,16 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
-async def run(args: argparse.Namespace) -> int:
-    """Import ``services.<name>.server`` and await its ``serve(settings)``."""
-    settings = Settings.from_env()
+def run(args: argparse.Namespace) -> Coroutine[Any, Any, int]:
+    """Import ``services.<name>.server``; the coroutine awaits its ``serve(settings)``.
+
+    A server module may set ``EVENT_LOOP`` to the loop it prefers (see services/common/aio.py).
+    """
     module = importlib.import_module(f"services.{args.service}.server")
-    await module.serve(settings)
+    args.event_loop = getattr(module, "EVENT_LOOP", aio.UVLOOP)
+    return _serve(module)
+
+
+async def _serve(module: Any) -> int:
+    await module.serve(Settings.from_env())
     return 0

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import grpc.aio
 from agentplane.toolexec.v1 import toolexec_service_pb2_grpc
 
-from services.common import db
+from services.common import aio, db
 from services.common.auth import ServiceTokenProvider
 from services.common.server import ServerHandle, create_server, run_service
 from services.common.settings import Settings
@@ -24,6 +24,10 @@ from services.toolexec.settings import ToolexecSettings
 from services.toolexec.store import WorkspaceStore
 from services.toolexec.templates import TemplateFetcher
 from services.toolexec.workspaces import WorkspaceManager
+
+# The standard event loop: spawning commands (with preexec_fn for rlimits) is several times
+# slower under uvloop; see services/common/aio.py.
+EVENT_LOOP = aio.ASYNCIO
 
 SERVICE_NAME = "toolexec"
 FULL_SERVICE_NAMES = ["agentplane.toolexec.v1.ToolExecService"]

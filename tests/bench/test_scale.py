@@ -56,5 +56,10 @@ def test_largest_passing_finds_the_threshold_within_its_resolution(threshold: in
 def test_largest_passing_when_nothing_or_everything_passes() -> None:
     assert scale.largest_passing(lambda n: False, start=25, cap=500) == 0
     tried: list[int] = []
-    assert scale.largest_passing(lambda n: tried.append(n) is None, start=25, cap=500) == 500
+
+    def always(n: int) -> bool:
+        tried.append(n)
+        return True
+
+    assert scale.largest_passing(always, start=25, cap=500) == 500
     assert tried == [25, 50, 100, 200, 400, 500]
