@@ -36,10 +36,12 @@ DurableReader = Callable[[str, int, int | None], Awaitable[list[chat_pb2.ChatEve
 class _Subscriber:
     """One StreamChat call's bounded queue."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, after_seq: int) -> None:
         self.queue: asyncio.Queue[chat_pb2.ChatEvent] = asyncio.Queue(maxsize=size)
         self.dropped = False
         self.wake = asyncio.Event()
+        # The last seq handed to the client (a replay offers only what comes after it).
+        self.last = after_seq
 
     def offer(self, event: chat_pb2.ChatEvent) -> None:
         if self.dropped:
@@ -93,6 +95,7 @@ class EventHub:
         self._sent: dict[bytes, int] = {}
         self._confirmed: dict[bytes, int] = {}
         self._waiters: dict[bytes, list[tuple[int, asyncio.Future[None]]]] = {}
+        self._resync = False
         self._closed = False
 
     def _key(self, chat_id: str) -> str:
@@ -200,7 +203,13 @@ class EventHub:
             try:
                 if self._pubsub is None:
                     self._pubsub = self._redis.pubsub()
-                await self._pubsub.subscribe(channel)
+                    await self._pubsub.subscribe(channel)
+                    # Every later connect is a reconnect: what was published meanwhile is lost to
+                    # pub/sub, so the reader replays the buffers (redis-py may reconnect without
+                    # ever raising to us, inside its own retry).
+                    self._pubsub.connection.register_connect_callback(self._reconnected)
+                else:
+                    await self._pubsub.subscribe(channel)
             except Exception as exc:  # live events of other replicas then come from the poll
                 log.warning("subscribing to chat events failed", extra={"error": str(exc)})
                 return
@@ -234,18 +243,17 @@ class EventHub:
     async def _read(self) -> None:
         """Deliver other replicas' pub/sub messages to this replica's subscribers."""
         prefix_len = len(self._channel_prefix)
-        resync = False
         while not self._closed:
             try:
-                if resync:
-                    await self._resync()
-                    resync = False
+                if self._resync:
+                    self._resync = False
+                    await self._replay()
                 message = await self._pubsub.get_message(timeout=1.0)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the connection resubscribes; replay what we may have missed
                 log.warning("reading chat events from redis failed", extra={"error": str(exc)})
-                resync = True
+                self._resync = True
                 await asyncio.sleep(0.5)
                 continue
             if message is None:
@@ -266,6 +274,9 @@ class EventHub:
                     self._sent.pop(channel, None)
                     self._confirmed.pop(channel, None)
 
+    async def _reconnected(self, _connection: object) -> None:
+        self._resync = True
+
     def _confirm(self, channel: bytes) -> None:
         confirmed = self._confirmed[channel] = self._confirmed.get(channel, 0) + 1
         waiters = self._waiters.get(channel)
@@ -283,17 +294,20 @@ class EventHub:
         else:
             del self._waiters[channel]
 
-    async def _resync(self) -> None:
+    async def _replay(self) -> None:
         """After a lost pub/sub connection: offer every followed chat's buffered events again."""
         for chat_id in list(self._subs):
             events = await self._buffered(chat_id, 0)
-            self._offer(chat_id, events)
+            for sub in list(self._subs.get(chat_id, ())):
+                for ev in events:
+                    if ev.seq > sub.last:
+                        sub.offer(ev)
 
     async def subscribe(
         self, chat_id: str, after_seq: int, durable: DurableReader
     ) -> AsyncIterator[chat_pb2.ChatEvent]:
         """Events of `chat_id` after `after_seq`, exactly once and in order, until cancelled."""
-        sub = _Subscriber(self._queue_size)
+        sub = _Subscriber(self._queue_size, after_seq)
         self._subs[chat_id].add(sub)
         try:
             # Follow first, then read the buffer: whatever is published after the buffer read
@@ -301,19 +315,18 @@ class EventHub:
             await self._follow(chat_id)
             buffered = await self._buffered(chat_id, after_seq)
             stored = await durable(chat_id, after_seq, None)
-            last = after_seq
             merged = {ev.seq: ev for ev in buffered}
             merged.update({ev.seq: ev for ev in stored})
             for seq in sorted(merged):
                 yield merged[seq]
-                last = seq
+                sub.last = seq
             while True:
                 if sub.dropped:
                     raise ResourceExhausted(
                         f"the stream of chat {chat_id} fell more than {self._queue_size} events behind"
-                        f" and was dropped; reconnect with after_seq={last}",
+                        f" and was dropped; reconnect with after_seq={sub.last}",
                         reason="SUBSCRIBER_TOO_SLOW",
-                        metadata={"chat_id": chat_id, "last_seq": str(last)},
+                        metadata={"chat_id": chat_id, "last_seq": str(sub.last)},
                     )
                 if sub.queue.empty():
                     sub.wake.clear()
@@ -322,19 +335,19 @@ class EventHub:
                             await sub.wake.wait()
                     except TimeoutError:
                         # Fallback for events published elsewhere without Redis: poll Postgres.
-                        for ev in await durable(chat_id, last, None):
+                        for ev in await durable(chat_id, sub.last, None):
                             yield ev
-                            last = ev.seq
+                            sub.last = ev.seq
                     continue
-                ev = _coalesce(sub.queue)
-                if ev.seq <= last:
+                live = _coalesce(sub.queue, sub.last)
+                if live is None:
                     continue
-                if ev.seq > last + 1:
-                    for missing in await durable(chat_id, last, ev.seq):
+                if live.seq > sub.last + 1:
+                    for missing in await durable(chat_id, sub.last, live.seq):
                         yield missing
-                        last = missing.seq
-                yield ev
-                last = ev.seq
+                        sub.last = missing.seq
+                yield live
+                sub.last = live.seq
         finally:
             subs = self._subs.get(chat_id)
             if subs is not None:
@@ -378,9 +391,15 @@ def _frames(data: bytes) -> list[chat_pb2.ChatEvent]:
     return out
 
 
-def _coalesce(queue: asyncio.Queue[chat_pb2.ChatEvent]) -> chat_pb2.ChatEvent:
-    """The next event; consecutive deltas of the same part already queued are merged into it."""
-    ev = queue.get_nowait()
+def _coalesce(queue: asyncio.Queue[chat_pb2.ChatEvent], last: int) -> chat_pb2.ChatEvent | None:
+    """The next queued event after seq `last` (older ones are dropped: the client has them), with
+    the consecutive deltas of the same part queued behind it merged into it; None if none."""
+    while True:
+        if queue.empty():
+            return None
+        ev = queue.get_nowait()
+        if ev.seq > last:
+            break
     if ev.WhichOneof("event") != "part_delta":
         return ev
     merged: Any = None

@@ -138,3 +138,36 @@ async def test_resubscribing_right_after_leaving_still_gets_other_replicas_event
         await publisher.close()
         await sub_client.aclose()
         await pub_client.aclose()
+
+
+async def test_a_lost_pubsub_connection_loses_no_event(redis_url: str, store: ChatStore) -> None:
+    # Redis drops the subscriber replica's pub/sub connection; an event published while it is
+    # gone never reaches it over pub/sub, so the hub must replay the buffer after reconnecting.
+    sub_client, pub_client = aioredis.Redis.from_url(redis_url), aioredis.Redis.from_url(redis_url)
+    admin = aioredis.Redis.from_url(redis_url)
+    subscriber, publisher = EventHub(sub_client), EventHub(pub_client)
+    chat_id = str(uuid.uuid4())
+    stream = cast(
+        AsyncGenerator[chat_pb2.ChatEvent, None], subscriber.subscribe(chat_id, 0, store.events_between)
+    )
+    try:
+        async with asyncio.timeout(20):
+            task = asyncio.create_task(anext(stream))
+            await eventually(functools.partial(_followed, subscriber, chat_id), within=5)
+            await publisher.publish(chat_id, [_delta(chat_id, 1)])
+            assert (await task).seq == 1
+            await publisher.publish(chat_id, [_delta(chat_id, 2)])
+            assert (await anext(stream)).seq == 2  # live, over pub/sub
+            killed = await admin.client_kill_filter(_type="pubsub")
+            assert killed >= 1
+            await publisher.publish(chat_id, [_delta(chat_id, 3)])  # nobody is listening now
+            got = await anext(stream)
+            assert (got.seq, got.part_delta.text) == (3, "d3")
+            await publisher.publish(chat_id, [_delta(chat_id, 4)])
+            assert (await anext(stream)).seq == 4
+    finally:
+        await stream.aclose()
+        await subscriber.close()
+        await publisher.close()
+        for client in (sub_client, pub_client, admin):
+            await client.aclose()
