@@ -212,6 +212,13 @@ class EventHub:
                     await self._pubsub.subscribe(channel)
             except Exception as exc:  # live events of other replicas then come from the poll
                 log.warning("subscribing to chat events failed", extra={"error": str(exc)})
+                # Not followed after all: nobody waits for this SUBSCRIBE (others waiting for it
+                # go on without it) and the next subscription tries again.
+                self._followed.discard(channel)
+                self._sent[channel] = self._confirmed.get(channel, 0)
+                for _, other in self._waiters.pop(channel, []):
+                    if not other.done():
+                        other.set_result(None)
                 return
             if self._reader is None or self._reader.done():
                 self._reader = asyncio.create_task(self._read())

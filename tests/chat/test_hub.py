@@ -15,6 +15,7 @@ from agentplane.chat.v1 import chat_pb2
 from services.chat.events import EventHub
 from services.chat.store import ChatStore
 from services.common import db
+from services.common.embedded import free_port
 from tests.chat.conftest import eventually
 
 
@@ -171,3 +172,36 @@ async def test_a_lost_pubsub_connection_loses_no_event(redis_url: str, store: Ch
         await publisher.close()
         for client in (sub_client, pub_client, admin):
             await client.aclose()
+
+
+async def test_without_a_reachable_redis_local_subscribers_still_get_events(store: ChatStore) -> None:
+    # Redis refuses connections: subscribing cannot follow the channel and publishing cannot
+    # append to the buffer, but this replica's own subscribers get its events all the same,
+    # and a failed SUBSCRIBE is not waited for (nor remembered as followed).
+    down = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.5)
+    hub = EventHub(down, confirm_timeout=30)
+    chat_id = str(uuid.uuid4())
+    streams = [
+        cast(AsyncGenerator[chat_pb2.ChatEvent, None], hub.subscribe(chat_id, 0, store.events_between))
+        for _ in range(2)
+    ]
+    try:
+        async with asyncio.timeout(20):  # less than one confirmation timeout
+            tasks = [asyncio.create_task(anext(stream)) for stream in streams]
+            await eventually(lambda: _subscribed(hub, chat_id, 2), within=15)
+            await hub.publish(chat_id, [_delta(chat_id, 1)])
+            # Both yield once their setup is done: a SUBSCRIBE that failed is not waited for.
+            for task in tasks:
+                ev = await task
+                assert (ev.seq, ev.part_delta.text) == (1, "d1")
+            assert not hub.follows(chat_id)
+    finally:
+        for stream in streams:
+            await stream.aclose()
+        await hub.close()
+        await down.aclose()
+
+
+async def _subscribed(hub: EventHub, chat_id: str, count: int) -> bool:
+    """Whether `count` subscriptions of `chat_id` are registered (they get what is offered)."""
+    return len(hub._subs.get(chat_id, ())) == count
