@@ -181,13 +181,13 @@ class EventHub:
         if self._redis is None:
             return
         channel = self._channel(chat_id)
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[None] = loop.create_future()
+        waiter: asyncio.Future[None]
         if channel in self._followed:
             # Subscribed already, or a SUBSCRIBE is on its way: wait for the latest one.
             target = self._sent.get(channel, 0)
             if self._confirmed.get(channel, 0) >= target:
                 return
+            waiter = asyncio.get_running_loop().create_future()
             self._waiters.setdefault(channel, []).append((target, waiter))
         else:
             pending = self._unsubscribing.get(channel)
@@ -199,6 +199,7 @@ class EventHub:
                     return await self._follow(chat_id)
             self._followed.add(channel)
             target = self._sent[channel] = self._sent.get(channel, 0) + 1
+            waiter = asyncio.get_running_loop().create_future()
             self._waiters.setdefault(channel, []).append((target, waiter))
             try:
                 if self._pubsub is None:

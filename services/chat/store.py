@@ -196,6 +196,17 @@ def message_from_row(row: dict[str, Any]) -> chat_pb2.Message:
     )
 
 
+def _number(events: Sequence[chat_pb2.ChatEvent], first: int) -> chat_pb2.Message:
+    """Give `events` (a user message's, then its status change) the seqs from `first` on;
+    returns the message as persisted (with its seq)."""
+    for i, ev in enumerate(events):
+        ev.seq = first + i
+    events[0].message_persisted.seq = first
+    message = chat_pb2.Message()
+    message.CopyFrom(events[0].message_persisted)
+    return message
+
+
 def queued_from_row(row: dict[str, Any], position: int) -> chat_pb2.QueuedMessage:
     """A QueuedMessage proto from a chat_queued_messages row."""
     return chat_pb2.QueuedMessage(
@@ -542,26 +553,8 @@ class ChatStore:
         """
         chat_id, message_id = str(uuid.uuid4()), str(uuid.uuid4())
         when = now()
-        msg = NewMessage(role="user", parts=content, sender_id=owner_id)
-        events = [self._message_event(chat_id, message_id, msg, when), self._status_event("pending")]
-        stamp = ts(when)
-        for i, ev in enumerate(events):
-            ev.seq, ev.chat_id = i + 1, chat_id
-            ev.time.CopyFrom(stamp)
-        events[0].message_persisted.seq = 1
-        p: dict[str, Any] = {
-            "id": chat_id,
-            "owner": owner_id,
-            "rid": request_id,
-            "title": title,
-            "model": model_config_id,
-            "ws": workspace_id,
-            "m_id": message_id,
-            "m_parts": Jsonb(parts_mod.to_json(content)),
-            "m_vis": msg.visibility,
-            "when": when,
-            "e_ev": [ev.SerializeToString() for ev in events],
-        }
+        events, p = self._pending_user_message(chat_id, message_id, owner_id, request_id, content, when)
+        p.update(title=title, model=model_config_id, ws=workspace_id)
         async with self._stmt() as cur:
             await cur.execute(
                 "WITH r AS (INSERT INTO chat_requests (owner_id, kind, request_id, chat_id, message_id)"
@@ -573,33 +566,18 @@ class ChatStore:
                 f" RETURNING *, pg_notify('{PENDING_CHANNEL}', id::text) AS _p, {_NOTIFY_WATCH}),"
                 " m AS (INSERT INTO chat_messages (id, chat_id, seq, role, parts, visibility, sender_id,"
                 " created_at) SELECT %(m_id)s, c.id, 1, 'user', %(m_parts)s, %(m_vis)s, c.owner_id, %(when)s"
-                " FROM c RETURNING parts),"
+                " FROM c),"
                 " e AS (INSERT INTO chat_events (chat_id, seq, event)"
                 " SELECT c.id, d.seq, d.ev FROM c, unnest(%(e_ev)s::bytea[]) WITH ORDINALITY AS d(ev, seq))"
-                " SELECT c.*, m.parts AS m_parts FROM c, m",
+                " SELECT c.* FROM c",
                 p,
             )
             row = await cur.fetchone()
         if row is None:
             return await self._earlier_create(owner_id, request_id)
-        chat = chat_from_row({**row, "queued_count": 0})
-        message = message_from_row(
-            {
-                "id": message_id,
-                "chat_id": chat_id,
-                "role": "user",
-                "parts": row["m_parts"],
-                "visibility": msg.visibility,
-                "model_config_id": "",
-                "runtime_ms": 0,
-                "sender_id": owner_id,
-                "seq": 1,
-                "created_at": when,
-                **{f: 0 for f in USAGE_FIELDS},
-            }
-        )
+        message = _number(events, 1)
         await self._after_commit(chat_id, events)
-        return chat, message
+        return chat_from_row({**row, "queued_count": 0}), message
 
     async def _earlier_create(self, owner_id: str, request_id: str) -> tuple[chat_pb2.Chat, chat_pb2.Message]:
         """The chat and first message a repeated CreateChat request_id made the first time."""
@@ -796,22 +774,7 @@ class ChatStore:
         this snapshot cannot see (a concurrent duplicate committing its key first) rolls back
         instead of storing the message twice. None: not the common case; take the general path.
         """
-        msg = NewMessage(role="user", parts=content, sender_id=owner_id)
-        events = [self._message_event(chat_id, new_id, msg, when), self._status_event("pending")]
-        stamp = ts(when)
-        for ev in events:
-            ev.chat_id = chat_id
-            ev.time.CopyFrom(stamp)
-        p: dict[str, Any] = {
-            "id": chat_id,
-            "owner": owner_id,
-            "rid": request_id,
-            "m_id": new_id,
-            "m_parts": Jsonb(parts_mod.to_json(content)),
-            "m_vis": msg.visibility,
-            "when": when,
-            "e_ev": [ev.SerializeToString() for ev in events],
-        }
+        events, p = self._pending_user_message(chat_id, new_id, owner_id, request_id, content, when)
         try:
             async with self._tx() as cur:
                 await cur.execute(
@@ -840,14 +803,42 @@ class ChatStore:
                     raise _GeneralPath
         except _GeneralPath:
             return None
-        first = int(row["last_seq"]) - 1
-        for i, ev in enumerate(events):
-            ev.seq = first + i
-        events[0].message_persisted.seq = first
-        message = chat_pb2.Message()
-        message.CopyFrom(events[0].message_persisted)
+        message = _number(events, int(row["last_seq"]) - 1)
         await self._after_commit(chat_id, events)
         return chat_from_row(row), message, None
+
+    def _pending_user_message(
+        self,
+        chat_id: str,
+        message_id: str,
+        owner_id: str,
+        request_id: str,
+        content: Sequence[chat_pb2.ContentPart],
+        when: dt.datetime,
+    ) -> tuple[list[chat_pb2.ChatEvent], dict[str, Any]]:
+        """A user message that makes its chat pending, for the single statements that store one.
+
+        Returns its two durable events (stamped, not numbered yet: they are stored without seqs,
+        the column is the truth; `_number` numbers them once the statement returned) and the
+        statement parameters for the chat, the idempotency key, the message and the events.
+        """
+        msg = NewMessage(role="user", parts=content, sender_id=owner_id)
+        events = [self._message_event(chat_id, message_id, msg, when), self._status_event("pending")]
+        stamp = ts(when)
+        for ev in events:
+            ev.chat_id = chat_id
+            ev.time.CopyFrom(stamp)
+        params: dict[str, Any] = {
+            "id": chat_id,
+            "owner": owner_id,
+            "rid": request_id,
+            "m_id": message_id,
+            "m_parts": Jsonb(parts_mod.to_json(content)),
+            "m_vis": msg.visibility,
+            "when": when,
+            "e_ev": [ev.SerializeToString() for ev in events],
+        }
+        return events, params
 
     async def _earlier_send(
         self, cur: AsyncCursor[Any], chat_id: str, message_id: str
