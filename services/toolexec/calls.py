@@ -15,11 +15,11 @@ import logging
 import time
 from dataclasses import dataclass, replace
 
+from services.agent.tools.base import ToolError, ToolResult
 from services.common.auth import Identity
 from services.common.errors import AgentplaneError, InvalidArgument
 from services.toolexec.driver import WorkspaceDriver
 from services.toolexec.ledger import Ledger, LedgerEntry, call_fingerprint
-from services.toolexec.tools.base import ToolError, ToolResult
 from services.toolexec.tools.validation import parse_arguments
 from services.toolexec.workspaces import WorkspaceManager
 

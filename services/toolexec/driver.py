@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from services.agent.tools.base import ToolResult
 from services.toolexec.templates import TemplateFill
-from services.toolexec.tools.base import ToolResult
 
 
 class WorkspaceFillError(Exception):

@@ -15,7 +15,7 @@ from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 
-from services.toolexec.tools.base import ToolResult
+from services.agent.tools.base import ToolResult
 
 # Insert the 'started' row, or (when the key exists) return the recorded row instead.
 _BEGIN = """

@@ -10,15 +10,15 @@ import shutil
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from services.agent.processes import ProcessManager, command_environment
+from services.agent.tools import exec as exec_tools
+from services.agent.tools import files
+from services.agent.tools.base import ToolError, ToolResult
+from services.agent.tools.exec import ExecContext
 from services.common.errors import FailedPrecondition
 from services.toolexec.driver import WorkspaceFillError
-from services.toolexec.processes import ProcessManager, command_environment
 from services.toolexec.settings import ToolexecSettings
 from services.toolexec.templates import DirectoryFill, GitFill, TemplateFill
-from services.toolexec.tools import exec as exec_tools
-from services.toolexec.tools import files
-from services.toolexec.tools.base import ToolError, ToolResult
-from services.toolexec.tools.exec import ExecContext
 
 log = logging.getLogger(__name__)
 

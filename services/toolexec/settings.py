@@ -8,19 +8,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from services.agent.processes import ProcessLimits
 from services.common.settings import Settings, SettingsError
-
-
-@dataclass(frozen=True)
-class ProcessLimits:
-    """rlimits applied to every process a tool starts (0 means: leave the inherited limit)."""
-
-    cpu_seconds: int = 3600
-    file_size_bytes: int = 1024 * 1024 * 1024
-    open_files: int = 1024
-    processes: int = 512
 
 
 @dataclass(frozen=True)
@@ -28,7 +19,7 @@ class ToolexecSettings:
     """Where workspaces live and how their processes are bounded."""
 
     workspaces_dir: str
-    limits: ProcessLimits = ProcessLimits()
+    limits: ProcessLimits = field(default_factory=ProcessLimits)
     # Finished background processes kept per workspace for process_output/process_list.
     max_finished_processes: int = 100
     instance_id: str = ""

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from services.toolexec.confine import open_regular_file, open_root, resolve
-from services.toolexec.tools import files
-from services.toolexec.tools.base import ToolError
+from services.agent.confine import open_regular_file, open_root, resolve
+from services.agent.tools import files
+from services.agent.tools.base import ToolError
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.toolexec.output import CappedOutput
+from services.agent.output import CappedOutput
 
 
 def test_small_output_is_kept_whole() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from services.toolexec.processes import ProcessManager
+from services.agent.processes import ProcessManager
 from services.toolexec.settings import ProcessLimits
 
 

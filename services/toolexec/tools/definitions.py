@@ -6,9 +6,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from services.toolexec.output import OUTPUT_LIMIT_BYTES
-from services.toolexec.tools import exec as exec_tools
-from services.toolexec.tools import files
+from services.agent.output import OUTPUT_LIMIT_BYTES
+from services.agent.tools import exec as exec_tools
+from services.agent.tools import files
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from typing import Any
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
-from services.toolexec.tools.base import ToolError
+from services.agent.tools.base import ToolError
 from services.toolexec.tools.definitions import TOOLS, TOOLS_BY_NAME, ToolSpec
 
 _VALIDATORS: dict[str, Draft202012Validator] = {

@@ -22,10 +22,20 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from services.toolexec.output import OUTPUT_LIMIT_BYTES, CappedOutput, RenderedOutput
-from services.toolexec.settings import ProcessLimits
+from services.agent.output import OUTPUT_LIMIT_BYTES, CappedOutput, RenderedOutput
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProcessLimits:
+    """rlimits applied to every process a tool starts (0 means: leave the inherited limit)."""
+
+    cpu_seconds: int = 3600
+    file_size_bytes: int = 1024 * 1024 * 1024
+    open_files: int = 1024
+    processes: int = 512
+
 
 READ_CHUNK = 64 * 1024
 # Environment variables passed through to commands; everything else (the service's own
@@ -73,7 +83,7 @@ def limits_prologue(limits: ProcessLimits, processes_flag: str) -> str:
     if limits.processes:
         parts.append(f"ulimit {processes_flag} {limits.processes}")
     setup = " && ".join(parts)
-    failure = "{ echo 'toolexec: could not apply resource limits' >&2; exit 126; }"
+    failure = "{ echo 'workspace agent: could not apply resource limits' >&2; exit 126; }"
     return (f"{setup} || {failure}; " if setup else "") + 'exec sh -c "$1"'
 
 

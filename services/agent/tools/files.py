@@ -14,8 +14,8 @@ import stat
 from dataclasses import dataclass
 from typing import Any
 
-from services.toolexec.confine import PathNotFound, PathRefused, Resolved, open_regular_file, resolve
-from services.toolexec.tools.base import ToolError, ToolResult
+from services.agent.confine import PathNotFound, PathRefused, Resolved, open_regular_file, resolve
+from services.agent.tools.base import ToolError, ToolResult
 
 DEFAULT_READ_LINES = 2000
 MAX_READ_LINES = 10_000

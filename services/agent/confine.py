@@ -17,7 +17,7 @@ import stat
 from collections import deque
 from dataclasses import dataclass
 
-from services.toolexec.tools.base import ToolError
+from services.agent.tools.base import ToolError
 
 MAX_SYMLINK_HOPS = 40
 MAX_PATH_LENGTH = 4096

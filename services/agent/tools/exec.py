@@ -9,10 +9,10 @@ import stat
 from dataclasses import dataclass
 from typing import Any
 
-from services.toolexec.confine import PathNotFound, resolve
-from services.toolexec.processes import ManagedProcess, ProcessManager
-from services.toolexec.tools.base import ToolError, ToolResult
-from services.toolexec.tools.files import Root
+from services.agent.confine import PathNotFound, resolve
+from services.agent.processes import ManagedProcess, ProcessManager
+from services.agent.tools.base import ToolError, ToolResult
+from services.agent.tools.files import Root
 
 DEFAULT_TIMEOUT_SECONDS = 10.0
 MAX_TIMEOUT_SECONDS = 4 * 3600.0

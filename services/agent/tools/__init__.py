@@ -1,0 +1,1 @@
+"""The workspace tools as the agent runs them."""
