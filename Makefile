@@ -4,9 +4,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 
-.PHONY: setup gen gen-check lint typecheck buf-lint test check up demo clean
+.PHONY: setup sandbox-deps gen gen-check lint typecheck buf-lint test check up demo clean
 
-setup: $(VENV)/.installed
+setup: sandbox-deps $(VENV)/.installed
+
+## Install bubblewrap (the local workspace sandbox) when missing and possible; warn otherwise.
+sandbox-deps:
+	@sh scripts/sandbox-deps.sh
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -27,12 +27,12 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 class PathRefused(ToolError):
     """The path escapes the workspace, or names something tools may not touch."""
 
-    def __init__(self, path: str, why: str) -> None:
+    def __init__(self, path: str, why: str, *, code: str = "path_refused") -> None:
         super().__init__(
             f"path {path!r} refused: {why}. Use a path relative to the workspace root "
             "(for example 'src/main.py') that stays inside the workspace.",
-            code="path_refused",
-            path=path,
+            code=code,
+            path=printable(path),
         )
 
 
@@ -44,8 +44,26 @@ class PathNotFound(ToolError):
             f"{path!r} does not exist ({missing!r} is missing). Check the path, for example with "
             "execute('ls').",
             code="not_found",
-            path=path,
+            path=printable(path),
         )
+
+
+def printable(text: str) -> str:
+    """`text` with any lone surrogate written as a backslash escape: always valid UTF-8."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _refuse_not_utf8(path: str, text: str, what: str) -> None:
+    """Refuse `path` when `text` (the path, or a link target on its way) has a lone surrogate."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PathRefused(
+            path,
+            f"{what} is not valid UTF-8 (character {exc.start + 1} is an unpaired surrogate, "
+            f"{text[exc.start]!r}); file names must be valid UTF-8 text",
+            code="path_not_utf8",
+        ) from None
 
 
 @dataclass
@@ -88,6 +106,9 @@ def _components(root_path: str, path: str) -> list[str]:
         raise PathRefused(path, "the path contains a NUL byte")
     if len(path) > MAX_PATH_LENGTH:
         raise PathRefused(path[:80] + "...", f"the path is longer than {MAX_PATH_LENGTH} characters")
+    # A JSON string can carry a lone surrogate; the file-system encoding would either fail on it
+    # or silently turn it into a byte that is not UTF-8 (and the name could not be sent back).
+    _refuse_not_utf8(path, path, "the path")
     if path.startswith("/"):
         # An absolute path is accepted only when it names something under the root.
         root = root_path.rstrip("/")
@@ -148,6 +169,7 @@ def resolve(
                 if hops > MAX_SYMLINK_HOPS:
                     raise PathRefused(path, "too many levels of symbolic links")
                 target = os.readlink(comp, dir_fd=stack[-1])
+                _refuse_not_utf8(path, target, f"the target of symlink {'/'.join([*names, comp])!r}")
                 if target.startswith("/"):
                     root = root_path.rstrip("/")
                     if target != root and not target.startswith(root + "/"):

@@ -19,7 +19,7 @@ import secrets
 import signal
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from services.agent.output import OUTPUT_LIMIT_BYTES, CappedOutput, RenderedOutput
@@ -109,6 +109,8 @@ class ManagedProcess:
     # Output bytes already shown in a result: process_output waits for more than this.
     seen_bytes: int = 0
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    # Called with each chunk of output as it arrives (execute streams its output to toolexec).
+    listeners: list[Callable[[bytes], None]] = field(default_factory=list)
 
     @property
     def pid(self) -> int:
@@ -193,6 +195,8 @@ class ProcessManager:
                     break
                 managed.output.append(chunk)
                 managed.changed.set()
+                for listener in list(managed.listeners):
+                    listener(chunk)
         finally:
             managed.eof.set()
             managed.changed.set()
@@ -224,6 +228,10 @@ class ProcessManager:
             with contextlib.suppress(OSError):
                 os.unlink(managed.record_path)
             managed.record_path = None
+
+    def pids(self) -> set[int]:
+        """The pids of the commands this manager started and waits for."""
+        return {p.pid for ws in self._by_workspace.values() for p in ws.values()}
 
     def get(self, workspace_id: str, process_id: str) -> ManagedProcess | None:
         """The process `process_id` of `workspace_id`, or None."""

@@ -112,8 +112,35 @@ def register(subparsers: Any) -> None:
         "--param", action="append", default=[], metavar="NAME[=DEFAULT]", help="a parameter (repeatable)"
     )
     p.add_argument("--disabled", action="store_true")
+    p.add_argument(
+        "--network",
+        action="store_true",
+        help="let commands in its workspaces use the network (git fetches, package installs); off by default",
+    )
     p = _command(template, "list", "list workspace templates", template_list)
     p.add_argument("--all", action="store_true", help="include disabled templates")
+    p = _command(template, "update", "change a workspace template", template_update)
+    p.add_argument("id")
+    p.add_argument("--name")
+    p.add_argument("--description")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--dir", help="absolute directory to copy (replaces the source)")
+    source.add_argument("--git", help="git repository URL or path to clone (replaces the source)")
+    p.add_argument("--ref", help="git branch, tag or commit (with --git)")
+    p.add_argument(
+        "--param",
+        action="append",
+        default=None,
+        metavar="NAME[=DEFAULT]",
+        help="a parameter (repeatable; replaces every parameter)",
+    )
+    _enable_arguments(p)
+    p.add_argument(
+        "--network",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="allow (--network) or forbid (--no-network) network use in its workspaces",
+    )
     p = _command(template, "delete", "delete a workspace template", template_delete)
     p.add_argument("id")
 
@@ -332,15 +359,13 @@ async def model_delete(args: argparse.Namespace) -> int:
 async def template_add(args: argparse.Namespace) -> int:
     """Create a workspace template."""
     template = config_pb2.WorkspaceTemplate(
-        name=args.name, description=args.description, enabled=not args.disabled
+        name=args.name, description=args.description, enabled=not args.disabled, network_access=args.network
     )
     if args.dir:
         template.source.directory.path = args.dir
     else:
         template.source.git.url, template.source.git.ref = args.git, args.ref
-    for spec in args.param:
-        name, _, default = spec.partition("=")
-        template.parameters.add(name=name, default_value=default)
+    _add_parameters(template, args.param)
     request = pb.CreateWorkspaceTemplateRequest(workspace_template=template)
     response = await call(args, "CreateWorkspaceTemplate", request, admin=True)
     return 1 if response is None else show(args, response.workspace_template, response.workspace_template.id)
@@ -358,7 +383,48 @@ async def template_list(args: argparse.Namespace) -> int:
         items += response.workspace_templates
         token = response.next_page_token
         if not token:
-            return _print_list(args, "workspace_templates", items, ["id", "name", "enabled", "description"])
+            columns = ["id", "name", "enabled", "network_access", "description"]
+            return _print_list(args, "workspace_templates", items, columns)
+
+
+async def template_update(args: argparse.Namespace) -> int:
+    """Change the given fields of a workspace template (source and parameters are replaced whole)."""
+    template = config_pb2.WorkspaceTemplate(id=args.id)
+    paths: list[str] = []
+    if args.ref is not None and args.git is None:
+        raise SystemExit("--ref needs --git (the source is replaced whole)")
+    if args.name is not None:
+        template.name = args.name
+        paths.append("name")
+    if args.description is not None:
+        template.description = args.description
+        paths.append("description")
+    if args.dir is not None:
+        template.source.directory.path = args.dir
+        paths.append("source")
+    elif args.git is not None:
+        template.source.git.url, template.source.git.ref = args.git, args.ref or ""
+        paths.append("source")
+    if args.param is not None:
+        _add_parameters(template, args.param)
+        paths.append("parameters")
+    if args.enabled is not None:
+        template.enabled = args.enabled
+        paths.append("enabled")
+    if args.network is not None:
+        template.network_access = args.network
+        paths.append("network_access")
+    request = pb.UpdateWorkspaceTemplateRequest(
+        workspace_template=template, update_mask=field_mask_pb2.FieldMask(paths=paths)
+    )
+    response = await call(args, "UpdateWorkspaceTemplate", request, admin=True)
+    return 1 if response is None else show(args, response.workspace_template, f"updated {args.id}")
+
+
+def _add_parameters(template: config_pb2.WorkspaceTemplate, specs: list[str]) -> None:
+    for spec in specs:
+        name, _, default = spec.partition("=")
+        template.parameters.add(name=name, default_value=default)
 
 
 async def template_delete(args: argparse.Namespace) -> int:

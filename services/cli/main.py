@@ -15,6 +15,10 @@ import sys
 from collections.abc import Sequence
 
 from services.common import aio
+from services.common.hardening import make_undumpable
+
+# Commands that run outside the control plane's trust domain and harden themselves.
+SELF_HARDENING_COMMANDS = frozenset({"workspace-agent"})
 
 COMMAND_MODULES: list[str] = [
     "services.cli.serve",
@@ -41,6 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the `agentplane` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "workspace-agent":
+        # The agent runs inside workspaces: its own light entry point, none of the service modules.
+        from services.agent.main import main as agent_main
+
+        sys.exit(agent_main(argv[1:]))
+    if not argv or argv[0] not in SELF_HARDENING_COMMANDS:
+        # Before anything reads a secret: no same-uid process may ptrace this one or read its
+        # /proc/PID/environ or memory (a workspace's code included).
+        make_undumpable()
     args = build_parser().parse_args(argv)
     result = args.func(args)
     if inspect.iscoroutine(result):

@@ -134,7 +134,11 @@ def start_redis(
     if log_file:
         args += ["--logfile", log_file]
     os.chmod(REDIS_SERVER_PATH, 0o755)
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Not the caller's environment: it may hold provider keys and the token-signing secret, and a
+    # dumpable redis-server's /proc/PID/environ is readable by any process of the same uid.
+    process = subprocess.Popen(
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={"PATH": os.defpath}
+    )
     deadline = time.monotonic() + startup_timeout
     while True:
         if process.poll() is not None:

@@ -72,6 +72,7 @@ def template_from_row(row: dict[str, Any]) -> config_pb2.WorkspaceTemplate:
         name=row["name"],
         description=row["description"],
         enabled=row["enabled"],
+        network_access=row["network_access"],
         create_time=timestamp(row["create_time"]),
         update_time=timestamp(row["update_time"]),
     )

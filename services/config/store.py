@@ -38,7 +38,7 @@ _MODEL_COLUMNS = {
     "pricing",
     "options",
 }
-_TEMPLATE_COLUMNS = {"name", "description", "parameters", "source", "enabled"}
+_TEMPLATE_COLUMNS = {"name", "description", "parameters", "source", "enabled", "network_access"}
 
 
 def _adapt(value: Any) -> Any:

@@ -41,7 +41,7 @@ MODEL_UPDATE_PATHS = (
     "pricing",
     "options",
 )
-TEMPLATE_UPDATE_PATHS = ("name", "description", "parameters", "source", "enabled")
+TEMPLATE_UPDATE_PATHS = ("name", "description", "parameters", "source", "enabled", "network_access")
 
 
 def uuid_field(field: str, value: str) -> str:
@@ -269,6 +269,8 @@ def template_fields(
             out[path] = _source(template)
         elif path == "enabled":
             out[path] = template.enabled
+        elif path == "network_access":
+            out[path] = template.network_access
     return out
 
 

@@ -1,16 +1,20 @@
-"""CallTool's domain logic: owner check, ledger, validation, run, record (no grpc).
+"""CallTool's domain logic: owner check, ledger, validation, routing to the agent, record (no grpc).
 
-Order for a new call: the ledger row is inserted as 'started' (one statement), the tool
-runs with no transaction open, then the row is completed (one statement). A read-only tool
-runs first and is then recorded as completed (one statement). A repeated
+Order for a new call: the ledger row is inserted as 'started' (one statement), the call goes
+to the workspace's agent with no transaction open, then the row is completed (one statement).
+A read-only tool runs first and is then recorded as completed (one statement). A repeated
 tool_call_id returns the recorded result with `replayed` set and runs nothing. A row left
-'started' by a service that died mid-call is answered with an "interrupted" error result,
-recorded so that every later retry gets the same answer; the call is never re-run.
+'started' by a toolexec that died mid-call is sent to the agent again under the same id: the
+agent answers it from its own record (or waits for the run in progress), so it never runs
+twice. A call that never reached an agent (offline), or whose outcome is unknown (the
+connection was lost for good), is answered with an error result and not recorded, so a retry
+with the same id asks the agent again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -18,8 +22,14 @@ from dataclasses import dataclass, replace
 from services.agent.tools.base import ToolError, ToolResult
 from services.common.auth import Identity
 from services.common.errors import AgentplaneError, InvalidArgument
-from services.toolexec.driver import WorkspaceDriver
 from services.toolexec.ledger import Ledger, LedgerEntry, call_fingerprint
+from services.toolexec.router import (
+    AgentOffline,
+    AgentOutcomeUnknown,
+    AgentRouter,
+    offline_result,
+    unknown_outcome_result,
+)
 from services.toolexec.tools.validation import parse_arguments
 from services.toolexec.workspaces import WorkspaceManager
 
@@ -39,16 +49,6 @@ class CallOutcome:
     result: ToolResult
     replayed: bool
     duration_seconds: float
-
-
-def interrupted_result(tool_call_id: str, name: str) -> ToolResult:
-    """The answer for a call whose earlier attempt was cut off by a toolexec restart."""
-    return ToolError(
-        f"the previous attempt of this {name} call (tool_call_id {tool_call_id!r}) was interrupted by a "
-        "toolexec restart and may have partly run; it was not run again. Check the workspace state "
-        "(for example with read_file or execute) before retrying with a new tool call.",
-        code="interrupted",
-    ).to_result()
 
 
 def reused_id_result(tool_call_id: str, recorded_tool: str) -> ToolResult:
@@ -71,9 +71,9 @@ def _sanitize(result: ToolResult) -> ToolResult:
 class ToolCaller:
     """Runs tool calls through the ledger."""
 
-    def __init__(self, workspaces: WorkspaceManager, driver: WorkspaceDriver, ledger: Ledger) -> None:
+    def __init__(self, workspaces: WorkspaceManager, router: AgentRouter, ledger: Ledger) -> None:
         self._workspaces = workspaces
-        self._driver = driver
+        self._router = router
         self._ledger = ledger
         # Calls running in this process, by (workspace, tool_call_id): a duplicate waits for the first.
         self._inflight: dict[tuple[str, str], tuple[str, asyncio.Task[CallOutcome]]] = {}
@@ -131,17 +131,39 @@ class ToolCaller:
             )
         entry = await self._ledger.begin(workspace_id, tool_call_id, name, sha)
         if entry is not None:
-            return await self._answer_recorded(entry, workspace_id, tool_call_id, name, sha)
+            return await self._answer_recorded(
+                entry, workspace_id, tool_call_id, name, sha, arguments_json, timeout_seconds
+            )
+        return await self._run_and_complete(
+            workspace_id, tool_call_id, name, arguments_json, sha, timeout_seconds
+        )
+
+    async def _run_and_complete(
+        self,
+        workspace_id: str,
+        tool_call_id: str,
+        name: str,
+        arguments_json: str,
+        sha: str,
+        timeout_seconds: float | None,
+        replayed: bool = False,
+    ) -> CallOutcome:
+        """Send the call (its ledger row is 'started') to the agent and record what it answers."""
         started = time.monotonic()
         try:
-            result = await self._execute(workspace_id, name, arguments_json, timeout_seconds)
-        except AgentplaneError:
-            # The workspace cannot run tools (its directory is gone): nothing ran, so no record.
-            await self._ledger.forget(workspace_id, tool_call_id)
+            result, final = await self._execute(
+                workspace_id, tool_call_id, name, arguments_json, sha, timeout_seconds
+            )
+        except BaseException:
+            # Nothing known to have run (or we are going away): a retry asks the agent again.
+            await asyncio.shield(self._ledger.forget(workspace_id, tool_call_id))
             raise
         duration = time.monotonic() - started
+        if not final:
+            await self._ledger.forget(workspace_id, tool_call_id)
+            return CallOutcome(result, False, duration)
         await self._ledger.complete(workspace_id, tool_call_id, result, duration * 1000)
-        return CallOutcome(result, False, duration)
+        return CallOutcome(result, replayed, duration)
 
     async def _process_read_only(
         self,
@@ -157,38 +179,69 @@ class ToolCaller:
         A repeated id is answered from the ledger as always (the read just happens again first).
         """
         started = time.monotonic()
-        result = await self._execute(workspace_id, name, arguments_json, timeout_seconds)
+        result, final = await self._execute(
+            workspace_id, tool_call_id, name, arguments_json, sha, timeout_seconds
+        )
         duration = time.monotonic() - started
+        if not final:
+            return CallOutcome(result, False, duration)
         entry = await self._ledger.record(workspace_id, tool_call_id, name, sha, result, duration * 1000)
         if entry is not None:
-            return await self._answer_recorded(entry, workspace_id, tool_call_id, name, sha)
+            return await self._answer_recorded(
+                entry, workspace_id, tool_call_id, name, sha, arguments_json, timeout_seconds
+            )
         return CallOutcome(result, False, duration)
 
     async def _answer_recorded(
-        self, entry: LedgerEntry, workspace_id: str, tool_call_id: str, name: str, sha: str
+        self,
+        entry: LedgerEntry,
+        workspace_id: str,
+        tool_call_id: str,
+        name: str,
+        sha: str,
+        arguments_json: str,
+        timeout_seconds: float | None,
     ) -> CallOutcome:
         """The answer for a tool_call_id the ledger already holds."""
         if entry.arguments_sha256 != sha:
             return CallOutcome(reused_id_result(tool_call_id, entry.tool_name), False, 0.0)
         if entry.completed and entry.result is not None:
             return CallOutcome(entry.result, True, entry.duration_ms / 1000)
-        result = interrupted_result(tool_call_id, name)
-        if not await self._ledger.complete(workspace_id, tool_call_id, result, 0.0, interrupted=True):
-            # Completed meanwhile by someone else: answer with what they recorded.
-            again = await self._ledger.begin(workspace_id, tool_call_id, name, sha)
-            if again is not None and again.result is not None:
-                return CallOutcome(again.result, True, again.duration_ms / 1000)
-        return CallOutcome(result, True, 0.0)
+        # Started by a toolexec that died (or by another replica, still running it): ask the
+        # agent again under the same id; it answers from its record or waits for the run.
+        return await self._run_and_complete(
+            workspace_id, tool_call_id, name, arguments_json, sha, timeout_seconds, replayed=True
+        )
 
     async def _execute(
-        self, workspace_id: str, name: str, arguments_json: str, timeout_seconds: float | None
-    ) -> ToolResult:
-        """Validate and run the tool; every failure the model can act on becomes an error result."""
+        self,
+        workspace_id: str,
+        tool_call_id: str,
+        name: str,
+        arguments_json: str,
+        sha: str,
+        timeout_seconds: float | None,
+    ) -> tuple[ToolResult, bool]:
+        """Validate and run the tool on the agent; the result, and whether it is final (to record).
+
+        Every failure the model can act on becomes an error result.
+        """
         try:
             args = parse_arguments(name, arguments_json)
-            result = await self._driver.run_tool(workspace_id, name, args, timeout_seconds)
+            result = await self._router.call(
+                workspace_id,
+                tool_call_id,
+                name,
+                json.dumps(args, separators=(",", ":")),
+                sha,
+                timeout_seconds,
+            )
         except ToolError as exc:
             result = exc.to_result()
+        except AgentOffline as exc:
+            return offline_result(exc.message), False
+        except AgentOutcomeUnknown:
+            return unknown_outcome_result(name), False
         except AgentplaneError:
             raise
         except Exception:
@@ -198,4 +251,4 @@ class ToolCaller:
                 "before retrying.",
                 code="internal_error",
             ).to_result()
-        return _sanitize(result)
+        return _sanitize(result), True

@@ -1,17 +1,20 @@
-"""The workspace driver interface: where a workspace lives and how tools run in it.
+"""The workspace driver interface: where a workspace's agent runs and how it is started.
 
-The local driver (`services.toolexec.local_driver`) keeps workspaces as directories on
-this host; a Kubernetes driver (a pod per workspace) will implement the same protocol.
-Everything above the driver (records, owner checks, the ledger, argument validation) is
-shared by all drivers.
+Everything above the driver (records, tokens, owner checks, the ledger, argument validation,
+routing calls to the agent) is shared by all drivers. `local` runs each agent in a sandbox on
+the toolexec host; `external` leaves running the agent to whoever holds its token; a
+Kubernetes driver (a pod per workspace) will implement the same protocol.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
-from services.agent.tools.base import ToolResult
 from services.toolexec.templates import TemplateFill
+
+# Issues a fresh agent token for a workspace (stores its hash, returns the token once).
+TokenIssuer = Callable[[str], Awaitable[str]]
 
 
 class WorkspaceFillError(Exception):
@@ -19,21 +22,46 @@ class WorkspaceFillError(Exception):
 
 
 class WorkspaceDriver(Protocol):
-    """Creates, deletes and runs tools in workspaces."""
+    """Creates, starts and deletes workspaces' agents."""
+
+    name: str
 
     async def start(self) -> None:
-        """Prepare the driver (clean up after a crashed predecessor)."""
+        """Prepare the driver."""
 
-    async def create(self, workspace_id: str, fill: TemplateFill | None) -> None:
-        """Create the workspace, filled from `fill` (empty when None); raises `WorkspaceFillError`."""
+    async def create(self, workspace_id: str, fill: TemplateFill | None, token: str, network: bool) -> None:
+        """Create the workspace, filled from `fill`, and start its agent if this driver runs agents."""
+
+    async def ensure_agent(self, workspace_id: str) -> None:
+        """Start the workspace's agent if it is not running and this driver can (no-op otherwise)."""
 
     async def delete(self, workspace_id: str) -> None:
-        """Kill the workspace's processes and remove it; a missing workspace is not an error."""
-
-    async def run_tool(
-        self, workspace_id: str, name: str, args: dict[str, Any], max_seconds: float | None
-    ) -> ToolResult:
-        """Run the validated call `name(args)`; tool failures come back as error results."""
+        """Kill everything the workspace ran and remove it; a missing workspace is not an error."""
 
     async def close(self) -> None:
-        """Kill every process this driver started (service shutdown)."""
+        """Release the driver (agents keep running: they outlive a toolexec restart)."""
+
+
+class ExternalDriver:
+    """Agents run wherever their owner starts them; toolexec only routes to them."""
+
+    name = "external"
+
+    async def start(self) -> None:
+        """Nothing to prepare."""
+
+    async def create(self, workspace_id: str, fill: TemplateFill | None, token: str, network: bool) -> None:
+        """Nothing to create: the agent brings its own directory."""
+        if fill is not None:
+            raise WorkspaceFillError(
+                "templates fill workspaces of the local driver; an external agent serves its own directory"
+            )
+
+    async def ensure_agent(self, workspace_id: str) -> None:
+        """toolexec cannot start an external agent."""
+
+    async def delete(self, workspace_id: str) -> None:
+        """The agent was told to terminate by the caller; nothing of it lives here."""
+
+    async def close(self) -> None:
+        """Nothing to release."""

@@ -1,154 +1,331 @@
-"""The local workspace driver: a directory per workspace on this host, processes run here."""
+"""The local driver: each workspace's agent in a sandbox on this toolexec host.
+
+Layout under ``AGENTPLANE_WORKSPACES_DIR``:
+
+- ``<id>/`` — the workspace root (the sandbox's /workspace), owned by the workspace user;
+- ``.agents/<id>/state/`` — the agent's record of recent calls (outside the root);
+- ``.agents/<id>/agent.json`` — the agent's pid and start time, and whether it has network;
+- ``.agents/<id>/agent.log`` — what the agent logs;
+- ``.sock/agent.sock`` — the Unix socket agents dial (the only thing of toolexec a sandbox sees).
+
+Agents are started detached: they outlive a toolexec restart, and so do their background
+processes. A workspace whose agent is gone (host reboot, crash) gets a new agent, with a new
+token, the next time a call needs it. Template filling runs in a one-shot sandbox too.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
+import re
+import shlex
 import shutil
-from collections.abc import Awaitable, Callable
+import signal
+import sys
 from typing import Any
 
-from services.agent.processes import ProcessManager, command_environment
-from services.agent.tools import exec as exec_tools
-from services.agent.tools import files
-from services.agent.tools.base import ToolError, ToolResult
-from services.agent.tools.exec import ExecContext
-from services.common.errors import FailedPrecondition
-from services.toolexec.driver import WorkspaceFillError
-from services.toolexec.settings import ToolexecSettings
+from services.agent import reaper
+from services.toolexec.driver import TokenIssuer, WorkspaceFillError
+from services.toolexec.sandbox import (
+    SOCKET_MOUNT,
+    SOCKET_NAME,
+    STATE_MOUNT,
+    TEMPLATE_MOUNT,
+    WORKSPACE_MOUNT,
+    Sandbox,
+    bwrap_argv,
+    environment,
+    privilege_drop,
+)
 from services.toolexec.templates import DirectoryFill, GitFill, TemplateFill
 
 log = logging.getLogger(__name__)
 
-GIT_TIMEOUT_SECONDS = 600.0
-RECORDS_DIRNAME = ".processes"
-
-FileTool = Callable[[files.Root, dict[str, Any]], ToolResult]
-ExecTool = Callable[[ExecContext, dict[str, Any]], Awaitable[ToolResult]]
-FILE_TOOLS: dict[str, FileTool] = {
-    "read_file": files.read_file,
-    "write_file": files.write_file,
-    "edit_files": files.edit_files,
-}
-EXEC_TOOLS: dict[str, ExecTool] = {
-    "execute": exec_tools.execute,
-    "process_output": exec_tools.process_output,
-    "process_list": exec_tools.process_list,
-    "process_signal": exec_tools.process_signal,
-}
+FILL_TIMEOUT_SECONDS = 600.0
+AGENTS_DIRNAME = ".agents"
+SOCKET_DIRNAME = ".sock"
+_REMOTE_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://|^[^/]+@[^/]+:|^[^/:]+:[^/]")
 
 
 class LocalDriver:
-    """Workspaces as directories under ``AGENTPLANE_WORKSPACES_DIR/<id>``."""
+    """Agents in sandboxes on this host, started and stopped by toolexec."""
 
-    def __init__(self, settings: ToolexecSettings) -> None:
-        self._dir = os.path.realpath(settings.workspaces_dir)
+    name = "local"
+
+    def __init__(self, workspaces_dir: str, sandbox: Sandbox) -> None:
+        self._dir = os.path.realpath(workspaces_dir)
+        self.sandbox = sandbox
         os.makedirs(self._dir, exist_ok=True)
-        self.processes = ProcessManager(
-            os.path.join(self._dir, RECORDS_DIRNAME),
-            settings.limits,
-            max_finished_per_workspace=settings.max_finished_processes,
-        )
+        os.makedirs(os.path.join(self._dir, AGENTS_DIRNAME), mode=0o711, exist_ok=True)
+        self.socket_dir = os.path.join(self._dir, SOCKET_DIRNAME)
+        os.makedirs(self.socket_dir, mode=0o755, exist_ok=True)
+        os.chmod(self.socket_dir, 0o755)
+        self._issue_token: TokenIssuer | None = None
+        self._children: dict[str, asyncio.subprocess.Process] = {}
+        self._starting: dict[str, asyncio.Lock] = {}
+
+    @property
+    def socket_path(self) -> str:
+        """The Unix socket toolexec listens on for this host's agents."""
+        return os.path.join(self.socket_dir, SOCKET_NAME)
+
+    def set_token_issuer(self, issue: TokenIssuer) -> None:
+        """How the driver gets a fresh token when it must start an agent again."""
+        self._issue_token = issue
 
     def path_of(self, workspace_id: str) -> str:
-        """The directory of a workspace (ids are validated by the caller: no slashes, no dots)."""
+        """The workspace root on this host (ids are validated by the caller: no slashes, no dots)."""
         return os.path.join(self._dir, workspace_id)
 
-    async def start(self) -> None:
-        """Kill processes a crashed predecessor left behind."""
-        killed = await asyncio.to_thread(self.processes.sweep_leftovers)
-        if killed:
-            log.warning("killed processes left by a previous run", extra={"killed": killed})
+    def agent_dir(self, workspace_id: str) -> str:
+        """Where the agent's state, pid and log live on this host."""
+        return os.path.join(self._dir, AGENTS_DIRNAME, workspace_id)
 
-    async def create(self, workspace_id: str, fill: TemplateFill | None) -> None:
-        """Create the directory and fill it from the template."""
-        path = self.path_of(workspace_id)
-        await asyncio.to_thread(os.mkdir, path, 0o755)
+    async def start(self) -> None:
+        """Nothing to sweep: agents of earlier runs keep running and reconnect by themselves."""
+
+    async def create(self, workspace_id: str, fill: TemplateFill | None, token: str, network: bool) -> None:
+        """Make the directories, fill the root in a sandbox, start the agent."""
+        await asyncio.to_thread(self._make_dirs, workspace_id, network)
+        if fill is not None:
+            await self._fill(workspace_id, fill)
+        await self._start_agent(workspace_id, token)
+
+    def _make_dirs(self, workspace_id: str, network: bool) -> None:
+        root = self.path_of(workspace_id)
+        agent_dir = self.agent_dir(workspace_id)
+        os.mkdir(root, 0o755)
+        os.makedirs(os.path.join(agent_dir, "state"), mode=0o700, exist_ok=True)
+        if self.sandbox.drops_privileges():
+            for path in (root, os.path.join(agent_dir, "state")):
+                os.chown(path, self.sandbox.uid, self.sandbox.gid)
+        self._write_info(workspace_id, {"network": network})
+
+    def _info_path(self, workspace_id: str) -> str:
+        return os.path.join(self.agent_dir(workspace_id), "agent.json")
+
+    def _read_info(self, workspace_id: str) -> dict[str, Any]:
+        try:
+            with open(self._info_path(workspace_id)) as f:
+                data = json.load(f)
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _write_info(self, workspace_id: str, info: dict[str, Any]) -> None:
+        path = self._info_path(workspace_id)
+        with open(path + ".tmp", "w") as f:
+            json.dump(info, f)
+        os.replace(path + ".tmp", path)
+
+    def agent_pid(self, workspace_id: str) -> int | None:
+        """The pid of the workspace's running agent (its sandbox), or None."""
+        info = self._read_info(workspace_id)
+        pid, started = info.get("pid"), info.get("start_time")
+        if not isinstance(pid, int) or not isinstance(started, int):
+            return None
+        return pid if _start_time(pid) == started else None
+
+    async def ensure_agent(self, workspace_id: str) -> None:
+        """Start the agent if its process is gone (it reconnects by itself otherwise)."""
+        if not os.path.isdir(self.path_of(workspace_id)):
+            return
+        lock = self._starting.setdefault(workspace_id, asyncio.Lock())
+        async with lock:
+            if self.agent_pid(workspace_id) is not None or self._issue_token is None:
+                return
+            log.info("starting the workspace agent again", extra={"workspace_id": workspace_id})
+            await self._start_agent(workspace_id, await self._issue_token(workspace_id))
+
+    def agent_argv(self, workspace_id: str) -> list[str]:
+        """The full command that starts the workspace's agent in its sandbox."""
+        network = bool(self._read_info(workspace_id).get("network"))
+        python = [sys.executable, "-I", "-m", "services.agent"]
+        if self.sandbox.mode == "bwrap":
+            prefix = bwrap_argv(
+                self.sandbox,
+                workspace=self.path_of(workspace_id),
+                network=network,
+                state=os.path.join(self.agent_dir(workspace_id), "state"),
+                socket_dir=self.socket_dir,
+            )
+            url, root, state = f"unix://{SOCKET_MOUNT}/{SOCKET_NAME}", WORKSPACE_MOUNT, STATE_MOUNT
+        else:
+            prefix = []
+            url = f"unix://{self.socket_path}"
+            root, state = self.path_of(workspace_id), os.path.join(self.agent_dir(workspace_id), "state")
+        args = [
+            "--url",
+            url,
+            "--workspace",
+            workspace_id,
+            "--root",
+            root,
+            "--state-dir",
+            state,
+            "--token-stdin",
+        ]
+        return [*prefix, *privilege_drop(self.sandbox), *python, *args]
+
+    async def _start_agent(self, workspace_id: str, token: str) -> None:
+        argv = self.agent_argv(workspace_id)
+        log_path = os.path.join(self.agent_dir(workspace_id), "agent.log")
+        env = environment(WORKSPACE_MOUNT if self.sandbox.mode == "bwrap" else self.path_of(workspace_id))
+        with open(log_path, "ab") as log_file:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=log_file,
+                stderr=log_file,
+                env=env,
+                cwd=self.path_of(workspace_id),
+                start_new_session=True,
+                close_fds=True,
+            )
+        assert proc.stdin is not None
+        proc.stdin.write(token.encode() + b"\n")
+        with contextlib.suppress(ConnectionError):
+            await proc.stdin.drain()
+        proc.stdin.close()
+        info = self._read_info(workspace_id)
+        info.update(pid=proc.pid, start_time=_start_time(proc.pid))
+        await asyncio.to_thread(self._write_info, workspace_id, info)
+        self._children[workspace_id] = proc
+        asyncio.create_task(self._reap(workspace_id, proc))
+
+    async def _reap(self, workspace_id: str, proc: asyncio.subprocess.Process) -> None:
+        code = await proc.wait()
+        if self._children.get(workspace_id) is proc:
+            del self._children[workspace_id]
+        log.info("workspace agent exited", extra={"workspace_id": workspace_id, "exit_code": code})
+
+    async def _fill(self, workspace_id: str, fill: TemplateFill) -> None:
+        # HOME on the sandbox's own /tmp: git's global config (below) lives and dies with it.
+        env = {**environment(), "HOME": "/tmp"}
+        template: str | None = None
+        extra_ro: list[str] = []
+        network = False
         if isinstance(fill, DirectoryFill):
-            await asyncio.to_thread(_copy_directory, fill.path, path)
-        elif isinstance(fill, GitFill):
-            await _git_clone(fill, path)
+            if not os.path.isdir(fill.path):
+                raise WorkspaceFillError(
+                    f"template directory {fill.path!r} does not exist on the toolexec host"
+                )
+            template = os.path.realpath(fill.path)
+            commands = [["cp", "-a", "--no-preserve=ownership", f"{TEMPLATE_MOUNT}/.", f"{WORKSPACE_MOUNT}/"]]
+            what = f"copying template directory {fill.path!r}"
+        else:
+            assert isinstance(fill, GitFill)
+            if _REMOTE_URL.match(fill.url):
+                network = True
+            elif os.path.exists(fill.url):
+                extra_ro.append(os.path.realpath(fill.url))
+            # The workspace user reads a local template repository owned by someone else; git's
+            # local transport drops GIT_CONFIG_* from the environment, so a global config it is.
+            commands = [
+                ["git", "config", "--global", "safe.directory", "*"],
+                ["git", "clone", "--quiet", "--", fill.url, WORKSPACE_MOUNT],
+            ]
+            if fill.ref:
+                commands.append(["git", "-C", WORKSPACE_MOUNT, "checkout", "--quiet", fill.ref, "--"])
+            what = f"git clone of {fill.url!r}" + (f" at {fill.ref!r}" if fill.ref else "")
+        script = " && ".join(shlex.join(command) for command in commands)
+        await self._run_sandboxed(workspace_id, ["sh", "-c", script], env, template, extra_ro, network, what)
+
+    async def _run_sandboxed(
+        self,
+        workspace_id: str,
+        command: list[str],
+        env: dict[str, str],
+        template: str | None,
+        extra_ro: list[str],
+        network: bool,
+        what: str,
+    ) -> None:
+        root = self.path_of(workspace_id)
+        if self.sandbox.mode == "bwrap":
+            prefix = bwrap_argv(
+                self.sandbox, workspace=root, network=network, template=template, extra_ro=extra_ro, env=env
+            )
+        else:
+            prefix = []
+            mapping = {WORKSPACE_MOUNT: root, TEMPLATE_MOUNT: template or TEMPLATE_MOUNT}
+            command = [_unmount(arg, mapping) for arg in command]
+        proc = await asyncio.create_subprocess_exec(
+            *prefix,
+            *privilege_drop(self.sandbox),
+            *command,
+            cwd=root,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), FILL_TIMEOUT_SECONDS)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+            raise WorkspaceFillError(f"{what} took longer than {FILL_TIMEOUT_SECONDS:g} s") from None
+        if proc.returncode != 0:
+            message = out.decode("utf-8", errors="replace").strip()[-2000:]
+            raise WorkspaceFillError(f"{what} failed (exit {proc.returncode}): {message}")
 
     async def delete(self, workspace_id: str) -> None:
-        """Kill the workspace's processes, then remove its directory."""
-        await self.processes.kill_workspace(workspace_id)
-        path = self.path_of(workspace_id)
-        await asyncio.to_thread(_remove_tree, path)
+        """Kill the sandbox with everything in it (detached and double-forked processes too), remove it all."""
+        await asyncio.to_thread(self.kill_agent, workspace_id)
+        proc = self._children.pop(workspace_id, None)
+        if proc is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), 10)
+        await asyncio.to_thread(_remove_tree, self.path_of(workspace_id))
+        await asyncio.to_thread(_remove_tree, self.agent_dir(workspace_id))
 
-    async def run_tool(
-        self, workspace_id: str, name: str, args: dict[str, Any], max_seconds: float | None
-    ) -> ToolResult:
-        """Run a validated tool call in the workspace directory."""
-        path = self.path_of(workspace_id)
-        try:
-            root_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise FailedPrecondition(
-                f"workspace {workspace_id} has no directory on this host", reason="WORKSPACE_MISSING"
-            ) from None
-        try:
-            root = files.Root(root_fd, path)
-            try:
-                file_tool = FILE_TOOLS.get(name)
-                if file_tool is not None:
-                    return await asyncio.to_thread(file_tool, root, args)
-                ctx = ExecContext(workspace_id, root, self.processes, max_seconds)
-                return await EXEC_TOOLS[name](ctx, args)
-            except ToolError as exc:
-                return exc.to_result()
-            except OSError as exc:
-                # An OS refusal the model can react to (permissions, disk full, name too long, ...).
-                return ToolError(
-                    f"{name} failed: {exc.strerror or exc}. Check the path and arguments and try again.",
-                    code="os_error",
-                ).to_result()
-        finally:
-            os.close(root_fd)
+    def kill_agent(self, workspace_id: str) -> int:
+        """SIGKILL the agent and every descendant (all of the sandbox); returns how many processes."""
+        pid = self.agent_pid(workspace_id)
+        if pid is None:
+            return 0
+        # Stop the agent first so it starts nothing new, then everything below it (in a
+        # sandbox the PID namespace dies with its first process anyway).
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGSTOP)
+        killed = reaper.kill_descendants(pid)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
+        return killed
+
+    def kill_all_agents(self) -> int:
+        """Kill every agent of this workspaces directory (tests; `agentplane up --stop-agents`)."""
+        base = os.path.join(self._dir, AGENTS_DIRNAME)
+        killed = 0
+        for workspace_id in os.listdir(base) if os.path.isdir(base) else []:
+            killed += self.kill_agent(workspace_id)
+        return killed
 
     async def close(self) -> None:
-        """Kill every process of every workspace."""
-        await self.processes.close()
+        """Agents keep running (they reconnect to the next toolexec); nothing to release."""
 
 
-def _copy_directory(source: str, dest: str) -> None:
-    if not os.path.isdir(source):
-        raise WorkspaceFillError(f"template directory {source!r} does not exist on the toolexec host")
+def _unmount(arg: str, mapping: dict[str, str]) -> str:
+    for inside, outside in mapping.items():
+        if arg == inside or arg.startswith(inside + "/"):
+            return outside + arg[len(inside) :]
+    return arg
+
+
+def _start_time(pid: int) -> int:
     try:
-        # Symlinks are copied as links (never followed), so a template cannot pull in outside files.
-        shutil.copytree(source, dest, symlinks=True, dirs_exist_ok=True)
-    except (OSError, shutil.Error) as exc:
-        raise WorkspaceFillError(f"copying template directory {source!r} failed: {exc}") from None
-
-
-async def _git_clone(fill: GitFill, dest: str) -> None:
-    await _git(["clone", "--quiet", "--", fill.url, dest], cwd=None, what=f"git clone of {fill.url!r}")
-    if fill.ref:
-        await _git(["checkout", "--quiet", fill.ref, "--"], cwd=dest, what=f"git checkout of {fill.ref!r}")
-
-
-async def _git(argv: list[str], cwd: str | None, what: str) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        "git",
-        *argv,
-        cwd=cwd,
-        env=command_environment(),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), GIT_TIMEOUT_SECONDS)
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, 9)
-        await proc.wait()
-        raise WorkspaceFillError(f"{what} took longer than {GIT_TIMEOUT_SECONDS:g} s") from None
-    if proc.returncode != 0:
-        message = out.decode("utf-8", errors="replace").strip()[-2000:]
-        raise WorkspaceFillError(f"{what} failed (exit {proc.returncode}): {message}")
+        with open(f"/proc/{pid}/stat") as f:
+            raw = f.read()
+    except OSError:
+        return -1
+    return int(raw[raw.rfind(")") + 2 :].split()[19])
 
 
 def _remove_tree(path: str) -> None:

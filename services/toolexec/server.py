@@ -2,35 +2,69 @@
 
 `build(settings)` returns a bound, not yet started `ServerHandle` (the kit's convention);
 `build_server` / `start` return a `ToolexecServer` that also exposes the domain parts.
+
+One process serves three gRPC services on its TCP port — `ToolExecService` (users and the
+chat service), `WorkspaceAgentService` (external agents dial it with their agent token) and
+`AgentRelayService` (other toolexec replicas) — and `WorkspaceAgentService` alone on a Unix
+socket, the only thing of toolexec the local driver's sandboxes see.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc.aio
 from agentplane.toolexec.v1 import toolexec_service_pb2_grpc
+from agentplane.toolexec.v1 import workspace_agent_service_pb2 as agent_pb
+from agentplane.toolexec.v1 import workspace_agent_service_pb2_grpc as agent_grpc
 
 from services.common import aio, db
 from services.common.auth import ServiceTokenProvider
-from services.common.server import ServerHandle, create_server, run_service
-from services.common.settings import Settings
+from services.common.interceptors import (
+    AUTH_EXEMPT_PREFIXES,
+    AuthInterceptor,
+    ErrorInterceptor,
+    RequestContextInterceptor,
+)
+from services.common.metrics import MetricsInterceptor, RpcMetrics
+from services.common.server import SERVER_OPTIONS, ServerHandle, create_server, run_service
+from services.common.settings import Settings, SettingsError
+from services.toolexec import sandbox as sandboxes
+from services.toolexec.agent_hub import AgentHub
+from services.toolexec.agent_servicer import AgentRelayServicer, WorkspaceAgentServicer
+from services.toolexec.agent_store import AgentStore
 from services.toolexec.calls import ToolCaller
+from services.toolexec.driver import ExternalDriver, WorkspaceDriver
 from services.toolexec.ledger import Ledger
-from services.toolexec.local_driver import LocalDriver
+from services.toolexec.local_driver import FILL_TIMEOUT_SECONDS, LocalDriver
+from services.toolexec.router import AgentRouter
 from services.toolexec.servicer import ToolExecServicer
 from services.toolexec.settings import ToolexecSettings
 from services.toolexec.store import WorkspaceStore
 from services.toolexec.templates import TemplateFetcher
 from services.toolexec.workspaces import WorkspaceManager
 
-# The standard event loop: spawning commands (with preexec_fn for rlimits) is several times
-# slower under uvloop; see services/common/aio.py.
+log = logging.getLogger(__name__)
+
+# The standard event loop: spawning commands is several times slower under uvloop; see
+# services/common/aio.py.
 EVENT_LOOP = aio.ASYNCIO
 
 SERVICE_NAME = "toolexec"
-FULL_SERVICE_NAMES = ["agentplane.toolexec.v1.ToolExecService"]
+FULL_SERVICE_NAMES = [
+    "agentplane.toolexec.v1.ToolExecService",
+    "agentplane.toolexec.v1.WorkspaceAgentService",
+    "agentplane.toolexec.v1.AgentRelayService",
+]
+# Agents authenticate with their workspace token, checked by the Connect handler itself.
+AGENT_SERVICE_PREFIX = "/agentplane.toolexec.v1.WorkspaceAgentService/"
+SWEEP_INTERVAL_SECONDS = 60.0
+CREATING_STALE_SECONDS = FILL_TIMEOUT_SECONDS + 120.0
 
 
 @dataclass
@@ -41,6 +75,12 @@ class ToolexecServer:
     workspaces: WorkspaceManager
     caller: ToolCaller
     driver: LocalDriver
+    hub: AgentHub
+    router: AgentRouter
+    agents: AgentStore
+    replica_id: str
+    agent_server: grpc.aio.Server | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
     def port(self) -> int:
@@ -53,8 +93,16 @@ class ToolexecServer:
         return self.handle.address
 
     async def stop(self, grace: float | None = 0) -> None:
-        """Stop serving, kill every workspace process, close the pool."""
+        """Stop serving and close the pool (agents keep running and reconnect to the next toolexec)."""
         await self.handle.stop(grace)
+
+
+def choose_sandbox(tx: ToolexecSettings) -> sandboxes.Sandbox:
+    """The sandbox of the local driver; SettingsError (saying what to do) when none is possible."""
+    try:
+        return sandboxes.choose(tx.sandbox, tx.workspace_uid, tx.workspace_uid)
+    except (sandboxes.SandboxUnavailable, ValueError) as exc:
+        raise SettingsError(str(exc)) from None
 
 
 async def build_server(
@@ -65,13 +113,21 @@ async def build_server(
 ) -> ToolexecServer:
     """Build (not start) toolexec on its configured port (0 = ephemeral).
 
-    `toolexec_settings` default to the environment (`AGENTPLANE_WORKSPACES_DIR`, rlimits);
+    `toolexec_settings` default to the environment (`AGENTPLANE_WORKSPACES_DIR`, sandbox, ...);
     `templates` default to the config service at ``settings.address("config")``.
     """
     tx = toolexec_settings or ToolexecSettings.from_env(settings)
-    instance_id = tx.instance_id or uuid.uuid4().hex
-    driver = LocalDriver(tx)
-    await driver.start()
+    sandbox = choose_sandbox(tx)
+    if not sandbox.isolated:
+        log.warning(
+            "workspace sandbox is %r: %s; %s", sandbox.mode, sandboxes.NOT_ISOLATED, sandboxes.INSTALL_HINT
+        )
+    replica_id = tx.instance_id or uuid.uuid4().hex
+    hub = AgentHub(replica_id)
+    local = LocalDriver(tx.workspaces_dir, sandbox)
+    drivers: dict[str, WorkspaceDriver] = {"local": local, "external": ExternalDriver()}
+    for driver in drivers.values():
+        await driver.start()
     closers = []
     if templates is None:
         from services.config.client import ConfigClient
@@ -94,21 +150,100 @@ async def build_server(
         options=f"-c statement_timeout=30000 -c synchronous_commit={sync}",
     )
     store = WorkspaceStore(pool)
-    workspaces = WorkspaceManager(store, driver, templates)
-    caller = ToolCaller(workspaces, driver, Ledger(pool, instance_id))
+    agents = AgentStore(pool)
+    workspaces = WorkspaceManager(store, drivers, templates, tx.default_driver)
+    local.set_token_issuer(workspaces.issue_token)
+    router = AgentRouter(
+        hub,
+        agents,
+        workspaces,
+        ServiceTokenProvider(settings.secret, SERVICE_NAME),
+        offline_wait_seconds=tx.offline_wait_seconds,
+        reconnect_grace_seconds=tx.reconnect_grace_seconds,
+        stale_after_seconds=tx.heartbeat_seconds * 3,
+    )
+    workspaces.on_terminate(
+        lambda ws: router.signal(
+            ws, agent_pb.AGENT_SIGNAL_KIND_TERMINATE_WORKSPACE, "the workspace was deleted"
+        )
+    )
+    workspaces.on_revoke(
+        lambda ws: router.signal(ws, agent_pb.AGENT_SIGNAL_KIND_TOKEN_REVOKED, "the agent token was rotated")
+    )
+    caller = ToolCaller(workspaces, router, Ledger(pool, replica_id))
+    agent_servicer = WorkspaceAgentServicer(hub, store, agents, "", tx.heartbeat_seconds)
+    address_holder: dict[str, str] = {}
+
+    def agent_url(driver: str) -> str:
+        return tx.agent_url or address_holder.get("address", "")
 
     def register(server: grpc.aio.Server) -> None:
         toolexec_service_pb2_grpc.add_ToolExecServiceServicer_to_server(
-            ToolExecServicer(workspaces, caller), server
+            ToolExecServicer(workspaces, caller, agents, hub, agent_url), server
+        )
+        agent_grpc.add_WorkspaceAgentServiceServicer_to_server(agent_servicer, server)
+        agent_grpc.add_AgentRelayServiceServicer_to_server(
+            AgentRelayServicer(hub, tx.reconnect_grace_seconds), server
         )
 
-    handle = create_server(settings, SERVICE_NAME, register, FULL_SERVICE_NAMES)
+    interceptors = [
+        MetricsInterceptor(RpcMetrics.for_registry()),
+        RequestContextInterceptor(),
+        ErrorInterceptor(),
+        AuthInterceptor(settings.secret, (*AUTH_EXEMPT_PREFIXES, AGENT_SERVICE_PREFIX)),
+    ]
+    handle = create_server(settings, SERVICE_NAME, register, FULL_SERVICE_NAMES, interceptors)
+    address = tx.advertise_address or handle.address
+    address_holder["address"] = address
+    agent_servicer.replica_address = address
+
+    # The sandboxes' way in: WorkspaceAgentService alone, on a Unix socket bound into each sandbox.
+    agent_server = grpc.aio.server(
+        interceptors=[RequestContextInterceptor(), ErrorInterceptor()], options=SERVER_OPTIONS
+    )
+    agent_grpc.add_WorkspaceAgentServiceServicer_to_server(agent_servicer, agent_server)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(local.socket_path)
+    agent_server.add_insecure_port(f"unix:{local.socket_path}")
+    await agent_server.start()
+    os.chmod(local.socket_path, 0o666)
+
+    server = ToolexecServer(handle, workspaces, caller, local, hub, router, agents, replica_id, agent_server)
+
+    async def refresh_last_seen() -> None:
+        while True:
+            await asyncio.sleep(tx.heartbeat_seconds)
+            try:
+                await agents.seen([link.connection_id for link in hub.links()])
+            except Exception:
+                log.warning("could not refresh the agents' last_seen", exc_info=True)
+
+    async def sweep_creating() -> None:
+        while True:
+            try:
+                await workspaces.sweep_creating(CREATING_STALE_SECONDS)
+            except Exception:
+                log.warning("could not sweep workspaces left creating", exc_info=True)
+            await asyncio.sleep(SWEEP_INTERVAL_SECONDS)
+
+    server.tasks += [asyncio.create_task(refresh_last_seen()), asyncio.create_task(sweep_creating())]
+
+    async def stop_background() -> None:
+        for task in server.tasks:
+            task.cancel()
+        await asyncio.gather(*server.tasks, return_exceptions=True)
+        await agent_server.stop(0)
+        await router.close()
+        with contextlib.suppress(Exception):
+            await agents.replica_gone(replica_id)
+
     handle.on_stop(pool.close)
     for close in closers:
         handle.on_stop(close)
-    # Runs first (callbacks run last-added first): no workspace process outlives the service.
-    handle.on_stop(driver.close)
-    return ToolexecServer(handle, workspaces, caller, driver)
+    handle.on_stop(local.close)
+    # Runs first (callbacks run last-added first), while the pool is still open.
+    handle.on_stop(stop_background)
+    return server
 
 
 async def start(

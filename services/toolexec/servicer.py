@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Callable
 from typing import Any
 
 import grpc.aio
@@ -13,6 +14,9 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from services.common.auth import current_identity
 from services.common.errors import InvalidArgument
+from services.toolexec.agent_hub import AgentHub
+from services.toolexec.agent_store import AgentInfo, AgentStore
+from services.toolexec.agent_tokens import agent_command
 from services.toolexec.calls import ToolCaller
 from services.toolexec.store import WorkspaceRecord
 from services.toolexec.tools.definitions import TOOLS
@@ -26,7 +30,26 @@ _STATES = {
 }
 
 
-def workspace_to_proto(record: WorkspaceRecord) -> toolexec_pb2.Workspace:
+def agent_to_proto(info: AgentInfo | None, live: bool) -> toolexec_pb2.WorkspaceAgent:
+    """The API form of an agent connection record (`live`: connected to this replica right now)."""
+    if info is None:
+        return toolexec_pb2.WorkspaceAgent(connected=live)
+    last_seen = timestamp_pb2.Timestamp()
+    last_seen.FromDatetime(info.last_seen)
+    connect_time = timestamp_pb2.Timestamp()
+    connect_time.FromDatetime(info.connect_time)
+    return toolexec_pb2.WorkspaceAgent(
+        connected=live or info.connected,
+        last_seen_time=last_seen,
+        version=info.version,
+        capabilities=list(info.capabilities),
+        connect_time=connect_time,
+    )
+
+
+def workspace_to_proto(
+    record: WorkspaceRecord, agent: toolexec_pb2.WorkspaceAgent | None = None
+) -> toolexec_pb2.Workspace:
     """The API form of a workspace record."""
     create_time = timestamp_pb2.Timestamp()
     create_time.FromDatetime(record.create_time)
@@ -42,15 +65,34 @@ def workspace_to_proto(record: WorkspaceRecord) -> toolexec_pb2.Workspace:
         failure_message=record.failure_message,
         create_time=create_time,
         update_time=update_time,
+        driver=record.driver,
+        agent=agent,
     )
 
 
 class ToolExecServicer(toolexec_service_pb2_grpc.ToolExecServiceServicer):
     """agentplane.toolexec.v1.ToolExecService."""
 
-    def __init__(self, workspaces: WorkspaceManager, caller: ToolCaller) -> None:
+    def __init__(
+        self,
+        workspaces: WorkspaceManager,
+        caller: ToolCaller,
+        agents: AgentStore,
+        hub: AgentHub,
+        agent_url: Callable[[str], str],
+    ) -> None:
         self._workspaces = workspaces
         self._caller = caller
+        self._agents = agents
+        self._hub = hub
+        self._agent_url = agent_url
+
+    async def _with_agents(self, records: list[WorkspaceRecord]) -> list[toolexec_pb2.Workspace]:
+        infos = await self._agents.get_many([r.id for r in records])
+        return [
+            workspace_to_proto(r, agent_to_proto(infos.get(r.id), self._hub.get(r.id) is not None))
+            for r in records
+        ]
 
     async def CreateWorkspace(
         self,
@@ -63,15 +105,24 @@ class ToolExecServicer(toolexec_service_pb2_grpc.ToolExecServiceServicer):
             template_id=request.template_id,
             parameters=dict(request.parameters),
             request_id=request.request_id,
+            driver=request.driver,
         )
-        record = await self._workspaces.create(current_identity(), spec)
-        return toolexec_service_pb2.CreateWorkspaceResponse(workspace=workspace_to_proto(record))
+        created = await self._workspaces.create(current_identity(), spec)
+        [workspace] = await self._with_agents([created.record])
+        response = toolexec_service_pb2.CreateWorkspaceResponse(workspace=workspace)
+        if created.agent_token and created.record.driver == "external":
+            response.agent_token = created.agent_token
+            response.agent_command = agent_command(
+                self._agent_url(created.record.driver), created.record.id, created.agent_token
+            )
+        return response
 
     async def GetWorkspace(
         self, request: toolexec_service_pb2.GetWorkspaceRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> toolexec_service_pb2.GetWorkspaceResponse:
         record = await self._workspaces.get(current_identity(), request.workspace_id)
-        return toolexec_service_pb2.GetWorkspaceResponse(workspace=workspace_to_proto(record))
+        [workspace] = await self._with_agents([record])
+        return toolexec_service_pb2.GetWorkspaceResponse(workspace=workspace)
 
     async def ListWorkspaces(
         self, request: toolexec_service_pb2.ListWorkspacesRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -80,7 +131,17 @@ class ToolExecServicer(toolexec_service_pb2_grpc.ToolExecServiceServicer):
             current_identity(), request.owner_id, request.page_size, request.page_token
         )
         return toolexec_service_pb2.ListWorkspacesResponse(
-            workspaces=[workspace_to_proto(r) for r in records], next_page_token=token
+            workspaces=await self._with_agents(records), next_page_token=token
+        )
+
+    async def RotateWorkspaceAgentToken(
+        self,
+        request: toolexec_service_pb2.RotateWorkspaceAgentTokenRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> toolexec_service_pb2.RotateWorkspaceAgentTokenResponse:
+        record, token = await self._workspaces.rotate_token(current_identity(), request.workspace_id)
+        return toolexec_service_pb2.RotateWorkspaceAgentTokenResponse(
+            agent_token=token, agent_command=agent_command(self._agent_url(record.driver), record.id, token)
         )
 
     async def DeleteWorkspace(

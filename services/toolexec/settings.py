@@ -27,6 +27,16 @@ class ToolexecSettings:
     # to every session at once, so a toolexec crash loses nothing; only a crash of Postgres itself
     # can lose the last fraction of a second of ledger rows. On this hardware a flush costs ~2 ms.
     ledger_synchronous_commit: bool = False
+    # Workspace agents: how they are sandboxed (local driver), which driver new workspaces use,
+    # where other replicas and external agents reach this replica, and the bounded waits.
+    sandbox: str = "auto"
+    workspace_uid: int | None = None
+    default_driver: str = "local"
+    advertise_address: str = ""
+    agent_url: str = ""
+    heartbeat_seconds: float = 10.0
+    offline_wait_seconds: float = 10.0
+    reconnect_grace_seconds: float = 15.0
 
     @classmethod
     def from_env(cls, settings: Settings, environ: Mapping[str, str] | None = None) -> ToolexecSettings:
@@ -48,10 +58,18 @@ class ToolexecSettings:
             raise SettingsError(
                 f"AGENTPLANE_TOOLEXEC_LEDGER_SYNCHRONOUS_COMMIT must be on or off, got {sync!r}"
             )
+        uid_raw = (env.get("AGENTPLANE_WORKSPACE_UID") or "").strip()
         return cls(
             workspaces_dir=os.path.abspath(workspaces_dir),
             limits=limits,
             ledger_synchronous_commit=sync in ("1", "true", "on"),
+            sandbox=(env.get("AGENTPLANE_WORKSPACE_SANDBOX") or "auto").strip().lower(),
+            workspace_uid=_int(env, "AGENTPLANE_WORKSPACE_UID", 0) if uid_raw else None,
+            default_driver=(env.get("AGENTPLANE_WORKSPACE_DRIVER") or "local").strip(),
+            advertise_address=(env.get("AGENTPLANE_TOOLEXEC_ADVERTISE_ADDR") or "").strip(),
+            agent_url=(env.get("AGENTPLANE_AGENT_URL") or "").strip(),
+            offline_wait_seconds=_float(env, "AGENTPLANE_AGENT_OFFLINE_WAIT_SECONDS", 10.0),
+            reconnect_grace_seconds=_float(env, "AGENTPLANE_AGENT_RECONNECT_GRACE_SECONDS", 15.0),
         )
 
 
@@ -65,4 +83,17 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
     if value < 0:
         raise SettingsError(f"{name} must not be negative (0 keeps the inherited limit), got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if value < 0:
+        raise SettingsError(f"{name} must not be negative, got {value}")
     return value

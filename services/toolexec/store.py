@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,7 +14,9 @@ STATE_CREATING = "creating"
 STATE_READY = "ready"
 STATE_FAILED = "failed"
 
-_COLUMNS = "id, owner_id, name, template_id, parameters, state, failure_message, create_time, update_time"
+_COLUMNS = (
+    "id, owner_id, name, template_id, parameters, state, failure_message, create_time, update_time, driver"
+)
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,7 @@ class WorkspaceRecord:
     create_time: dt.datetime
     update_time: dt.datetime
     parameters: dict[str, str] = field(default_factory=dict)
+    driver: str = "local"
 
 
 def _record(row: dict[str, Any]) -> WorkspaceRecord:
@@ -42,6 +46,7 @@ def _record(row: dict[str, Any]) -> WorkspaceRecord:
         create_time=row["create_time"],
         update_time=row["update_time"],
         parameters=dict(row["parameters"] or {}),
+        driver=row["driver"],
     )
 
 
@@ -59,14 +64,27 @@ class WorkspaceStore:
         template_id: str,
         parameters: dict[str, str],
         request_id: str | None,
+        driver: str = "local",
+        agent_token_sha256: str | None = None,
     ) -> WorkspaceRecord | None:
         """Insert a 'creating' record; None when (owner, request_id) already exists."""
         async with self._pool.connection() as conn:
             cur = await conn.execute(
-                "INSERT INTO toolexec_workspaces "
-                "(id, owner_id, name, template_id, parameters, state, request_id) "
-                f"VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING {_COLUMNS}",
-                (workspace_id, owner_id, name, template_id, Jsonb(parameters), STATE_CREATING, request_id),
+                "INSERT INTO toolexec_workspaces (id, owner_id, name, template_id, parameters, state, "
+                "request_id, driver, agent_token_sha256) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                f"ON CONFLICT DO NOTHING RETURNING {_COLUMNS}",
+                (
+                    workspace_id,
+                    owner_id,
+                    name,
+                    template_id,
+                    Jsonb(parameters),
+                    STATE_CREATING,
+                    request_id,
+                    driver,
+                    agent_token_sha256,
+                ),
             )
             row = await cur.fetchone()
         return _record(row) if row else None
@@ -131,3 +149,34 @@ class WorkspaceStore:
             )
             row = await cur.fetchone()
         return row is not None
+
+    async def set_agent_token(self, workspace_id: str, token_sha256: str) -> bool:
+        """Replace the workspace's agent token hash; False when the workspace is gone."""
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "UPDATE toolexec_workspaces SET agent_token_sha256 = %s WHERE id = %s RETURNING id",
+                (token_sha256, workspace_id),
+            )
+            row = await cur.fetchone()
+        return row is not None
+
+    async def by_agent_token(self, token_sha256: str) -> WorkspaceRecord | None:
+        """The workspace whose agent token has this hash."""
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                f"SELECT {_COLUMNS} FROM toolexec_workspaces WHERE agent_token_sha256 = %s",
+                (token_sha256,),
+            )
+            row = await cur.fetchone()
+        return _record(row) if row else None
+
+    async def fail_stale_creating(self, older_than_seconds: float, message: str) -> builtins.list[str]:
+        """Mark workspaces left CREATING for longer than the bound FAILED; returns their ids."""
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "UPDATE toolexec_workspaces SET state = %s, failure_message = %s, update_time = now() "
+                "WHERE state = %s AND update_time < now() - make_interval(secs => %s) RETURNING id",
+                (STATE_FAILED, message, STATE_CREATING, older_than_seconds),
+            )
+            rows = await cur.fetchall()
+        return [r["id"] for r in rows]

@@ -52,6 +52,8 @@ class Template:
     enabled: bool
     source: DirectoryFill | GitFill | None
     parameters: tuple[TemplateParameter, ...] = field(default_factory=tuple)
+    # Whether commands in workspaces made from it may use the network (git fetches, installs).
+    network: bool = False
 
 
 class TemplateFetcher(Protocol):
@@ -131,4 +133,5 @@ def template_from_proto(message: Any) -> Template:
         enabled=message.enabled,
         source=source,
         parameters=tuple(TemplateParameter(p.name, p.default_value, p.required) for p in message.parameters),
+        network=message.network_access,
     )

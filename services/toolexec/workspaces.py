@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import base64
 import binascii
+import builtins
 import datetime as dt
 import json
 import logging
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from services.common.auth import Identity
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from services.toolexec.agent_tokens import new_agent_token, token_sha256
 from services.toolexec.driver import WorkspaceDriver, WorkspaceFillError
 from services.toolexec.store import (
     STATE_FAILED,
@@ -33,6 +35,7 @@ WORKSPACE_ID_RE = re.compile(r"^ws_[0-9a-f]{20}$")
 MAX_NAME_LENGTH = 200
 MAX_REQUEST_ID_LENGTH = 200
 MAX_PARAMETER_VALUE_LENGTH = 4096
+DRIVERS = ("local", "external")
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 
@@ -51,23 +54,82 @@ class CreateSpec:
     template_id: str = ""
     parameters: Mapping[str, str] = field(default_factory=dict)
     request_id: str = ""
+    driver: str = ""
+
+
+@dataclass(frozen=True)
+class Created:
+    """A created workspace and, for a new one, its agent token (shown once)."""
+
+    record: WorkspaceRecord
+    agent_token: str = ""
 
 
 class WorkspaceManager:
     """Creates, finds, lists and deletes workspaces, enforcing ownership."""
 
     def __init__(
-        self, store: WorkspaceStore, driver: WorkspaceDriver, templates: TemplateFetcher | None
+        self,
+        store: WorkspaceStore,
+        drivers: Mapping[str, WorkspaceDriver],
+        templates: TemplateFetcher | None,
+        default_driver: str = "local",
+        terminate_agent: Callable[[str], Awaitable[bool]] | None = None,
     ) -> None:
         self._store = store
-        self._driver = driver
+        self._drivers = dict(drivers)
         self._templates = templates
+        self.default_driver = default_driver
+        self._terminate_agent = terminate_agent
+        self._revoke_agent: Callable[[str], Awaitable[bool]] | None = None
         # Ready workspaces never change owner; caching them keeps CallTool to the ledger statements.
         self._ready: dict[str, WorkspaceRecord] = {}
 
-    async def create(self, identity: Identity, spec: CreateSpec) -> WorkspaceRecord:
+    def on_revoke(self, revoke: Callable[[str], Awaitable[bool]]) -> None:
+        """What to call when a token is rotated (tell the connected agent it was revoked)."""
+        self._revoke_agent = revoke
+
+    def on_terminate(self, terminate: Callable[[str], Awaitable[bool]]) -> None:
+        """What to call before a workspace is deleted (tell its agent to kill everything and exit)."""
+        self._terminate_agent = terminate
+
+    def driver_for(self, name: str) -> WorkspaceDriver:
+        """The driver named `name` (workspaces record theirs)."""
+        driver = self._drivers.get(name)
+        if driver is None:
+            raise FailedPrecondition(
+                f"workspace driver {name!r} is not available on this toolexec", reason="DRIVER_UNAVAILABLE"
+            )
+        return driver
+
+    async def ensure_agent(self, workspace_id: str) -> None:
+        """Ask the workspace's driver to start its agent if it can and it is not running."""
+        record = self._ready.get(workspace_id) or await self._store.get(workspace_id)
+        if record is not None:
+            await self.driver_for(record.driver).ensure_agent(workspace_id)
+
+    async def issue_token(self, workspace_id: str) -> str:
+        """A new agent token for the workspace (its hash replaces the old one)."""
+        token = new_agent_token()
+        if not await self._store.set_agent_token(workspace_id, token_sha256(token)):
+            raise NotFound(f"workspace {workspace_id} not found", reason="WORKSPACE_NOT_FOUND")
+        return token
+
+    async def rotate_token(self, identity: Identity, workspace_id: str) -> tuple[WorkspaceRecord, str]:
+        """Replace the agent token; the old one's connection is told it was revoked."""
+        record = await self.get(identity, workspace_id)
+        token = await self.issue_token(record.id)
+        if self._revoke_agent is not None:
+            await self._revoke_agent(record.id)
+        return record, token
+
+    async def create(self, identity: Identity, spec: CreateSpec) -> Created:
         """Create a workspace (idempotent on request_id), filled from its template if one is named."""
         owner = self._owner_for_create(identity, spec.owner_id)
+        driver_name = spec.driver.strip() or self.default_driver
+        if driver_name not in DRIVERS:
+            raise InvalidArgument("driver", f"must be one of {', '.join(DRIVERS)}, got {spec.driver[:40]!r}")
+        driver = self.driver_for(driver_name)
         name = spec.name.strip()
         if not name:
             raise InvalidArgument("name", "give the workspace a name")
@@ -84,10 +146,11 @@ class WorkspaceManager:
         if request_id:
             earlier = await self._store.by_request(owner, request_id)
             if earlier is not None:
-                return earlier
+                return Created(earlier)
         fill: TemplateFill | None = None
         parameters: dict[str, str] = {}
         template_id = ""
+        network = False
         if spec.template_id:
             if self._templates is None:
                 raise FailedPrecondition(
@@ -103,34 +166,43 @@ class WorkspaceManager:
             parameters = resolve_parameters(template, spec.parameters)
             fill = fill_for(template, parameters)
             template_id = template.id
+            network = template.network
         elif spec.parameters:
             raise InvalidArgument("parameters", "parameters need a template_id")
+        token = new_agent_token()
         record = await self._store.insert(
-            new_workspace_id(), owner, name, template_id, parameters, request_id
+            new_workspace_id(),
+            owner,
+            name,
+            template_id,
+            parameters,
+            request_id,
+            driver_name,
+            token_sha256(token),
         )
         if record is None:
             # A concurrent request with the same request_id won the insert.
             earlier = await self._store.by_request(owner, request_id or "")
             if earlier is None:
                 raise FailedPrecondition("workspace id collision; retry", reason="WORKSPACE_ID_COLLISION")
-            return earlier
+            return Created(earlier)
         try:
-            await self._driver.create(record.id, fill)
+            await driver.create(record.id, fill, token, network)
         except WorkspaceFillError as exc:
             log.warning("workspace fill failed", extra={"workspace_id": record.id, "error": str(exc)})
             failed = await self._store.set_state(record.id, STATE_FAILED, str(exc))
-            return failed or record
+            return Created(failed or record, token)
         except Exception:
             log.exception("workspace creation failed", extra={"workspace_id": record.id})
             failed = await self._store.set_state(
                 record.id, STATE_FAILED, "internal error creating the workspace"
             )
-            return failed or record
+            return Created(failed or record, token)
         ready = await self._store.set_state(record.id, STATE_READY)
         if ready is not None:
             # The first GetWorkspace / CallTool on it (usually right after) needs no lookup.
             self._ready[ready.id] = ready
-        return ready or record
+        return Created(ready or record, token)
 
     async def get(self, identity: Identity, workspace_id: str) -> WorkspaceRecord:
         """The workspace, if `identity` may touch it; NotFound otherwise."""
@@ -185,8 +257,22 @@ class WorkspaceManager:
         """Kill the workspace's processes, remove its directory and its record (with its ledger)."""
         record = await self.get(identity, workspace_id)
         self._ready.pop(record.id, None)
-        await self._driver.delete(record.id)
+        if self._terminate_agent is not None:
+            # The agent kills everything it started and exits (wherever it runs).
+            await self._terminate_agent(record.id)
+        await self.driver_for(record.driver).delete(record.id)
         await self._store.delete(record.id)
+
+    async def sweep_creating(self, older_than_seconds: float) -> builtins.list[str]:
+        """Fail workspaces a crash left CREATING (no create outlives the fill timeout)."""
+        ids = await self._store.fail_stale_creating(
+            older_than_seconds,
+            "creating the workspace was interrupted (a toolexec replica stopped); delete it and create "
+            "it again",
+        )
+        if ids:
+            log.warning("failed workspaces left creating", extra={"workspace_ids": ids})
+        return ids
 
     def _owner_for_create(self, identity: Identity, owner_id: str) -> str:
         if not owner_id:

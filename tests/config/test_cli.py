@@ -43,6 +43,26 @@ async def test_admin_and_prompt_commands(config: ConfigServer, secret: str) -> N
     code, out, err = await _cli(env, "admin", "provider", "delete", provider["id"])
     assert code == 1 and "FAILED_PRECONDITION" in err and model["id"] in err
 
+    code, out, err = await _cli(
+        env, "admin", "template", "add", "--name", "py", "--description", "Python project",
+        "--dir", "/srv/templates/py", "--network", "--output", "json",
+    )  # fmt: skip
+    assert code == 0, err
+    template = json.loads(out)
+    assert template["network_access"] is True
+    code, out, err = await _cli(env, "admin", "template", "list", "--output", "json")
+    assert code == 0, err
+    assert [(t["name"], t["network_access"]) for t in json.loads(out)["workspace_templates"]] == [
+        ("py", True)
+    ]
+    code, out, err = await _cli(
+        env, "admin", "template", "update", template["id"], "--no-network", "--output", "json"
+    )
+    assert code == 0, err
+    assert json.loads(out)["network_access"] is False and json.loads(out)["description"] == "Python project"
+    code, out, err = await _cli(env, "admin", "template", "list")
+    assert code == 0 and out.split()[:4] == [template["id"], "py", "True", "False"], out
+
     code, out, err = await _cli(env, "prompt", "set", "I like tests", "--as-user", "bob")
     assert code == 0, err
     code, out, err = await _cli(env, "prompt", "get", "--as-user", "bob", "--output", "json")

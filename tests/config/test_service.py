@@ -215,6 +215,81 @@ async def test_templates(admin: ConfigServiceStub, alice: ConfigServiceStub) -> 
     ).workspace_templates
 
 
+async def test_template_network_access(admin: ConfigServiceStub, alice: ConfigServiceStub) -> None:
+    source = config_pb2.TemplateSource(directory=config_pb2.DirectorySource(path="/srv/templates/py"))
+    plain = (
+        await admin.CreateWorkspaceTemplate(
+            pb.CreateWorkspaceTemplateRequest(
+                workspace_template=config_pb2.WorkspaceTemplate(
+                    name="offline", description="No network", enabled=True, source=source
+                )
+            )
+        )
+    ).workspace_template
+    assert not plain.network_access  # off by default
+    created = (
+        await admin.CreateWorkspaceTemplate(
+            pb.CreateWorkspaceTemplateRequest(
+                workspace_template=config_pb2.WorkspaceTemplate(
+                    name="online", description="Installs packages", enabled=True, source=source,
+                    network_access=True,
+                )
+            )
+        )
+    ).workspace_template  # fmt: skip
+    assert created.network_access
+    got = await alice.GetWorkspaceTemplate(pb.GetWorkspaceTemplateRequest(workspace_template_id="online"))
+    assert got.workspace_template.network_access
+    listed = (await alice.ListWorkspaceTemplates(pb.ListWorkspaceTemplatesRequest())).workspace_templates
+    assert {t.name: t.network_access for t in listed} == {"offline": False, "online": True}
+
+    # Only the masked field changes: a mask without network_access leaves it on.
+    renamed = (
+        await admin.UpdateWorkspaceTemplate(
+            pb.UpdateWorkspaceTemplateRequest(
+                workspace_template=config_pb2.WorkspaceTemplate(id=created.id, description="Still online"),
+                update_mask=mask("description"),
+            )
+        )
+    ).workspace_template
+    assert renamed.network_access and renamed.description == "Still online"
+    updated = (
+        await admin.UpdateWorkspaceTemplate(
+            pb.UpdateWorkspaceTemplateRequest(
+                workspace_template=config_pb2.WorkspaceTemplate(id=created.id, network_access=False),
+                update_mask=mask("network_access"),
+            )
+        )
+    ).workspace_template
+    assert not updated.network_access and updated.description == "Still online" and updated.enabled
+    got = await alice.GetWorkspaceTemplate(pb.GetWorkspaceTemplateRequest(workspace_template_id=created.id))
+    assert not got.workspace_template.network_access
+    await admin.UpdateWorkspaceTemplate(
+        pb.UpdateWorkspaceTemplateRequest(
+            workspace_template=config_pb2.WorkspaceTemplate(id=plain.id, network_access=True),
+            update_mask=mask("network_access"),
+        )
+    )
+    got = await admin.GetWorkspaceTemplate(pb.GetWorkspaceTemplateRequest(workspace_template_id="offline"))
+    assert got.workspace_template.network_access
+
+
+def test_template_from_proto_carries_network_access() -> None:
+    from services.toolexec.templates import template_from_proto
+
+    message = config_pb2.WorkspaceTemplate(
+        id="t1",
+        name="online",
+        enabled=True,
+        network_access=True,
+        source=config_pb2.TemplateSource(git=config_pb2.GitSource(url="/srv/repos/x.git")),
+    )
+    assert template_from_proto(message).network is True
+    message.network_access = False
+    assert template_from_proto(message).network is False
+    assert template_from_proto(config_pb2.WorkspaceTemplate(name="bare")).network is False
+
+
 async def test_list_pagination(admin: ConfigServiceStub) -> None:
     ids = [(await create_provider(admin, name=f"p{i}")).id for i in range(5)]
     seen: list[str] = []

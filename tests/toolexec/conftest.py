@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import grpc.aio
 import pytest
 from agentplane.toolexec.v1 import toolexec_service_pb2, toolexec_service_pb2_grpc
 
+from services.agent import reaper
 from services.common.client import create_channel
 from services.common.errors import NotFound
 from services.common.settings import Settings
@@ -73,17 +75,31 @@ def call_request(
 
 @pytest.fixture
 def workspaces_dir(tmp_path: Any) -> Iterator[str]:
-    """A fresh workspaces dir; any process group recorded there is killed at teardown."""
+    """A fresh workspaces dir; every workspace agent started there is killed at teardown."""
     path = str(tmp_path / "workspaces")
     os.makedirs(path)
+    # The sandboxed workspace user must reach the directory (pytest's tmp dirs are 0700).
+    os.chmod(tmp_path, 0o755)
+    os.chmod(path, 0o755)
     yield path
-    records = os.path.join(path, ".processes")
-    if os.path.isdir(records):
-        for name in os.listdir(records):
-            try:
-                os.killpg(int(name), signal.SIGKILL)
-            except (ProcessLookupError, ValueError, PermissionError):
-                pass
+    kill_agents(path)
+
+
+def kill_agents(workspaces_dir: str) -> None:
+    """SIGKILL every agent (and everything it ran) of a workspaces directory."""
+    agents = os.path.join(workspaces_dir, ".agents")
+    for workspace_id in os.listdir(agents) if os.path.isdir(agents) else []:
+        try:
+            with open(os.path.join(agents, workspace_id, "agent.json")) as f:
+                pid = json.load(f).get("pid")
+        except (OSError, ValueError):
+            continue
+        if isinstance(pid, int):
+            for child in reaper.descendants(pid):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(child, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture
@@ -114,12 +130,25 @@ def ws_path(tx: Toolexec, workspace_id: str, rel: str = "") -> str:
 
 
 def ws_write(tx: Toolexec, workspace_id: str, rel: str, data: str | bytes) -> str:
-    """Write a file into a workspace directly on disk (test setup); returns its path."""
+    """Write a file into a workspace directly on disk, as the workspace user would own it; returns its path."""
     path = ws_path(tx, workspace_id, rel)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as f:
         f.write(data.encode() if isinstance(data, str) else data)
+    ws_own(tx, workspace_id)
     return path
+
+
+def ws_own(tx: Toolexec, workspace_id: str) -> None:
+    """Give everything in the workspace to the workspace user (files a test made as root)."""
+    sandbox = tx.server.driver.sandbox
+    if not sandbox.drops_privileges():
+        return
+    root = ws_path(tx, workspace_id)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            os.lchown(os.path.join(dirpath, name), sandbox.uid, sandbox.gid)
+    os.lchown(root, sandbox.uid, sandbox.gid)
 
 
 def ws_read(tx: Toolexec, workspace_id: str, rel: str) -> str:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import signal
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +32,8 @@ class ExecContext:
     root: Root
     processes: ProcessManager
     max_seconds: float | None = None  # the CallTool request's timeout, when set
+    # Receives execute's output as it comes, while the call waits for the command.
+    on_output: Callable[[str], None] | None = None
 
 
 def _cap(ctx: ExecContext, seconds: float) -> float:
@@ -52,8 +56,15 @@ async def execute(ctx: ExecContext, args: dict[str, Any]) -> ToolResult:
             ),
             structured={"process_id": managed.id, "pid": managed.pid, "running": True, "background": True},
         )
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(managed.exited.wait(), timeout)
+    listener = _output_listener(ctx.on_output) if ctx.on_output is not None else None
+    if listener is not None:
+        managed.listeners.append(listener)
+    try:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(managed.exited.wait(), timeout)
+    finally:
+        if listener is not None:
+            managed.listeners.remove(listener)
     if managed.running:
         ctx.processes.mark_background(managed)
         out = managed.render()
@@ -91,6 +102,17 @@ async def execute(ctx: ExecContext, args: dict[str, Any]) -> ToolResult:
         },
         is_error=False,
     )
+
+
+def _output_listener(send: Callable[[str], None]) -> Callable[[bytes], None]:
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def listen(chunk: bytes) -> None:
+        text = decoder.decode(chunk)
+        if text:
+            send(text)
+
+    return listen
 
 
 def _resolve_workdir(root: Root, workdir: str) -> tuple[str, str]:

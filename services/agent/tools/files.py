@@ -21,7 +21,7 @@ DEFAULT_READ_LINES = 2000
 MAX_READ_LINES = 10_000
 READ_BYTE_CAP = 64 * 1024  # content returned to the model
 MAX_LINE_CHARS = 2000
-MAX_FILE_BYTES = 10 * 1024 * 1024  # edit_files refuses larger files
+MAX_FILE_BYTES = 10 * 1024 * 1024  # edit_files refuses larger files, and results that would be larger
 MAX_READ_FILE_BYTES = 20 * 1024 * 1024
 BINARY_SNIFF_BYTES = 8192
 MAX_DIFF_CHARS = 16 * 1024
@@ -108,7 +108,7 @@ def write_file(root: Root, args: dict[str, Any]) -> ToolResult:
     """Write `content` atomically (temp file, fsync, rename), creating parent directories."""
     path: str = args["path"]
     content: str = args["content"]
-    data = content.encode("utf-8")
+    data = _encode(content, "content")
     with resolve(root.fd, root.path, path, create_parents=True) as res:
         mode = _writable_mode(res, path)
         _atomic_write(res, data, mode)
@@ -127,6 +127,7 @@ class _PlannedFile:
     original: str
     updated: str
     mode: int
+    size: int  # of `updated`, in UTF-8 bytes
 
 
 def edit_files(root: Root, args: dict[str, Any]) -> ToolResult:
@@ -134,6 +135,7 @@ def edit_files(root: Root, args: dict[str, Any]) -> ToolResult:
     edits: list[dict[str, Any]] = args["edits"]
     planned: dict[str, _PlannedFile] = {}
     errors: list[str] = []
+    too_large: dict[str, Any] | None = None
     try:
         for i, edit in enumerate(edits):
             path = edit["path"]
@@ -160,12 +162,30 @@ def edit_files(root: Root, args: dict[str, Any]) -> ToolResult:
                     "surrounding lines so it matches exactly once, or set replace_all to true."
                 )
                 continue
+            try:
+                new_len = len(new.encode("utf-8"))
+            except UnicodeEncodeError as exc:
+                errors.append(f"edits[{i}] ({path}): new_text {_not_utf8(new, exc)}")
+                continue
+            # The size of the result, known before it is built: the check bounds memory too.
+            size = plan.size + count * (new_len - len(old.encode("utf-8")))
+            if size > MAX_FILE_BYTES:
+                errors.append(
+                    f"edits[{i}] ({path}): replacing {count} match(es) would make {plan.res.relpath} "
+                    f"{size} bytes, over edit_files' limit of {MAX_FILE_BYTES} bytes "
+                    f"({MAX_FILE_BYTES // (1024 * 1024)} MiB); the edits after it were not checked. "
+                    "Make smaller changes, or rewrite large files with execute (for example sed)."
+                )
+                too_large = {"path": plan.res.relpath, "bytes": size, "max_bytes": MAX_FILE_BYTES}
+                break
             plan.updated = plan.updated.replace(old, new)
+            plan.size = size
         if errors:
             raise ToolError(
                 "No file was changed, because:\n" + "\n".join(errors),
-                code="edit_failed",
+                code="edit_failed" if too_large is None else "result_too_large",
                 errors=errors,
+                **(too_large or {}),
             )
         _commit(list(planned.values()))
         diffs = []
@@ -204,9 +224,12 @@ def _plan_for(root: Root, planned: dict[str, _PlannedFile], path: str) -> _Plann
         fd = open_regular_file(res, path)
         with os.fdopen(fd, "rb") as f:
             st = os.fstat(f.fileno())
+            too_big = ToolError(f"{path!r} is larger than {MAX_FILE_BYTES} bytes; edit it with execute.")
             if st.st_size > MAX_FILE_BYTES:
-                raise ToolError(f"{path!r} is larger than {MAX_FILE_BYTES} bytes; edit it with execute.")
-            data = f.read()
+                raise too_big
+            data = f.read(MAX_FILE_BYTES + 1)  # bounded: the file may grow while we read it
+            if len(data) > MAX_FILE_BYTES:
+                raise too_big
         if b"\x00" in data[:BINARY_SNIFF_BYTES]:
             raise ToolError(f"{path!r} is a binary file; edit_files only edits text files.")
         try:
@@ -216,7 +239,7 @@ def _plan_for(root: Root, planned: dict[str, _PlannedFile], path: str) -> _Plann
     except BaseException:
         res.close()
         raise
-    plan = _PlannedFile(res, path, text, text, stat.S_IMODE(st.st_mode))
+    plan = _PlannedFile(res, path, text, text, stat.S_IMODE(st.st_mode), len(data))
     planned[key] = plan
     return plan
 
@@ -285,6 +308,20 @@ def _atomic_write(res: Resolved, data: bytes, mode: int) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp, dir_fd=res.parent_fd)
         raise
+
+
+def _encode(text: str, what: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ToolError(f"{what} {_not_utf8(text, exc)}", code="content_not_utf8") from None
+
+
+def _not_utf8(text: str, exc: UnicodeEncodeError) -> str:
+    return (
+        f"is not valid UTF-8: character {exc.start + 1} is an unpaired surrogate ({text[exc.start]!r}). "
+        "Send the text without it."
+    )
 
 
 def _match_lines(text: str, needle: str) -> list[int]:

@@ -417,6 +417,7 @@ class WorkspaceTemplate(_message.Message):
     ENABLED_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    NETWORK_ACCESS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned identifier."""
     name: _builtins.str
@@ -425,6 +426,8 @@ class WorkspaceTemplate(_message.Message):
     """What the template is for; the agent reads it to choose a template."""
     enabled: _builtins.bool
     """Disabled templates are not listed for users."""
+    network_access: _builtins.bool
+    """Whether commands in workspaces made from this template may use the network; off by default."""
     @_builtins.property
     def parameters(self) -> _containers.RepeatedCompositeFieldContainer[Global___TemplateParameter]:
         """Parameters the template accepts."""
@@ -452,10 +455,11 @@ class WorkspaceTemplate(_message.Message):
         enabled: _builtins.bool = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        network_access: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "source", b"source", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "enabled", b"enabled", "id", b"id", "name", b"name", "parameters", b"parameters", "source", b"source", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "enabled", b"enabled", "id", b"id", "name", b"name", "network_access", b"network_access", "parameters", b"parameters", "source", b"source", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -854,7 +854,7 @@ class UpdateWorkspaceTemplateRequest(_message.Message):
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Fields to change: name, description, parameters, source, enabled."""
+        """Fields to change: name, description, parameters, source, enabled, network_access."""
 
     def __init__(
         self,

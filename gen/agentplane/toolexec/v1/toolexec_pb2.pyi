@@ -83,6 +83,8 @@ class Workspace(_message.Message):
     FAILURE_MESSAGE_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    DRIVER_FIELD_NUMBER: _builtins.int
+    AGENT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned identifier."""
     owner_id: _builtins.str
@@ -95,6 +97,10 @@ class Workspace(_message.Message):
     """Lifecycle state."""
     failure_message: _builtins.str
     """Why creation failed, when state is FAILED."""
+    driver: _builtins.str
+    """Where the workspace's agent runs: "local" (a sandbox on a toolexec host) or "external"
+    (anywhere, started by whoever holds the agent token).
+    """
     @_builtins.property
     def parameters(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Template parameter values, defaults filled in."""
@@ -106,6 +112,10 @@ class Workspace(_message.Message):
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When the workspace was last changed."""
+
+    @_builtins.property
+    def agent(self) -> Global___WorkspaceAgent:
+        """The workspace agent's connection, as toolexec last saw it."""
 
     def __init__(
         self,
@@ -119,14 +129,60 @@ class Workspace(_message.Message):
         failure_message: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        driver: _builtins.str = ...,
+        agent: Global___WorkspaceAgent | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "failure_message", b"failure_message", "id", b"id", "name", b"name", "owner_id", b"owner_id", "parameters", b"parameters", "state", b"state", "template_id", b"template_id", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "create_time", b"create_time", "driver", b"driver", "failure_message", b"failure_message", "id", b"id", "name", b"name", "owner_id", b"owner_id", "parameters", b"parameters", "state", b"state", "template_id", b"template_id", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Workspace: _TypeAlias = Workspace  # noqa: Y015
+
+@_typing.final
+class WorkspaceAgent(_message.Message):
+    """WorkspaceAgent is the state of a workspace's agent as toolexec sees it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONNECTED_FIELD_NUMBER: _builtins.int
+    LAST_SEEN_TIME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    CAPABILITIES_FIELD_NUMBER: _builtins.int
+    CONNECT_TIME_FIELD_NUMBER: _builtins.int
+    connected: _builtins.bool
+    """True while the agent holds a connection to some toolexec replica."""
+    version: _builtins.str
+    """The agent's version, from its hello."""
+    @_builtins.property
+    def last_seen_time(self) -> _timestamp_pb2.Timestamp:
+        """When toolexec last heard from the agent (hello, heartbeat or result)."""
+
+    @_builtins.property
+    def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The tools and features the agent announced in its hello."""
+
+    @_builtins.property
+    def connect_time(self) -> _timestamp_pb2.Timestamp:
+        """When the current (or last) connection was opened."""
+
+    def __init__(
+        self,
+        *,
+        connected: _builtins.bool = ...,
+        last_seen_time: _timestamp_pb2.Timestamp | None = ...,
+        version: _builtins.str = ...,
+        capabilities: _abc.Iterable[_builtins.str] | None = ...,
+        connect_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["connect_time", b"connect_time", "last_seen_time", b"last_seen_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "connect_time", b"connect_time", "connected", b"connected", "last_seen_time", b"last_seen_time", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkspaceAgent: _TypeAlias = WorkspaceAgent  # noqa: Y015
 
 @_typing.final
 class ToolDefinition(_message.Message):

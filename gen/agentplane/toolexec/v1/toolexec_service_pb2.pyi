@@ -51,6 +51,7 @@ class CreateWorkspaceRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     TEMPLATE_ID_FIELD_NUMBER: _builtins.int
     PARAMETERS_FIELD_NUMBER: _builtins.int
+    DRIVER_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key: repeating a request with the same id returns the first result."""
     owner_id: _builtins.str
@@ -61,6 +62,10 @@ class CreateWorkspaceRequest(_message.Message):
     """Human-readable name."""
     template_id: _builtins.str
     """Workspace template id or name from the config service; empty for an empty workspace."""
+    driver: _builtins.str
+    """Where the agent runs: "local" (default: a sandbox on the toolexec host, started by toolexec)
+    or "external" (the response carries the token and the command to run the agent anywhere).
+    """
     @_builtins.property
     def parameters(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Template parameter values; missing ones take the template's defaults."""
@@ -73,10 +78,11 @@ class CreateWorkspaceRequest(_message.Message):
         name: _builtins.str = ...,
         template_id: _builtins.str = ...,
         parameters: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        driver: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "owner_id", b"owner_id", "parameters", b"parameters", "request_id", b"request_id", "template_id", b"template_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["driver", b"driver", "name", b"name", "owner_id", b"owner_id", "parameters", b"parameters", "request_id", b"request_id", "template_id", b"template_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -89,6 +95,14 @@ class CreateWorkspaceResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     WORKSPACE_FIELD_NUMBER: _builtins.int
+    AGENT_TOKEN_FIELD_NUMBER: _builtins.int
+    AGENT_COMMAND_FIELD_NUMBER: _builtins.int
+    agent_token: _builtins.str
+    """The workspace agent's token, shown only here (and on rotation); set for the external driver.
+    toolexec keeps only its hash. A repeated request (same request_id) does not show it again.
+    """
+    agent_command: _builtins.str
+    """The command that runs the agent with that token (external driver)."""
     @_builtins.property
     def workspace(self) -> _toolexec_pb2.Workspace:
         """The created workspace."""
@@ -97,10 +111,12 @@ class CreateWorkspaceResponse(_message.Message):
         self,
         *,
         workspace: _toolexec_pb2.Workspace | None = ...,
+        agent_token: _builtins.str = ...,
+        agent_command: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["workspace", b"workspace"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_command", b"agent_command", "agent_token", b"agent_token", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -382,3 +398,51 @@ class CallToolResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CallToolResponse: _TypeAlias = CallToolResponse  # noqa: Y015
+
+@_typing.final
+class RotateWorkspaceAgentTokenRequest(_message.Message):
+    """RotateWorkspaceAgentTokenRequest is the input of RotateWorkspaceAgentToken."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKSPACE_ID_FIELD_NUMBER: _builtins.int
+    workspace_id: _builtins.str
+    """The workspace's id."""
+    def __init__(
+        self,
+        *,
+        workspace_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["workspace_id", b"workspace_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateWorkspaceAgentTokenRequest: _TypeAlias = RotateWorkspaceAgentTokenRequest  # noqa: Y015
+
+@_typing.final
+class RotateWorkspaceAgentTokenResponse(_message.Message):
+    """RotateWorkspaceAgentTokenResponse is the output of RotateWorkspaceAgentToken."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_TOKEN_FIELD_NUMBER: _builtins.int
+    AGENT_COMMAND_FIELD_NUMBER: _builtins.int
+    agent_token: _builtins.str
+    """The new agent token (shown once; toolexec keeps only its hash)."""
+    agent_command: _builtins.str
+    """The command that runs the agent with the new token."""
+    def __init__(
+        self,
+        *,
+        agent_token: _builtins.str = ...,
+        agent_command: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_command", b"agent_command", "agent_token", b"agent_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateWorkspaceAgentTokenResponse: _TypeAlias = RotateWorkspaceAgentTokenResponse  # noqa: Y015

@@ -65,6 +65,11 @@ class ToolExecServiceStub:
                 request_serializer=agentplane_dot_toolexec_dot_v1_dot_toolexec__service__pb2.CallToolRequest.SerializeToString,
                 response_deserializer=agentplane_dot_toolexec_dot_v1_dot_toolexec__service__pb2.CallToolResponse.FromString,
                 _registered_method=True)
+        self.RotateWorkspaceAgentToken = channel.unary_unary(
+                '/agentplane.toolexec.v1.ToolExecService/RotateWorkspaceAgentToken',
+                request_serializer=agentplane_dot_toolexec_dot_v1_dot_toolexec__service__pb2.RotateWorkspaceAgentTokenRequest.SerializeToString,
+                response_deserializer=agentplane_dot_toolexec_dot_v1_dot_toolexec__service__pb2.RotateWorkspaceAgentTokenResponse.FromString,
+                _registered_method=True)
 
 
 class ToolExecServiceServicer:
@@ -115,6 +120,15 @@ class ToolExecServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RotateWorkspaceAgentToken(self, request, context):
+        """RotateWorkspaceAgentToken replaces the workspace's agent token: the old one stops working
+        at once (its connection is closed) and the new one is returned, once, with the command
+        that runs the agent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ToolExecServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +161,11 @@ def add_ToolExecServiceServicer_to_server(servicer, server):
                     servicer.CallTool,
                     request_deserializer=agentplane_dot_toolexec_dot_v1_dot_toolexec__service__pb2.CallToolRequest.FromString,
                     response_serializer=agentplane_dot_toolexec_dot_v1_dot_toolexec__service__pb2.CallToolResponse.SerializeToString,
+            ),
+            'RotateWorkspaceAgentToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateWorkspaceAgentToken,
+                    request_deserializer=agentplane_dot_toolexec_dot_v1_dot_toolexec__service__pb2.RotateWorkspaceAgentTokenRequest.FromString,
+                    response_serializer=agentplane_dot_toolexec_dot_v1_dot_toolexec__service__pb2.RotateWorkspaceAgentTokenResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -312,6 +331,33 @@ class ToolExecService:
             '/agentplane.toolexec.v1.ToolExecService/CallTool',
             agentplane_dot_toolexec_dot_v1_dot_toolexec__service__pb2.CallToolRequest.SerializeToString,
             agentplane_dot_toolexec_dot_v1_dot_toolexec__service__pb2.CallToolResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateWorkspaceAgentToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplane.toolexec.v1.ToolExecService/RotateWorkspaceAgentToken',
+            agentplane_dot_toolexec_dot_v1_dot_toolexec__service__pb2.RotateWorkspaceAgentTokenRequest.SerializeToString,
+            agentplane_dot_toolexec_dot_v1_dot_toolexec__service__pb2.RotateWorkspaceAgentTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,

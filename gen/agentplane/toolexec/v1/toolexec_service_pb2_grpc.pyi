@@ -48,6 +48,11 @@ class ToolExecServiceStub:
     not an RPC error. Calls are recorded by (workspace, tool_call_id): a repeated call returns
     the recorded result without running again.
     """
+    RotateWorkspaceAgentToken: _grpc.UnaryUnaryMultiCallable[_toolexec_service_pb2.RotateWorkspaceAgentTokenRequest, _toolexec_service_pb2.RotateWorkspaceAgentTokenResponse]
+    """RotateWorkspaceAgentToken replaces the workspace's agent token: the old one stops working
+    at once (its connection is closed) and the new one is returned, once, with the command
+    that runs the agent.
+    """
 
 @_typing.type_check_only
 class ToolExecServiceAsyncStub(ToolExecServiceStub):
@@ -68,6 +73,11 @@ class ToolExecServiceAsyncStub(ToolExecServiceStub):
     """CallTool runs one tool call in a workspace. A tool failure is a result with is_error set,
     not an RPC error. Calls are recorded by (workspace, tool_call_id): a repeated call returns
     the recorded result without running again.
+    """
+    RotateWorkspaceAgentToken: _aio.UnaryUnaryMultiCallable[_toolexec_service_pb2.RotateWorkspaceAgentTokenRequest, _toolexec_service_pb2.RotateWorkspaceAgentTokenResponse]  # type: ignore[assignment]
+    """RotateWorkspaceAgentToken replaces the workspace's agent token: the old one stops working
+    at once (its connection is closed) and the new one is returned, once, with the command
+    that runs the agent.
     """
 
 class ToolExecServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -122,6 +132,17 @@ class ToolExecServiceServicer(metaclass=_abc_1.ABCMeta):
         """CallTool runs one tool call in a workspace. A tool failure is a result with is_error set,
         not an RPC error. Calls are recorded by (workspace, tool_call_id): a repeated call returns
         the recorded result without running again.
+        """
+
+    @_abc_1.abstractmethod
+    def RotateWorkspaceAgentToken(
+        self,
+        request: _toolexec_service_pb2.RotateWorkspaceAgentTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_toolexec_service_pb2.RotateWorkspaceAgentTokenResponse, _abc.Awaitable[_toolexec_service_pb2.RotateWorkspaceAgentTokenResponse]]:
+        """RotateWorkspaceAgentToken replaces the workspace's agent token: the old one stops working
+        at once (its connection is closed) and the new one is returned, once, with the command
+        that runs the agent.
         """
 
 def add_ToolExecServiceServicer_to_server(servicer: ToolExecServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
