@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -89,6 +90,11 @@ async def run(args: argparse.Namespace, token: str, root: str, state: str) -> in
             reaper.reap_orphans(processes.pids())
 
     reaping = asyncio.create_task(reap())
+    # Orphans re-parented to the agent are reaped as they exit, not only every few seconds.
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGCHLD, lambda: reaper.reap_orphans(processes.pids())
+        )
     try:
         return await connection.run_forever()
     finally:

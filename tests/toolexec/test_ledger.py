@@ -86,14 +86,14 @@ async def test_concurrent_duplicates_run_once(toolexec: Toolexec) -> None:
     assert ws_read(toolexec, ws, "dup.txt") == "x\n"
 
 
-async def test_started_but_never_completed_is_answered_as_interrupted(
-    toolexec: Toolexec, database_url: str
-) -> None:
+async def test_started_row_is_answered_by_the_agent_once(toolexec: Toolexec, database_url: str) -> None:
+    """A 'started' row left by a toolexec killed mid-call is sent to the agent again under the
+    same id: a call the agent never got runs (once); a call it ran is answered from its record."""
     ws = await toolexec.create()
     stub = toolexec.stub()
-    # What a toolexec killed mid-call leaves behind: a 'started' row with no result.
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
-        args = json.dumps({"command": "echo hi >> side_effect.txt"})
+        # Cut before the agent got it: a 'started' row and nothing in the agent's record.
+        args = json.dumps({"command": "echo never-got >> side_effect.txt"})
         await conn.execute(
             "INSERT INTO toolexec_tool_calls (workspace_id, tool_call_id, tool_name, "
             "arguments_sha256, state, instance_id) "
@@ -101,19 +101,26 @@ async def test_started_but_never_completed_is_answered_as_interrupted(
             (ws, call_fingerprint("execute", args)),
         )
         r = await stub.CallTool(call_request(ws, "execute", args, "cut"))
-        assert r.is_error and r.replayed
-        assert "interrupted" in r.content and "may have partly run" in r.content
+        assert not r.is_error and r.replayed
         again = await stub.CallTool(call_request(ws, "execute", args, "cut"))
         assert again.replayed and again.content == r.content
-        cur = await conn.execute(
-            "SELECT state, interrupted FROM toolexec_tool_calls "
-            "WHERE workspace_id = %s AND tool_call_id = 'cut'",
+        # Cut after the agent ran it: the row goes back to 'started', as if toolexec died
+        # between the agent's result and the ledger's complete.
+        args2 = json.dumps({"command": "echo ran >> side_effect.txt"})
+        first = await stub.CallTool(call_request(ws, "execute", args2, "ran"))
+        await conn.execute(
+            "UPDATE toolexec_tool_calls SET state = 'started', content = NULL "
+            "WHERE workspace_id = %s AND tool_call_id = 'ran'",
             (ws,),
         )
-        assert await cur.fetchone() == ("completed", True)
-    # Nothing ran.
-    r = await stub.CallTool(call_request(ws, "execute", {"command": "ls"}))
-    assert "side_effect" not in json.loads(r.structured_json)["output"]
+        retried = await stub.CallTool(call_request(ws, "execute", args2, "ran"))
+        assert retried.replayed and retried.content == first.content
+        cur = await conn.execute(
+            "SELECT tool_call_id, state FROM toolexec_tool_calls WHERE workspace_id = %s", (ws,)
+        )
+        assert all(state == "completed" for _, state in await cur.fetchall())
+    # Each ran exactly once.
+    assert ws_read(toolexec, ws, "side_effect.txt") == "never-got\nran\n"
 
 
 async def test_read_only_call_is_recorded_once_and_replayed(toolexec: Toolexec, database_url: str) -> None:

@@ -10,6 +10,7 @@ import os
 from agentplane.toolexec.v1 import toolexec_service_pb2
 from google.protobuf import duration_pb2
 
+from services.agent import reaper
 from tests.toolexec.conftest import Toolexec, call_request, ws_exists, ws_path
 
 
@@ -59,7 +60,8 @@ async def test_execute_workdir_and_environment(toolexec: Toolexec) -> None:
     finally:
         del os.environ["AGENTPLANE_TEST_LEAK"]
     out = json.loads(r.structured_json)["output"]
-    assert out.splitlines()[0].endswith(f"{ws}/sub/dir")
+    # In the sandbox the workspace is /workspace; the host path never shows.
+    assert out.splitlines()[0].endswith("/sub/dir") and toolexec.workspaces_dir not in out
     for expected in ("PAGER=cat", "GIT_TERMINAL_PROMPT=0", "TERM=dumb", "NO_COLOR=1"):
         assert expected in out
     for secret in ("AGENTPLANE_", "DATABASE_URL", "should-not-leak"):
@@ -122,12 +124,21 @@ async def test_background_process_output_list_and_signals(toolexec: Toolexec) ->
     r = await _call(toolexec, ws, "process_list", {})
     listed = json.loads(r.structured_json)["processes"]
     assert [p["process_id"] for p in listed] == [pid_id] and listed[0]["running"]
-    # The child `sleep` is in the same process group: TERMINATE reaches it too.
-    children = [int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(int(p)) == pid]
+    # The child `sleep` is in the same process group: TERMINATE reaches it too. Pids are the
+    # sandbox's own, so they are looked at from inside the workspace.
+    r = await _call(toolexec, ws, "execute", {"command": f"ps -o pid= --ppid {pid}"})
+    children = [int(x) for x in json.loads(r.structured_json)["output"].split()]
     assert children, "the background sleep should be a child of the shell"
     r = await _call(toolexec, ws, "process_signal", {"process_id": pid_id, "signal": "TERMINATE"})
     assert not r.is_error and json.loads(r.structured_json)["delivered"]
-    await _wait_until(lambda: not any(_pid_alive(c) for c in children) and not _pid_alive(pid))
+    check = " ".join(str(p) for p in [pid, *children])
+    r = await _call(
+        toolexec,
+        ws,
+        "execute",
+        {"command": f"for p in {check}; do ps -o stat= -p $p | grep -qv Z && echo $p; done; true"},
+    )
+    assert json.loads(r.structured_json)["output"] == ""
     r = await _call(toolexec, ws, "process_output", {"process_id": pid_id})
     out = json.loads(r.structured_json)
     assert out["running"] is False and out["exit_code"] == -15
@@ -184,22 +195,37 @@ async def test_ten_executes_in_parallel(toolexec: Toolexec) -> None:
     assert elapsed < 4.5
 
 
-async def test_delete_workspace_kills_its_processes(toolexec: Toolexec) -> None:
+def _agent_pid(toolexec: Toolexec, ws: str) -> int:
+    pid = toolexec.server.driver.agent_pid(ws)
+    assert pid is not None
+    return pid
+
+
+async def test_delete_workspace_kills_everything_it_ran(toolexec: Toolexec) -> None:
     ws = await toolexec.create()
-    r = await _call(toolexec, ws, "execute", {"command": "sleep 60", "run_in_background": True})
-    pid = json.loads(r.structured_json)["pid"]
-    assert _pid_alive(pid)
+    # Background jobs, a setsid'd process and a double fork: none may outlive the workspace.
+    command = (
+        "for i in $(seq 1 200); do sleep 600 & done; setsid sleep 600 & (sh -c 'sleep 600 &' &); "
+        "sleep 0.2; echo started"
+    )
+    r = await _call(toolexec, ws, "execute", {"command": command, "timeout_seconds": 30})
+    assert json.loads(r.structured_json)["output"] == "started\n", r.content
+    agent = _agent_pid(toolexec, ws)
+    ran = reaper.descendants(agent)
+    assert len(ran) >= 202
     await toolexec.stub().DeleteWorkspace(toolexec_service_pb2.DeleteWorkspaceRequest(workspace_id=ws))
-    await _wait_until(lambda: not _pid_alive(pid))
+    await _wait_until(lambda: not any(_pid_alive(p) for p in [agent, *ran]))
     assert not ws_exists(toolexec, ws)
 
 
-async def test_service_stop_kills_processes(toolexec: Toolexec) -> None:
+async def test_service_stop_keeps_workspace_processes(toolexec: Toolexec) -> None:
     ws = await toolexec.create()
-    r = await _call(toolexec, ws, "execute", {"command": "sleep 60", "run_in_background": True})
-    pid = json.loads(r.structured_json)["pid"]
+    await _call(toolexec, ws, "execute", {"command": "sleep 60", "run_in_background": True})
+    agent = _agent_pid(toolexec, ws)
+    ran = reaper.descendants(agent)
     await toolexec.server.stop(0)
-    await _wait_until(lambda: not _pid_alive(pid))
+    # The agent and what it runs live on: a toolexec restart must not kill a workspace's work.
+    assert _pid_alive(agent) and ran and all(_pid_alive(p) for p in ran)
 
 
 def _ppid(pid: int) -> int:
