@@ -68,7 +68,26 @@ def run(args: argparse.Namespace) -> Coroutine[Any, Any, int]:
         env["AGENTPLANE_SECRET"] = local_secret(data_dir)
     env.setdefault("AGENTPLANE_HOST", "127.0.0.1")
     env["AGENTPLANE_DATA_DIR"] = str(data_dir)
+    _choose_sandbox(env)
     return _run(args, env, data_dir)
+
+
+def _choose_sandbox(env: dict[str, str]) -> None:
+    """A trial on one's own machine runs without bubblewrap, but says loudly what that means."""
+    from services.toolexec import sandbox
+
+    try:
+        chosen = sandbox.choose(env.get("AGENTPLANE_WORKSPACE_SANDBOX", "auto"))
+    except sandbox.SandboxUnavailable as exc:
+        print(f"WARNING: {exc}", file=sys.stderr)
+        chosen = sandbox.choose("none")
+        env["AGENTPLANE_WORKSPACE_SANDBOX"] = "none"
+    if not chosen.isolated:
+        print(
+            f"WARNING: workspace sandbox {chosen.mode!r}: {sandbox.NOT_ISOLATED}. To isolate them, "
+            f"{sandbox.INSTALL_HINT}.",
+            file=sys.stderr,
+        )
 
 
 async def _run(args: argparse.Namespace, env: dict[str, str], data_dir: Path) -> int:

@@ -66,6 +66,7 @@ class LocalDriver:
         self._issue_token: TokenIssuer | None = None
         self._children: dict[str, asyncio.subprocess.Process] = {}
         self._starting: dict[str, asyncio.Lock] = {}
+        self._reapers: set[asyncio.Task[None]] = set()
 
     @property
     def socket_path(self) -> str:
@@ -131,7 +132,7 @@ class LocalDriver:
 
     async def ensure_agent(self, workspace_id: str) -> None:
         """Start the agent if its process is gone (it reconnects by itself otherwise)."""
-        if not os.path.isdir(self.path_of(workspace_id)):
+        if not os.path.isdir(self.path_of(workspace_id)):  # noqa: ASYNC240 (one stat)
             return
         lock = self._starting.setdefault(workspace_id, asyncio.Lock())
         async with lock:
@@ -174,7 +175,7 @@ class LocalDriver:
         argv = self.agent_argv(workspace_id)
         log_path = os.path.join(self.agent_dir(workspace_id), "agent.log")
         env = environment(WORKSPACE_MOUNT if self.sandbox.mode == "bwrap" else self.path_of(workspace_id))
-        with open(log_path, "ab") as log_file:
+        with open(log_path, "ab") as log_file:  # noqa: ASYNC230 (open for append: no wait)
             proc = await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=asyncio.subprocess.PIPE,
@@ -194,7 +195,9 @@ class LocalDriver:
         info.update(pid=proc.pid, start_time=_start_time(proc.pid))
         await asyncio.to_thread(self._write_info, workspace_id, info)
         self._children[workspace_id] = proc
-        asyncio.create_task(self._reap(workspace_id, proc))
+        task = asyncio.create_task(self._reap(workspace_id, proc))
+        self._reapers.add(task)
+        task.add_done_callback(self._reapers.discard)
 
     async def _reap(self, workspace_id: str, proc: asyncio.subprocess.Process) -> None:
         code = await proc.wait()
@@ -209,19 +212,20 @@ class LocalDriver:
         extra_ro: list[str] = []
         network = False
         if isinstance(fill, DirectoryFill):
-            if not os.path.isdir(fill.path):
+            if not os.path.isdir(fill.path):  # noqa: ASYNC240 (one stat)
                 raise WorkspaceFillError(
                     f"template directory {fill.path!r} does not exist on the toolexec host"
                 )
-            template = os.path.realpath(fill.path)
-            commands = [["cp", "-a", "--no-preserve=ownership", f"{TEMPLATE_MOUNT}/.", f"{WORKSPACE_MOUNT}/"]]
+            template = os.path.realpath(fill.path)  # noqa: ASYNC240
+            copy = ["cp", "-a", "--no-preserve=ownership", f"{TEMPLATE_MOUNT}/.", f"{WORKSPACE_MOUNT}/"]
+            commands = [copy]
             what = f"copying template directory {fill.path!r}"
         else:
             assert isinstance(fill, GitFill)
             if _REMOTE_URL.match(fill.url):
                 network = True
-            elif os.path.exists(fill.url):
-                extra_ro.append(os.path.realpath(fill.url))
+            elif os.path.exists(fill.url):  # noqa: ASYNC240
+                extra_ro.append(os.path.realpath(fill.url))  # noqa: ASYNC240
             # The workspace user reads a local template repository owned by someone else; git's
             # local transport drops GIT_CONFIG_* from the environment, so a global config it is.
             commands = [
@@ -276,7 +280,7 @@ class LocalDriver:
             raise WorkspaceFillError(f"{what} failed (exit {proc.returncode}): {message}")
 
     async def delete(self, workspace_id: str) -> None:
-        """Kill the sandbox with everything in it (detached and double-forked processes too), remove it all."""
+        """Kill the sandbox with everything in it (detached, double-forked processes too), remove it."""
         await asyncio.to_thread(self.kill_agent, workspace_id)
         proc = self._children.pop(workspace_id, None)
         if proc is not None:

@@ -130,7 +130,7 @@ def ws_path(tx: Toolexec, workspace_id: str, rel: str = "") -> str:
 
 
 def ws_write(tx: Toolexec, workspace_id: str, rel: str, data: str | bytes) -> str:
-    """Write a file into a workspace directly on disk, as the workspace user would own it; returns its path."""
+    """Write a file into a workspace directly on disk, owned by the workspace user; returns its path."""
     path = ws_path(tx, workspace_id, rel)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as f:

@@ -146,13 +146,12 @@ async def test_killed_during_execute_and_restarted(
         first.wait(timeout=10)
         with pytest.raises(grpc.aio.AioRpcError):
             await in_flight
-        with open(os.path.join(workspaces_dir, ".agents", ws, "agent.json")) as f:
-            agent_pid = json.load(f)["pid"]
+        agent_pid = json.loads(Path(workspaces_dir, ".agents", ws, "agent.json").read_text())["pid"]  # noqa: ASYNC240
         assert _alive(agent_pid), "the workspace agent must outlive toolexec"
 
         second = spawn(port)
         await _wait_serving(address, second)
-        Path(root, "go").touch()
+        Path(root, "go").touch()  # noqa: ASYNC240
         # wait_for_ready: the channel may still be in reconnect backoff after the server vanished.
         retry = await stub.CallTool(request, wait_for_ready=True, timeout=30)
         assert not retry.is_error, retry.content
@@ -160,7 +159,7 @@ async def test_killed_during_execute_and_restarted(
         assert _read(log_path) == "start\nend\n"  # ran once, to its end, across the restart
 
         # The background process outlived toolexec: its output is still there.
-        Path(root, "go2").touch()
+        Path(root, "go2").touch()  # noqa: ASYNC240
         for _ in range(20):
             out = await stub.CallTool(
                 call_request(ws, "process_output", {"process_id": process_id, "wait_seconds": 10})
@@ -179,7 +178,7 @@ async def test_killed_during_execute_and_restarted(
             cur = await conn.execute(
                 "SELECT tool_call_id, state FROM toolexec_tool_calls WHERE workspace_id = %s", (ws,)
             )
-            rows = dict(await cur.fetchall())
+            rows: dict[str, str] = dict(await cur.fetchall())
         assert rows["crash-1"] == "completed"
         assert all(state == "completed" for state in rows.values())
 
