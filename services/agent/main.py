@@ -27,6 +27,7 @@ from services.agent.runner import ToolRunner
 log = logging.getLogger("agentplane.agent")
 
 TOKEN_ENV = "AGENTPLANE_AGENT_TOKEN"
+LIMITS_ENV = "AGENTPLANE_AGENT_RLIMITS"
 REAP_INTERVAL_SECONDS = 5.0
 
 
@@ -68,10 +69,24 @@ def _read_token(args: argparse.Namespace) -> str:
     return token
 
 
-async def run(args: argparse.Namespace, token: str, root: str, state: str) -> int:
+def _limits() -> ProcessLimits:
+    """rlimits for commands from ``AGENTPLANE_AGENT_RLIMITS`` (cpu:fsize:nofile:nproc; 0 = inherit)."""
+    raw = os.environ.pop(LIMITS_ENV, "")
+    if not raw:
+        return ProcessLimits()
+    try:
+        cpu, fsize, nofile, nproc = (int(x) for x in raw.split(":"))
+    except ValueError:
+        raise SystemExit(
+            f"workspace-agent: {LIMITS_ENV} must be cpu:fsize:nofile:nproc, got {raw!r}"
+        ) from None
+    return ProcessLimits(cpu, fsize, nofile, nproc)
+
+
+async def run(args: argparse.Namespace, token: str, root: str, state: str, limits: ProcessLimits) -> int:
     """Serve until the workspace is deleted or the token is refused."""
     reaper.become_subreaper()
-    processes = ProcessManager(os.path.join(state, "processes"), ProcessLimits())
+    processes = ProcessManager(os.path.join(state, "processes"), limits)
     killed = await asyncio.to_thread(processes.sweep_leftovers)
     if killed:
         log.warning("killed %d processes left by a previous run of the agent", killed)
@@ -128,6 +143,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     os.makedirs(state, mode=0o700, exist_ok=True)
     try:
-        return asyncio.run(run(args, token, root, state))
+        return asyncio.run(run(args, token, root, state, _limits()))
     except KeyboardInterrupt:
         return 130

@@ -24,7 +24,20 @@ def register(subparsers: Any) -> None:
         "--param", action="append", default=[], metavar="NAME=VALUE", help="template parameter (repeatable)"
     )
     create.add_argument("--owner", default="", help="owner user id (admins only; default: you)")
+    create.add_argument(
+        "--driver",
+        default="",
+        choices=["", "local", "external"],
+        help="where the agent runs: local (a sandbox on the toolexec host, the default) or external "
+        "(prints the token and the command to run the agent anywhere)",
+    )
     create.set_defaults(func=create_workspace)
+
+    rotate = actions.add_parser(
+        "rotate-token", help="replace a workspace's agent token and print the command that runs the agent"
+    )
+    rotate.add_argument("workspace_id")
+    rotate.set_defaults(func=rotate_token)
 
     lister = actions.add_parser("list", help="list workspaces")
     lister.add_argument("--owner", default="", help="list this user's workspaces (admins only)")
@@ -34,14 +47,15 @@ def register(subparsers: Any) -> None:
     delete.add_argument("workspace_id")
     delete.set_defaults(func=delete_workspace)
 
-    for parser in (create, lister, delete):
+    for parser in (create, lister, delete, rotate):
         add_connection_arguments(parser)
         add_output_argument(parser)
 
 
 def _summary(ws: toolexec_pb2.Workspace) -> str:
     state = toolexec_pb2.WorkspaceState.Name(ws.state).removeprefix("WORKSPACE_STATE_").lower()
-    line = f"{ws.id}\t{state}\t{ws.owner_id}\t{ws.name}"
+    agent = "agent connected" if ws.agent.connected else "agent offline"
+    line = f"{ws.id}\t{state}\t{ws.owner_id}\t{ws.name}\t{ws.driver or 'local'}\t{agent}"
     return f"{line}\t{ws.failure_message}" if ws.failure_message else line
 
 
@@ -62,11 +76,17 @@ async def create_workspace(args: argparse.Namespace) -> int:
             name=args.name,
             template_id=args.template,
             parameters=params,
+            driver=args.driver,
         )
         resp = await call(lambda: stub.CreateWorkspace(request))
         if resp is None:
             return 1
-        emit(args, to_dict(resp.workspace), _summary(resp.workspace))
+        text = _summary(resp.workspace)
+        data = to_dict(resp.workspace)
+        if resp.agent_token:
+            data = {"workspace": data, "agent_token": resp.agent_token, "agent_command": resp.agent_command}
+            text += f"\n\nRun the workspace agent (the token is shown only now):\n  {resp.agent_command}"
+        emit(args, data, text)
         return 0 if resp.workspace.state == toolexec_pb2.WORKSPACE_STATE_READY else 1
     finally:
         await channel.close()
@@ -105,6 +125,30 @@ async def delete_workspace(args: argparse.Namespace) -> int:
         if await call(lambda: stub.DeleteWorkspace(request)) is None:
             return 1
         emit(args, {"deleted": args.workspace_id}, f"deleted {args.workspace_id}")
+        return 0
+    finally:
+        await channel.close()
+
+
+async def rotate_token(args: argparse.Namespace) -> int:
+    """Replace the agent token; print the new token's agent command."""
+    channel = open_channel(args, "toolexec")
+    try:
+        stub = toolexec_service_pb2_grpc.ToolExecServiceStub(channel)
+        request = toolexec_service_pb2.RotateWorkspaceAgentTokenRequest(workspace_id=args.workspace_id)
+        resp = await call(lambda: stub.RotateWorkspaceAgentToken(request))
+        if resp is None:
+            return 1
+        emit(
+            args,
+            {
+                "workspace_id": args.workspace_id,
+                "agent_token": resp.agent_token,
+                "agent_command": resp.agent_command,
+            },
+            "The old token no longer works. Run the workspace agent with the new one (shown only now):\n  "
+            + resp.agent_command,
+        )
         return 0
     finally:
         await channel.close()

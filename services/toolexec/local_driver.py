@@ -28,6 +28,7 @@ import sys
 from typing import Any
 
 from services.agent import reaper
+from services.agent.processes import ProcessLimits
 from services.toolexec.driver import TokenIssuer, WorkspaceFillError
 from services.toolexec.sandbox import (
     SOCKET_MOUNT,
@@ -55,7 +56,7 @@ class LocalDriver:
 
     name = "local"
 
-    def __init__(self, workspaces_dir: str, sandbox: Sandbox) -> None:
+    def __init__(self, workspaces_dir: str, sandbox: Sandbox, limits: ProcessLimits | None = None) -> None:
         self._dir = os.path.realpath(workspaces_dir)
         self.sandbox = sandbox
         os.makedirs(self._dir, exist_ok=True)
@@ -64,6 +65,8 @@ class LocalDriver:
         os.makedirs(self.socket_dir, mode=0o755, exist_ok=True)
         os.chmod(self.socket_dir, 0o755)
         self._issue_token: TokenIssuer | None = None
+        lim = limits or ProcessLimits()
+        self._limits = f"{lim.cpu_seconds}:{lim.file_size_bytes}:{lim.open_files}:{lim.processes}"
         self._children: dict[str, asyncio.subprocess.Process] = {}
         self._starting: dict[str, asyncio.Lock] = {}
         self._reapers: set[asyncio.Task[None]] = set()
@@ -152,6 +155,7 @@ class LocalDriver:
                 network=network,
                 state=os.path.join(self.agent_dir(workspace_id), "state"),
                 socket_dir=self.socket_dir,
+                env={**environment(), "AGENTPLANE_AGENT_RLIMITS": self._limits},
             )
             url, root, state = f"unix://{SOCKET_MOUNT}/{SOCKET_NAME}", WORKSPACE_MOUNT, STATE_MOUNT
         else:
@@ -175,6 +179,7 @@ class LocalDriver:
         argv = self.agent_argv(workspace_id)
         log_path = os.path.join(self.agent_dir(workspace_id), "agent.log")
         env = environment(WORKSPACE_MOUNT if self.sandbox.mode == "bwrap" else self.path_of(workspace_id))
+        env["AGENTPLANE_AGENT_RLIMITS"] = self._limits  # the agent takes it out of its environment
         with open(log_path, "ab") as log_file:  # noqa: ASYNC230 (open for append: no wait)
             proc = await asyncio.create_subprocess_exec(
                 *argv,

@@ -124,7 +124,7 @@ async def build_server(
         )
     replica_id = tx.instance_id or uuid.uuid4().hex
     hub = AgentHub(replica_id)
-    local = LocalDriver(tx.workspaces_dir, sandbox)
+    local = LocalDriver(tx.workspaces_dir, sandbox, tx.limits)
     drivers: dict[str, WorkspaceDriver] = {"local": local, "external": ExternalDriver()}
     for driver in drivers.values():
         await driver.start()

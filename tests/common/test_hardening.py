@@ -231,6 +231,10 @@ def test_main_hardens_every_command_but_workspace_agent(
         return p
 
     monkeypatch.setattr(cli_main, "build_parser", parser)
+    # `workspace-agent` goes straight to the agent's own entry point (which hardens itself).
+    import services.agent.main as agent_main
+
+    monkeypatch.setattr(agent_main, "main", lambda argv: 0)
     with pytest.raises(SystemExit) as exit_info:
         cli_main.main(argv)
     assert exit_info.value.code == 0

@@ -46,3 +46,17 @@ async def test_workspace_cli(toolexec: Toolexec) -> None:
     assert not ws_exists(toolexec, created["id"])
     code, out = await _cli(toolexec, "delete", created["id"])
     assert code == 1 and "not found" in out
+
+
+async def test_external_workspace_cli_prints_the_agent_command_and_rotates(toolexec: Toolexec) -> None:
+    code, out = await _cli(toolexec, "create", "ext", "--driver", "external")
+    assert code == 0, out
+    created = json.loads(out)
+    token = created["agent_token"]
+    assert created["workspace"]["driver"] == "external" and token.startswith("apw_")
+    assert f"AGENTPLANE_AGENT_TOKEN={token}" in created["agent_command"]
+    assert f"--workspace {created['workspace']['id']}" in created["agent_command"]
+    code, out = await _cli(toolexec, "rotate-token", created["workspace"]["id"])
+    assert code == 0, out
+    rotated = json.loads(out)
+    assert rotated["agent_token"] != token and rotated["agent_token"] in rotated["agent_command"]

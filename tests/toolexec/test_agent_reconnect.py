@@ -1,0 +1,184 @@
+"""An agent's connection dropped during an `execute`, then restored: the command ran once and its
+result arrives on the original CallTool. A workspace whose agent never connects gets an
+"offline" error result within the bounded wait, and the ledger records nothing for it.
+
+Real toolexec servers, real agents (the local driver's bwrap sandbox); every wait is a loop on
+observable state or a gate file the test creates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import grpc.aio
+import psycopg
+import pytest
+from agentplane.toolexec.v1 import toolexec_service_pb2
+
+from services.common.settings import Settings
+from services.toolexec import server as toolexec_server
+from services.toolexec.settings import ToolexecSettings
+from tests.toolexec.conftest import (
+    StaticTemplates,
+    Toolexec,
+    call_request,
+    kill_agents,
+    ws_path,
+    ws_read,
+)
+
+pytestmark = pytest.mark.timeout(90)
+
+
+async def _until(predicate: Callable[[], bool], seconds: float, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not predicate():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
+@asynccontextmanager
+async def _toolexec_with(
+    settings: Settings, make_token: Callable[..., str], tx_settings: ToolexecSettings
+) -> AsyncIterator[Toolexec]:
+    """A toolexec of its own settings (as the `toolexec` fixture builds it); its agents die after."""
+    templates = StaticTemplates()
+    server = await toolexec_server.start(settings, toolexec_settings=tx_settings, templates=templates)
+    channels: list[grpc.aio.Channel] = []
+    try:
+        yield Toolexec(server, tx_settings.workspaces_dir, make_token, templates, channels)
+    finally:
+        for channel in channels:
+            await channel.close()
+        await server.stop(0)
+        kill_agents(tx_settings.workspaces_dir)
+
+
+async def test_connection_dropped_during_execute_runs_once_and_result_arrives(toolexec: Toolexec) -> None:
+    ws = await toolexec.create()
+    stub = toolexec.stub()
+    hub = toolexec.server.hub
+    runs = ws_path(toolexec, ws, "runs.log")
+    gate = ws_path(toolexec, ws, "gate")
+    command = "echo run >> runs.log; while [ ! -e gate ]; do sleep 0.02; done; echo finished"
+    request = call_request(ws, "execute", {"command": command, "timeout_seconds": 60}, "reconnect-1")
+    in_flight = asyncio.ensure_future(stub.CallTool(request))
+    await _until(lambda: _read(runs) == "run\n", 20, "the command to start")
+
+    first = hub.get(ws)
+    assert first is not None, "the agent ran the command, so it must be connected here"
+    first_connection = first.connection_id
+    first.close("test: drop the agent's connection")
+    # The agent notices the end of its stream and dials again by itself (jittered backoff).
+    await _until(
+        lambda: (link := hub.get(ws)) is not None and link.connection_id != first_connection,
+        20,
+        "the agent to reconnect",
+    )
+    assert not in_flight.done(), "the call must wait for the command, not fail on the dropped link"
+    # The new connection is what Postgres records for the workspace (how other replicas find it).
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while True:
+        recorded = await toolexec.server.agents.get(ws)
+        link = hub.get(ws)
+        if recorded is not None and link is not None and recorded.connection_id == link.connection_id:
+            assert recorded.connected
+            break
+        assert loop.time() < deadline, "the new connection was not recorded"
+        await asyncio.sleep(0.02)
+
+    Path(gate).touch()
+    response = await asyncio.wait_for(in_flight, 30)
+    assert not response.is_error, response.content
+    info = json.loads(response.structured_json)
+    assert info["exit_code"] == 0 and info["running"] is False, info
+    assert info["output"] == "finished\n", info
+    # It ran once: the re-sent call was answered by the run in progress, not run again.
+    assert ws_read(toolexec, ws, "runs.log") == "run\n"
+
+    # The ledger has the real result; a repeat of the id replays it and runs nothing.
+    again = await stub.CallTool(request)
+    assert again.replayed and again.structured_json == response.structured_json
+    assert ws_read(toolexec, ws, "runs.log") == "run\n"
+
+
+async def test_connection_dropped_twice_while_waiting(toolexec: Toolexec) -> None:
+    ws = await toolexec.create()
+    stub = toolexec.stub()
+    hub = toolexec.server.hub
+    runs = ws_path(toolexec, ws, "runs.log")
+    command = "echo run >> runs.log; while [ ! -e gate ]; do sleep 0.02; done; echo finished; exit 4"
+    in_flight = asyncio.ensure_future(
+        stub.CallTool(call_request(ws, "execute", {"command": command, "timeout_seconds": 60}))
+    )
+    await _until(lambda: _read(runs) == "run\n", 20, "the command to start")
+    for _ in range(2):
+        link = hub.get(ws)
+        assert link is not None
+        link.close("test: drop again")
+        await _until(
+            lambda old=link.connection_id: (now := hub.get(ws)) is not None and now.connection_id != old,  # type: ignore[misc]
+            20,
+            "the agent to reconnect",
+        )
+    Path(ws_path(toolexec, ws, "gate")).touch()
+    response = await asyncio.wait_for(in_flight, 30)
+    info = json.loads(response.structured_json)
+    assert not response.is_error and info["exit_code"] == 4 and info["output"] == "finished\n", info
+    assert ws_read(toolexec, ws, "runs.log") == "run\n"
+
+
+async def test_external_workspace_without_agent_is_offline_within_bounded_wait(
+    settings: Settings, make_token: Callable[..., str], tmp_path: Path, database_url: str
+) -> None:
+    workspaces = tmp_path / "offline-workspaces"
+    workspaces.mkdir()
+    os.chmod(tmp_path, 0o755)
+    tx_settings = ToolexecSettings(workspaces_dir=str(workspaces), offline_wait_seconds=0.5)
+    async with _toolexec_with(settings, make_token, tx_settings) as tx:
+        stub = tx.stub()
+        created = await stub.CreateWorkspace(
+            toolexec_service_pb2.CreateWorkspaceRequest(name="nobody-home", driver="external")
+        )
+        ws = created.workspace.id
+        assert created.workspace.driver == "external" and created.agent_token
+
+        loop = asyncio.get_running_loop()
+        for name, args in (
+            ("execute", {"command": "echo should-not-run"}),
+            ("write_file", {"path": "a.txt", "content": "x"}),
+            ("read_file", {"path": "a.txt"}),
+        ):
+            started = loop.time()
+            response = await asyncio.wait_for(stub.CallTool(call_request(ws, name, args, f"off-{name}")), 20)
+            waited = loop.time() - started
+            assert response.is_error, (name, response.content)
+            assert "offline" in response.content, response.content
+            assert json.loads(response.structured_json).get("error") == "workspace_offline"
+            assert not response.replayed
+            # Bounded: the configured wait, plus the router's polling, not a hang.
+            assert waited < 5.0, f"{name} waited {waited:.2f} s"
+
+        got = await stub.GetWorkspace(toolexec_service_pb2.GetWorkspaceRequest(workspace_id=ws))
+        assert not got.workspace.agent.connected
+
+    # Nothing ran, so nothing is recorded: a retry with the same id asks the agent again.
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        cur = await conn.execute("SELECT count(*) FROM toolexec_tool_calls WHERE workspace_id = %s", (ws,))
+        row = await cur.fetchone()
+    assert row is not None and row[0] == 0
