@@ -50,9 +50,16 @@ class InferenceModel:
 class ToolExecTools:
     """`loop.Tools` over ToolExecService (tool list cached for a minute)."""
 
-    def __init__(self, channel: grpc.aio.Channel, *, call_timeout_seconds: float = 300.0) -> None:
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        *,
+        call_timeout_seconds: float = 300.0,
+        unavailable_retry_seconds: float = 30.0,
+    ) -> None:
         self._stub = toolexec_service_pb2_grpc.ToolExecServiceStub(channel)
         self._timeout = call_timeout_seconds
+        self._retry_seconds = unavailable_retry_seconds
         self._tools: list[inference_pb2.ToolDefinition] | None = None
         self._tools_at = 0.0
         self._lock = asyncio.Lock()
@@ -92,10 +99,28 @@ class ToolExecTools:
             arguments_json=arguments_json,
             timeout=duration_pb2.Duration(seconds=int(self._timeout)),
         )
-        try:
-            resp = await self._stub.CallTool(request, timeout=self._timeout + 30)
-        except grpc.aio.AioRpcError as exc:
-            return ToolOutcome(f"The tool call failed: {exc.details() or exc.code().name}", True)
+        # toolexec unreachable (restarting, a replica gone): the same tool_call_id is safe to send
+        # again — the ledger and the workspace agent answer a repeated id without running it twice.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._retry_seconds
+        delay = 0.1
+        while True:
+            try:
+                resp = await self._stub.CallTool(request, timeout=self._timeout + 30)
+                break
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    return ToolOutcome(f"The tool call failed: {exc.details() or exc.code().name}", True)
+                if loop.time() + delay > deadline:
+                    return ToolOutcome(
+                        f"The tool service could not be reached for {self._retry_seconds:g} s "
+                        f"({exc.details() or exc.code().name}), so the outcome of this {name} call is "
+                        "unknown: it may have run, fully or in part. Check the workspace (for example "
+                        "with read_file or execute) before repeating it.",
+                        True,
+                    )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
         return ToolOutcome(
             content=resp.content,
             is_error=resp.is_error,

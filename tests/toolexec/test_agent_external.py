@@ -140,7 +140,9 @@ async def test_external_agent_lifecycle(
     stored = await _stored_hash(database_url, ws)
     assert stored == hashlib.sha256(token.encode()).hexdigest() and stored != token
     async with await psycopg.AsyncConnection.connect(database_url) as conn:
-        cur = await conn.execute("SELECT row_to_json(w)::text FROM toolexec_workspaces w WHERE id = %s", (ws,))
+        cur = await conn.execute(
+            "SELECT row_to_json(w)::text FROM toolexec_workspaces w WHERE id = %s", (ws,)
+        )
         row = await cur.fetchone()
     assert row is not None and token not in row[0]
 
@@ -152,7 +154,9 @@ async def test_external_agent_lifecycle(
     agent = start_agent(url, ws, token, root, state)
     await _connected(toolexec, ws, agent)
     stub = toolexec.stub()
-    wrote = await stub.CallTool(call_request(ws, "write_file", {"path": "notes/a.txt", "content": "external\n"}))
+    wrote = await stub.CallTool(
+        call_request(ws, "write_file", {"path": "notes/a.txt", "content": "external\n"})
+    )
     assert not wrote.is_error, wrote.content
     assert (root / "notes" / "a.txt").read_text() == "external\n"
     ran = await stub.CallTool(call_request(ws, "execute", {"command": "cat notes/a.txt; pwd"}))
@@ -228,9 +232,7 @@ async def test_valid_token_with_hello_for_another_workspace_is_refused(
     async with grpc.aio.insecure_channel(toolexec.server.address) as channel:
         stub = agent_grpc.WorkspaceAgentServiceStub(channel)
         call = stub.Connect(metadata=(("authorization", f"Bearer {first.agent_token}"),))
-        await call.write(
-            agent_pb.ConnectRequest(hello=agent_pb.AgentHello(workspace_id=ws2, version="evil"))
-        )
+        await call.write(agent_pb.ConnectRequest(hello=agent_pb.AgentHello(workspace_id=ws2, version="evil")))
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await call.read()
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED

@@ -69,7 +69,12 @@ async def _connected_on(tx: Toolexec, ws: str) -> None:
     while True:
         link = tx.server.hub.get(ws)
         info = await tx.server.agents.get(ws)
-        if link is not None and info is not None and info.connected and info.connection_id == link.connection_id:
+        if (
+            link is not None
+            and info is not None
+            and info.connected
+            and info.connection_id == link.connection_id
+        ):
             assert info.replica_id == tx.server.replica_id
             return
         assert loop.time() < deadline, "the agent did not connect to its replica"
