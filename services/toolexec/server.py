@@ -74,13 +74,19 @@ class ToolexecServer:
     handle: ServerHandle
     workspaces: WorkspaceManager
     caller: ToolCaller
-    driver: LocalDriver
+    local_driver: LocalDriver | None
     hub: AgentHub
     router: AgentRouter
     agents: AgentStore
     replica_id: str
     agent_server: grpc.aio.Server | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def driver(self) -> LocalDriver:
+        """The local driver (tests and benchmarks, which run with one)."""
+        assert self.local_driver is not None, "this toolexec has no local driver"
+        return self.local_driver
 
     @property
     def port(self) -> int:
@@ -97,12 +103,20 @@ class ToolexecServer:
         await self.handle.stop(grace)
 
 
-def choose_sandbox(tx: ToolexecSettings) -> sandboxes.Sandbox:
-    """The sandbox of the local driver; SettingsError (saying what to do) when none is possible."""
+def choose_sandbox(tx: ToolexecSettings) -> sandboxes.Sandbox | None:
+    """The sandbox of the local driver; None when there is none and new workspaces are external.
+
+    SettingsError (saying what to do) when local workspaces are the default and no sandbox works.
+    """
     try:
         return sandboxes.choose(tx.sandbox, tx.workspace_uid, tx.workspace_uid)
-    except (sandboxes.SandboxUnavailable, ValueError) as exc:
+    except ValueError as exc:
         raise SettingsError(str(exc)) from None
+    except sandboxes.SandboxUnavailable as exc:
+        if tx.default_driver == "local":
+            raise SettingsError(str(exc)) from None
+        log.warning("the local workspace driver is off: %s", exc)
+        return None
 
 
 async def build_server(
@@ -117,15 +131,21 @@ async def build_server(
     `templates` default to the config service at ``settings.address("config")``.
     """
     tx = toolexec_settings or ToolexecSettings.from_env(settings)
+    if tx.default_driver not in ("local", "external"):
+        raise SettingsError(
+            f"AGENTPLANE_WORKSPACE_DRIVER must be local or external, got {tx.default_driver!r}"
+        )
     sandbox = choose_sandbox(tx)
-    if not sandbox.isolated:
+    if sandbox is not None and not sandbox.isolated:
         log.warning(
             "workspace sandbox is %r: %s; %s", sandbox.mode, sandboxes.NOT_ISOLATED, sandboxes.INSTALL_HINT
         )
     replica_id = tx.instance_id or uuid.uuid4().hex
     hub = AgentHub(replica_id)
-    local = LocalDriver(tx.workspaces_dir, sandbox, tx.limits)
-    drivers: dict[str, WorkspaceDriver] = {"local": local, "external": ExternalDriver()}
+    drivers: dict[str, WorkspaceDriver] = {"external": ExternalDriver()}
+    local = LocalDriver(tx.workspaces_dir, sandbox, tx.limits) if sandbox is not None else None
+    if local is not None:
+        drivers["local"] = local
     for driver in drivers.values():
         await driver.start()
     closers = []
@@ -152,7 +172,8 @@ async def build_server(
     store = WorkspaceStore(pool)
     agents = AgentStore(pool)
     workspaces = WorkspaceManager(store, drivers, templates, tx.default_driver)
-    local.set_token_issuer(workspaces.issue_token)
+    if local is not None:
+        local.set_token_issuer(workspaces.issue_token)
     router = AgentRouter(
         hub,
         agents,
@@ -197,16 +218,7 @@ async def build_server(
     address_holder["address"] = address
     agent_servicer.replica_address = address
 
-    # The sandboxes' way in: WorkspaceAgentService alone, on a Unix socket bound into each sandbox.
-    agent_server = grpc.aio.server(
-        interceptors=[RequestContextInterceptor(), ErrorInterceptor()], options=SERVER_OPTIONS
-    )
-    agent_grpc.add_WorkspaceAgentServiceServicer_to_server(agent_servicer, agent_server)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(local.socket_path)
-    agent_server.add_insecure_port(f"unix:{local.socket_path}")
-    await agent_server.start()
-    os.chmod(local.socket_path, 0o666)
+    agent_server = await _start_socket_server(local, agent_servicer) if local is not None else None
 
     server = ToolexecServer(handle, workspaces, caller, local, hub, router, agents, replica_id, agent_server)
 
@@ -232,7 +244,8 @@ async def build_server(
         for task in server.tasks:
             task.cancel()
         await asyncio.gather(*server.tasks, return_exceptions=True)
-        await agent_server.stop(0)
+        if agent_server is not None:
+            await agent_server.stop(0)
         await router.close()
         with contextlib.suppress(Exception):
             await agents.replica_gone(replica_id)
@@ -240,9 +253,24 @@ async def build_server(
     handle.on_stop(pool.close)
     for close in closers:
         handle.on_stop(close)
-    handle.on_stop(local.close)
+    for driver in drivers.values():
+        handle.on_stop(driver.close)
     # Runs first (callbacks run last-added first), while the pool is still open.
     handle.on_stop(stop_background)
+    return server
+
+
+async def _start_socket_server(local: LocalDriver, servicer: WorkspaceAgentServicer) -> grpc.aio.Server:
+    """The sandboxes' way in: WorkspaceAgentService alone, on a Unix socket bound into each sandbox."""
+    server = grpc.aio.server(
+        interceptors=[RequestContextInterceptor(), ErrorInterceptor()], options=SERVER_OPTIONS
+    )
+    agent_grpc.add_WorkspaceAgentServiceServicer_to_server(servicer, server)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(local.socket_path)
+    server.add_insecure_port(f"unix:{local.socket_path}")
+    await server.start()
+    os.chmod(local.socket_path, 0o666)
     return server
 
 
