@@ -2,23 +2,23 @@
 
 Together with toolexec's ledger it makes each side effect happen once: a call re-sent after a
 reconnect (or after toolexec or the agent restarted) is answered from here instead of running
-again. Each call is a small JSON file, written atomically (temp file + rename): `started` before
-the tool runs, `done` with the result after. A call found `started` with no run in memory was cut
-off by an agent restart: it is answered as "may have run", never re-run. The record is bounded
-(the oldest entries go first) and lives outside the workspace root.
+again. The record is a journal, ``calls.jsonl``, one JSON line per event appended with a single
+``write`` (no temp file, no rename: a call costs two small appends): ``started`` before the tool
+runs, ``done`` with the result after. The last line of an id wins. A call found ``started`` with
+no run in memory was cut off by an agent restart: it is answered as "may have run", never re-run.
+The record keeps the newest `max_entries` calls; when the journal holds twice that many lines it
+is rewritten (temp file + rename) with only those. A line cut short by a crash is skipped.
 
-Files are not fsynced: a crash of the agent process loses nothing (the page cache survives it);
+Lines are not fsynced: a crash of the agent process loses nothing (the page cache survives it);
 only a crash of the host can lose the last entries, and then the workspace's processes are gone too.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -27,9 +27,10 @@ from services.agent.tools.base import ToolResult
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_ENTRIES = 2000
+DEFAULT_MAX_ENTRIES = 5000
 STARTED = "started"
 DONE = "done"
+JOURNAL = "calls.jsonl"
 
 
 @dataclass(frozen=True)
@@ -44,36 +45,37 @@ class Entry:
 
 
 class ResultRecord:
-    """Recent calls by tool_call_id, persisted under `directory`."""
+    """Recent calls by tool_call_id, persisted as a journal under `directory`."""
 
     def __init__(self, directory: str, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
         self._dir = directory
+        self._path = os.path.join(directory, JOURNAL)
         self._max = max_entries
         os.makedirs(directory, mode=0o700, exist_ok=True)
         self._entries: OrderedDict[str, Entry] = OrderedDict()
+        self._lines = 0
         self._load()
-
-    def _path(self, tool_call_id: str) -> str:
-        return os.path.join(self._dir, hashlib.sha256(tool_call_id.encode()).hexdigest()[:40] + ".json")
+        self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
     def _load(self) -> None:
-        found: list[tuple[float, Entry]] = []
-        for name in os.listdir(self._dir):
-            path = os.path.join(self._dir, name)
-            if not name.endswith(".json"):
-                with contextlib.suppress(OSError):
-                    os.unlink(path)  # a temp file of an interrupted write
+        try:
+            with open(self._path, "rb") as f:
+                raw_lines = f.read().split(b"\n")
+        except FileNotFoundError:
+            return
+        for raw in raw_lines:
+            if not raw.strip():
                 continue
             try:
-                with open(path, encoding="utf-8") as f:
-                    data = json.load(f)
-                found.append((os.stat(path).st_mtime, _entry_from_json(data)))
-            except (OSError, ValueError, KeyError, TypeError):
-                log.warning("dropping an unreadable call record %s", name)
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
-        for _, entry in sorted(found, key=lambda item: item[0]):
+                entry = _entry_from_json(json.loads(raw))
+            except (ValueError, KeyError, TypeError):
+                log.warning("skipping an unreadable line of the call record")
+                continue
+            self._lines += 1
+            self._entries.pop(entry.tool_call_id, None)
             self._entries[entry.tool_call_id] = entry
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
 
     def get(self, tool_call_id: str) -> Entry | None:
         """The recorded call, or None."""
@@ -84,50 +86,63 @@ class ResultRecord:
 
     def started(self, tool_call_id: str, arguments_sha256: str) -> None:
         """Note that the call is about to run."""
-        self._write(Entry(tool_call_id, arguments_sha256, STARTED))
+        self._append(Entry(tool_call_id, arguments_sha256, STARTED))
 
     def done(
         self, tool_call_id: str, arguments_sha256: str, result: ToolResult, duration_seconds: float
     ) -> Entry:
         """Record the call's result."""
         entry = Entry(tool_call_id, arguments_sha256, DONE, result, duration_seconds)
-        self._write(entry)
+        self._append(entry)
         return entry
 
     def clear(self) -> None:
         """Forget everything (the workspace is being deleted)."""
-        for tool_call_id in list(self._entries):
-            with contextlib.suppress(OSError):
-                os.unlink(self._path(tool_call_id))
         self._entries.clear()
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._fd, 0)
+        self._lines = 0
 
-    def _write(self, entry: Entry) -> None:
-        path = self._path(entry.tool_call_id)
-        tmp = f"{path}.{os.getpid()}.tmp"
+    def close(self) -> None:
+        """Close the journal."""
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+
+    def _append(self, entry: Entry) -> None:
+        line = json.dumps(_entry_to_json(entry), separators=(",", ":")).encode() + b"\n"
         try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(_entry_to_json(entry), f, separators=(",", ":"))
-            os.replace(tmp, path)
+            # One write of a whole line: O_APPEND keeps it in one piece next to any other.
+            os.write(self._fd, line)
+            self._lines += 1
         except OSError:
             # The record is a safety net: a full disk must not fail the call itself.
             log.warning("could not record call %s", entry.tool_call_id, exc_info=True)
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
         self._entries.pop(entry.tool_call_id, None)
         self._entries[entry.tool_call_id] = entry
         while len(self._entries) > self._max:
-            old_id, _ = self._entries.popitem(last=False)
+            self._entries.popitem(last=False)
+        if self._lines > 2 * self._max:
+            self._compact()
+
+    def _compact(self) -> None:
+        tmp = f"{self._path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "wb") as f:
+                for entry in self._entries.values():
+                    f.write(json.dumps(_entry_to_json(entry), separators=(",", ":")).encode() + b"\n")
+            os.replace(tmp, self._path)
+        except OSError:
+            log.warning("could not compact the call record", exc_info=True)
             with contextlib.suppress(OSError):
-                os.unlink(self._path(old_id))
+                os.unlink(tmp)
+            return
+        os.close(self._fd)
+        self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._lines = len(self._entries)
 
 
 def _entry_to_json(entry: Entry) -> dict[str, Any]:
-    data: dict[str, Any] = {
-        "id": entry.tool_call_id,
-        "sha": entry.arguments_sha256,
-        "state": entry.state,
-        "t": time.time(),
-    }
+    data: dict[str, Any] = {"id": entry.tool_call_id, "sha": entry.arguments_sha256, "state": entry.state}
     if entry.result is not None:
         data["result"] = {
             "content": entry.result.content,
