@@ -32,6 +32,7 @@ import os
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -42,7 +43,7 @@ from services.common.db import with_database
 from services.common.embedded import start_postgres, start_redis
 from services.common.migrations import migrate
 from services.common.settings import Settings
-from tests.helpers import TEST_SECRET, make_test_settings
+from tests.helpers import TEST_SECRET, kill_agents, make_test_settings
 
 TEMPLATE_DB = "agentplane_test_template"
 
@@ -160,3 +161,15 @@ def admin_token(make_token: Callable[..., str]) -> str:
 def settings(database_url: str, redis_url: str, secret: str) -> Settings:
     """Test settings wired to this test's database and Redis; all ports 0."""
     return make_test_settings(database_url=database_url, redis_url=redis_url, secret=secret)
+
+
+@pytest.fixture
+def workspaces_dir(tmp_path: Any) -> Iterator[str]:
+    """A fresh workspaces dir; every workspace agent started there is killed at teardown."""
+    path = str(tmp_path / "workspaces")
+    os.makedirs(path)
+    # The sandboxed workspace user must reach the directory (pytest's tmp dirs are 0700).
+    os.chmod(tmp_path, 0o755)
+    os.chmod(path, 0o755)
+    yield path
+    kill_agents(path)

@@ -99,3 +99,10 @@ def channel_to(service: RunningService | ServerHandle, token: str | None = None)
     """Another channel to a running server, e.g. with a different token. Close it yourself."""
     handle = service.handle if isinstance(service, RunningService) else service
     return create_channel(handle.address, token=token)
+
+
+def kill_agents(workspaces_dir: str) -> None:
+    """SIGKILL every agent (and everything it ran) of a workspaces directory."""
+    from services.toolexec.local_driver import kill_agents as kill
+
+    kill(workspaces_dir)

@@ -245,6 +245,10 @@ class LocalStack:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 await proc.wait()
+        # Workspace agents outlive toolexec by design; the benchmark's go with it.
+        from services.toolexec.local_driver import kill_agents
+
+        await asyncio.to_thread(kill_agents, str(self.data_dir / "workspaces"))
         if self._redis is not None:
             self._redis.stop()
         if self._postgres is not None:

@@ -139,6 +139,12 @@ async def _run(args: argparse.Namespace, env: dict[str, str], data_dir: Path) ->
         return await _wait(children)
     finally:
         await _stop_children(children, settings.shutdown_grace_seconds + 5)
+        # Workspace agents outlive a toolexec restart by design; `up` owns the whole machine's
+        # deployment, so they stop with it (their workspaces stay; agents start again on use).
+        from services.toolexec.local_driver import kill_agents
+
+        workspaces = env.get("AGENTPLANE_WORKSPACES_DIR") or str(data_dir / "workspaces")
+        await asyncio.to_thread(kill_agents, workspaces)
         if redis is not None:
             redis.stop()
         if postgres is not None:

@@ -41,6 +41,9 @@ class AgentLink:
         self.outbox: asyncio.Queue[pb.ConnectResponse] = asyncio.Queue()
         self.closed = asyncio.Event()
         self.close_reason = ""
+        # Told to terminate or that its token was revoked: it gets no new calls, and its stream
+        # ends once the signal is out, whether or not the agent obeys.
+        self.ending = False
         self._pending: dict[str, list[asyncio.Future[pb.AgentToolResult]]] = {}
         self._output: dict[str, Callable[[str], None]] = {}
 
@@ -56,7 +59,8 @@ class AgentLink:
         return future
 
     def send_signal(self, kind: pb.AgentSignalKind.ValueType, reason: str) -> None:
-        """Send a signal to the agent."""
+        """Send a signal to the agent; the connection ends right after it."""
+        self.ending = True
         self.outbox.put_nowait(pb.ConnectResponse(signal=pb.AgentSignal(kind=kind, reason=reason)))
 
     def deliver(self, result: pb.AgentToolResult) -> None:
@@ -100,11 +104,13 @@ class AgentHub:
     def get(self, workspace_id: str) -> AgentLink | None:
         """The workspace's live link here, or None."""
         link = self._links.get(workspace_id)
-        return link if link is not None and not link.closed.is_set() else None
+        if link is None or link.closed.is_set() or link.ending:
+            return None
+        return link
 
     def links(self) -> list[AgentLink]:
         """Every live link."""
-        return [link for link in self._links.values() if not link.closed.is_set()]
+        return [link for link in self._links.values() if not link.closed.is_set() and not link.ending]
 
     async def register(self, link: AgentLink) -> None:
         """A new connection of a workspace's agent; an older one of the same workspace is closed."""
@@ -166,8 +172,8 @@ class AgentHub:
 
     def signal(self, workspace_id: str, kind: pb.AgentSignalKind.ValueType, reason: str) -> bool:
         """Signal the workspace's agent if it is connected here."""
-        link = self.get(workspace_id)
-        if link is None:
+        link = self._links.get(workspace_id)
+        if link is None or link.closed.is_set():
             return False
         link.send_signal(kind, reason)
         return True

@@ -130,7 +130,12 @@ async def _drain(link: AgentLink, heartbeat: float) -> AsyncIterator[pb.ConnectR
                 {get, closed}, timeout=heartbeat, return_when=asyncio.FIRST_COMPLETED
             )
             if get in done:
-                yield get.result()
+                message = get.result()
+                yield message
+                if message.HasField("signal"):
+                    # Revoked or terminated: the connection ends here, whether the agent obeys or not.
+                    link.close(f"signalled: {message.signal.reason}")
+                    return
                 continue
             get.cancel()
             if not done:

@@ -296,29 +296,45 @@ class LocalDriver:
 
     def kill_agent(self, workspace_id: str) -> int:
         """SIGKILL the agent and every descendant (all of the sandbox); returns how many processes."""
-        pid = self.agent_pid(workspace_id)
-        if pid is None:
-            return 0
-        # Stop the agent first so it starts nothing new, then everything below it (in a
-        # sandbox the PID namespace dies with its first process anyway).
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGSTOP)
-        killed = reaper.kill_descendants(pid)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-            killed += 1
-        return killed
+        return _kill_tree(self.agent_pid(workspace_id))
 
     def kill_all_agents(self) -> int:
-        """Kill every agent of this workspaces directory (tests; `agentplane up --stop-agents`)."""
-        base = os.path.join(self._dir, AGENTS_DIRNAME)
-        killed = 0
-        for workspace_id in os.listdir(base) if os.path.isdir(base) else []:
-            killed += self.kill_agent(workspace_id)
-        return killed
+        """Kill every agent of this workspaces directory."""
+        return kill_agents(self._dir)
 
     async def close(self) -> None:
         """Agents keep running (they reconnect to the next toolexec); nothing to release."""
+
+
+def kill_agents(workspaces_dir: str) -> int:
+    """Kill every agent (and all it runs) of a workspaces directory: `agentplane up` on its way out,
+    benchmarks and tests. Returns how many processes were killed."""
+    base = os.path.join(workspaces_dir, AGENTS_DIRNAME)
+    killed = 0
+    for workspace_id in os.listdir(base) if os.path.isdir(base) else []:
+        try:
+            with open(os.path.join(base, workspace_id, "agent.json")) as f:
+                info = json.load(f)
+        except (OSError, ValueError):
+            continue
+        pid, started = info.get("pid"), info.get("start_time")
+        if isinstance(pid, int) and isinstance(started, int) and _start_time(pid) == started:
+            killed += _kill_tree(pid)
+    return killed
+
+
+def _kill_tree(pid: int | None) -> int:
+    if pid is None:
+        return 0
+    # Stop the agent first so it starts nothing new, then everything below it (in a sandbox the
+    # PID namespace dies with its first process anyway).
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGSTOP)
+    killed = reaper.kill_descendants(pid)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGKILL)
+        killed += 1
+    return killed
 
 
 def _unmount(arg: str, mapping: dict[str, str]) -> str:

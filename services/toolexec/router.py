@@ -128,7 +128,6 @@ class AgentRouter:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.offline_wait
         sent = False
-        started_agent = False
         extended = False
         info: AgentInfo | None = None
         while True:
@@ -156,9 +155,8 @@ class AgentRouter:
                 if sent:
                     raise AgentOutcomeUnknown(workspace_id)
                 raise AgentOffline(_offline_message(workspace_id, info, self.offline_wait))
-            if not started_agent:
-                started_agent = True
-                await self._starter.ensure_agent(workspace_id)
+            # Every round: an agent that was just exiting (a rotated token) is gone by the next one.
+            await self._starter.ensure_agent(workspace_id)
             await self._hub.wait_for_link(workspace_id, min(POLL_SECONDS, remaining))
 
     def _elsewhere(self, info: AgentInfo | None) -> bool:

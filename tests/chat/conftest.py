@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,21 +144,6 @@ class Stack:
         server = await chat_server.start(self.settings, chat_settings, registry=CollectorRegistry())
         self.servers.append(server)
         return server
-
-
-@pytest.fixture
-def workspaces_dir(tmp_path: Any) -> Iterator[str]:
-    """A fresh workspaces dir; any process group recorded there is killed at teardown."""
-    path = str(tmp_path / "workspaces")
-    os.makedirs(path)
-    yield path
-    records = os.path.join(path, ".processes")
-    if os.path.isdir(records):
-        for name in os.listdir(records):
-            try:
-                os.killpg(int(name), signal.SIGKILL)
-            except (ProcessLookupError, ValueError, PermissionError):
-                pass
 
 
 async def start_stack(

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +13,6 @@ import grpc.aio
 import pytest
 from agentplane.toolexec.v1 import toolexec_service_pb2, toolexec_service_pb2_grpc
 
-from services.agent import reaper
 from services.common.client import create_channel
 from services.common.errors import NotFound
 from services.common.settings import Settings
@@ -71,35 +68,6 @@ def call_request(
         name=name,
         arguments_json=args if isinstance(args, str) else json.dumps(args),
     )
-
-
-@pytest.fixture
-def workspaces_dir(tmp_path: Any) -> Iterator[str]:
-    """A fresh workspaces dir; every workspace agent started there is killed at teardown."""
-    path = str(tmp_path / "workspaces")
-    os.makedirs(path)
-    # The sandboxed workspace user must reach the directory (pytest's tmp dirs are 0700).
-    os.chmod(tmp_path, 0o755)
-    os.chmod(path, 0o755)
-    yield path
-    kill_agents(path)
-
-
-def kill_agents(workspaces_dir: str) -> None:
-    """SIGKILL every agent (and everything it ran) of a workspaces directory."""
-    agents = os.path.join(workspaces_dir, ".agents")
-    for workspace_id in os.listdir(agents) if os.path.isdir(agents) else []:
-        try:
-            with open(os.path.join(agents, workspace_id, "agent.json")) as f:
-                pid = json.load(f).get("pid")
-        except (OSError, ValueError):
-            continue
-        if isinstance(pid, int):
-            for child in reaper.descendants(pid):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(child, signal.SIGKILL)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture

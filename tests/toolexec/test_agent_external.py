@@ -256,3 +256,50 @@ async def test_local_workspace_token_is_stored_hashed_and_not_returned(
     assert created.workspace.driver == "local" and not created.agent_token and not created.agent_command
     stored = await _stored_hash(database_url, created.workspace.id)
     assert stored is not None and len(stored) == 64 and not stored.startswith("apw_")
+
+
+async def _next_message(call: grpc.aio.StreamStreamCall, seconds: float) -> agent_pb.ConnectResponse | None:
+    """The next non-heartbeat message toolexec sends, or None when it ended the stream."""
+    async with asyncio.timeout(seconds):
+        while True:
+            try:
+                message = await call.read()
+            except grpc.aio.AioRpcError:
+                return None
+            if message is grpc.aio.EOF:
+                return None
+            if message.WhichOneof("message") != "heartbeat":
+                return message
+
+
+async def test_rotation_ends_the_old_connection_even_if_the_agent_ignores_the_signal(
+    toolexec: Toolexec,
+) -> None:
+    """A leaked token's connection must not outlive a rotation: toolexec closes it itself."""
+    created = await _create_external(toolexec, "leaked")
+    ws = created.workspace.id
+    async with grpc.aio.insecure_channel(toolexec.server.address) as channel:
+        stub = agent_grpc.WorkspaceAgentServiceStub(channel)
+        # An agent (an attacker's, with a stolen token) that does not obey signals.
+        call = stub.Connect(metadata=(("authorization", f"Bearer {created.agent_token}"),))
+        await call.write(agent_pb.ConnectRequest(hello=agent_pb.AgentHello(workspace_id=ws, version="rogue")))
+        welcome = await _next_message(call, 10)
+        assert welcome is not None and welcome.HasField("welcome")
+        assert toolexec.server.hub.get(ws) is not None
+
+        await toolexec.stub().RotateWorkspaceAgentToken(
+            toolexec_service_pb2.RotateWorkspaceAgentTokenRequest(workspace_id=ws)
+        )
+        signal = await _next_message(call, 10)
+        assert signal is not None and signal.signal.kind == agent_pb.AGENT_SIGNAL_KIND_TOKEN_REVOKED
+        # A user's call made now must not reach the rogue connection.
+        pending = asyncio.ensure_future(
+            toolexec.stub().CallTool(call_request(ws, "write_file", {"path": "x", "content": "secret"}))
+        )
+        try:
+            after = await _next_message(call, 5)
+            assert after is None, f"toolexec kept the revoked connection open and sent it: {after}"
+            assert toolexec.server.hub.get(ws) is None
+        finally:
+            call.cancel()
+            pending.cancel()

@@ -22,12 +22,13 @@ from agentplane.toolexec.v1 import toolexec_service_pb2
 
 from services.common.settings import Settings
 from services.toolexec import server as toolexec_server
+from services.toolexec.agent_hub import AgentHub
 from services.toolexec.settings import ToolexecSettings
+from tests.helpers import kill_agents
 from tests.toolexec.conftest import (
     StaticTemplates,
     Toolexec,
     call_request,
-    kill_agents,
     ws_path,
     ws_read,
 )
@@ -41,6 +42,25 @@ async def _until(predicate: Callable[[], bool], seconds: float, what: str) -> No
     while not predicate():
         assert loop.time() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.02)
+
+
+async def _drop_and_wait_for_reconnect(hub: AgentHub, ws: str) -> None:
+    """Close the agent's link from the server side; wait until the agent is connected again."""
+    link = hub.get(ws)
+    assert link is not None, "the agent must be connected here"
+    old = link.connection_id
+    link.close("test: drop the agent's connection")
+
+    def reconnected() -> bool:
+        now = hub.get(ws)
+        return now is not None and now.connection_id != old
+
+    # The agent notices the end of its stream and dials again by itself (jittered backoff).
+    await _until(reconnected, 20, "the agent to reconnect")
+
+
+def _touch(path: str) -> None:
+    Path(path).touch()
 
 
 def _read(path: str) -> str:
@@ -79,16 +99,7 @@ async def test_connection_dropped_during_execute_runs_once_and_result_arrives(to
     in_flight = asyncio.ensure_future(stub.CallTool(request))
     await _until(lambda: _read(runs) == "run\n", 20, "the command to start")
 
-    first = hub.get(ws)
-    assert first is not None, "the agent ran the command, so it must be connected here"
-    first_connection = first.connection_id
-    first.close("test: drop the agent's connection")
-    # The agent notices the end of its stream and dials again by itself (jittered backoff).
-    await _until(
-        lambda: (link := hub.get(ws)) is not None and link.connection_id != first_connection,
-        20,
-        "the agent to reconnect",
-    )
+    await _drop_and_wait_for_reconnect(hub, ws)
     assert not in_flight.done(), "the call must wait for the command, not fail on the dropped link"
     # The new connection is what Postgres records for the workspace (how other replicas find it).
     loop = asyncio.get_running_loop()
@@ -102,7 +113,7 @@ async def test_connection_dropped_during_execute_runs_once_and_result_arrives(to
         assert loop.time() < deadline, "the new connection was not recorded"
         await asyncio.sleep(0.02)
 
-    Path(gate).touch()
+    _touch(gate)
     response = await asyncio.wait_for(in_flight, 30)
     assert not response.is_error, response.content
     info = json.loads(response.structured_json)
@@ -128,15 +139,9 @@ async def test_connection_dropped_twice_while_waiting(toolexec: Toolexec) -> Non
     )
     await _until(lambda: _read(runs) == "run\n", 20, "the command to start")
     for _ in range(2):
-        link = hub.get(ws)
-        assert link is not None
-        link.close("test: drop again")
-        await _until(
-            lambda old=link.connection_id: (now := hub.get(ws)) is not None and now.connection_id != old,  # type: ignore[misc]
-            20,
-            "the agent to reconnect",
-        )
-    Path(ws_path(toolexec, ws, "gate")).touch()
+        await _drop_and_wait_for_reconnect(hub, ws)
+        assert not in_flight.done()
+    _touch(ws_path(toolexec, ws, "gate"))
     response = await asyncio.wait_for(in_flight, 30)
     info = json.loads(response.structured_json)
     assert not response.is_error and info["exit_code"] == 4 and info["output"] == "finished\n", info
@@ -182,3 +187,26 @@ async def test_external_workspace_without_agent_is_offline_within_bounded_wait(
         cur = await conn.execute("SELECT count(*) FROM toolexec_tool_calls WHERE workspace_id = %s", (ws,))
         row = await cur.fetchone()
     assert row is not None and row[0] == 0
+
+
+async def test_local_agent_serves_the_call_right_after_its_token_is_rotated(toolexec: Toolexec) -> None:
+    """Rotation stops the local agent (its token is revoked); the next call must start a new one."""
+    ws = await toolexec.create()
+    stub = toolexec.stub()
+    first = await stub.CallTool(call_request(ws, "execute", {"command": "echo before"}))
+    assert not first.is_error, first.content
+    old_pid = toolexec.server.driver.agent_pid(ws)
+    assert old_pid is not None
+
+    await stub.RotateWorkspaceAgentToken(
+        toolexec_service_pb2.RotateWorkspaceAgentTokenRequest(workspace_id=ws)
+    )
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    after = await stub.CallTool(call_request(ws, "execute", {"command": "echo after"}))
+    waited = loop.time() - started
+    assert not after.is_error, f"after {waited:.1f} s: {after.content}"
+    # Starting a new local agent takes well under a second; the call must not sit out a grace period.
+    assert waited < 5.0, f"the call waited {waited:.1f} s for the new agent"
+    assert json.loads(after.structured_json)["output"] == "after\n"
+    assert toolexec.server.driver.agent_pid(ws) not in (None, old_pid)

@@ -19,7 +19,8 @@ from agentplane.toolexec.v1 import toolexec_pb2, toolexec_service_pb2
 from services.common.settings import Settings
 from services.toolexec import server as toolexec_server
 from services.toolexec.settings import ToolexecSettings
-from tests.toolexec.conftest import StaticTemplates, Toolexec, call_request, kill_agents, ws_path, ws_read
+from tests.helpers import kill_agents
+from tests.toolexec.conftest import StaticTemplates, Toolexec, call_request, ws_path, ws_read
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -30,6 +31,14 @@ async def _until(predicate: Callable[[], bool], seconds: float, what: str) -> No
     while not predicate():
         assert loop.time() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.02)
+
+
+def _touch(path: str) -> None:
+    Path(path).touch()
+
+
+def _exists(path: str) -> bool:
+    return os.path.exists(path)
 
 
 def _read(path: str) -> str:
@@ -96,7 +105,7 @@ async def test_calls_at_replica_b_run_on_the_agent_connected_to_a(
     assert not wrote.is_error, wrote.content
     # The file is in A's workspace: the call ran on A's agent, not anywhere on B.
     assert ws_read(a, ws, "hello.txt") == "hello from B\n"
-    assert not os.path.exists(ws_path(b, ws))
+    assert not _exists(ws_path(b, ws))
 
     cat = await stub_b.CallTool(call_request(ws, "execute", {"command": "cat hello.txt; hostname"}))
     assert not cat.is_error, cat.content
@@ -150,7 +159,7 @@ async def test_relayed_call_survives_agent_reconnect_on_the_holding_replica(
         "the agent to reconnect to A",
     )
     assert not in_flight.done()
-    Path(ws_path(a, ws, "gate")).touch()
+    _touch(ws_path(a, ws, "gate"))
     response = await asyncio.wait_for(in_flight, 30)
     info = json.loads(response.structured_json)
     assert not response.is_error and info["exit_code"] == 0 and info["output"] == "relayed-done\n", info

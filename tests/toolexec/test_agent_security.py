@@ -35,8 +35,9 @@ def probe(name, fn):
         print(name, "OK")
     except grpc.RpcError as exc:
         print(name, exc.code().name)
-probe("list_workspaces", lambda: tsg.ToolExecServiceStub(ch).ListWorkspaces(ts.ListWorkspacesRequest(), timeout=5))
-probe("relay", lambda: agg.AgentRelayServiceStub(ch).RelayToolCall(ag.RelayToolCallRequest(), timeout=5))
+users, relay = tsg.ToolExecServiceStub(ch), agg.AgentRelayServiceStub(ch)
+probe("list_workspaces", lambda: users.ListWorkspaces(ts.ListWorkspacesRequest(), timeout=5))
+probe("relay", lambda: relay.RelayToolCall(ag.RelayToolCallRequest(), timeout=5))
 def connect():
     hello = iter([ag.ConnectRequest(hello=ag.AgentHello(workspace_id="ws_00000000000000000000"))])
     for _ in agg.WorkspaceAgentServiceStub(ch).Connect(hello, timeout=5):
@@ -58,6 +59,10 @@ try:
 except OSError as exc:
     print("internet blocked:", type(exc).__name__)
 """
+
+
+def _absolute(path: str) -> str:
+    return os.path.abspath(path)
 
 
 def _host_port(url: str) -> int | None:
@@ -83,7 +88,7 @@ async def test_secret_hunt_from_inside_the_workspace_finds_nothing(
         toolexec.workspaces_dir,
         os.path.join(toolexec.workspaces_dir, ".agents"),
         str(tmp_path),
-        os.path.abspath(settings.data_dir),
+        _absolute(settings.data_dir),
         str(REPO_ROOT / "tests"),
         str(REPO_ROOT / ".git"),
         *([pg_socket_dir] if pg_socket_dir else []),
@@ -124,11 +129,14 @@ async def test_secret_hunt_from_inside_the_workspace_finds_nothing(
         ("network", "execute", {"command": f"python3 -c '{NET_PROBE}' {' '.join(map(str, ports))} 2>&1"}),
         ("tcp table", "execute", {"command": "cat /proc/net/tcp /proc/net/tcp6 2>&1; ip addr 2>&1; true"}),
         ("agent socket", "execute", {"command": f"{python} -c '{SOCKET_PROBE}' 2>&1", "timeout_seconds": 60}),
+        ("agent state", "execute", {"command": "find /run/agentplane -maxdepth 3 2>&1"}),
+        # (The patterns are written so that this command line does not itself contain them.)
         (
-            "agent state",
+            "grep secrets",
             "execute",
             {
-                "command": "find /run/agentplane -maxdepth 3 2>&1; grep -rlE 'ap[w]_|AGENTPLANE_SECRE[T]|DATABASE_UR[L]' /run /tmp /workspace /root /etc 2>/dev/null; true"
+                "command": "grep -rlE 'ap[w]_|AGENTPLANE_SECRE[T]|DATABASE_UR[L]|REDIS_UR[L]' "
+                "/run /tmp /var/tmp /workspace /root /etc 2>/dev/null; true"
             },
         ),
         ("read environ", "read_file", {"path": "/proc/1/environ"}),
@@ -191,6 +199,9 @@ async def test_secret_hunt_from_inside_the_workspace_finds_nothing(
     assert "list_workspaces UNIMPLEMENTED" in probe, probe
     assert "relay UNIMPLEMENTED" in probe, probe
     assert "connect_without_token UNAUTHENTICATED" in probe, probe
+
+    # Nothing the sandbox can read mentions a token or the control plane's settings.
+    assert outputs["grep secrets"].strip() == "", outputs["grep secrets"]
 
     # The confined file tools refuse paths outside the workspace.
     for label in ("read environ", "read outside"):
