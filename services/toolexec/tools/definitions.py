@@ -134,7 +134,9 @@ TOOLS: tuple[ToolSpec, ...] = (
             f"{exec_tools.DEFAULT_TIMEOUT_SECONDS:g} s, maximum {exec_tools.MAX_TIMEOUT_SECONDS / 3600:g} h. "
             "A command still running at the timeout is not killed: it continues in the background and "
             "the result gives its process_id for process_output / process_signal. Set "
-            "run_in_background for servers and watchers: it returns a process_id at once."
+            "run_in_background for servers and watchers: it returns a process_id at once. The "
+            "workspace may have no network (unless its template allows it): if a download cannot "
+            "resolve or reach a host, say so instead of retrying."
         ),
         {
             "type": "object",
