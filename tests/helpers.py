@@ -13,6 +13,7 @@ Typical use in a service's tests::
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -106,3 +107,14 @@ def kill_agents(workspaces_dir: str) -> None:
     from services.toolexec.local_driver import kill_agents as kill
 
     kill(workspaces_dir)
+
+
+async def wait_until(
+    predicate: Callable[[], bool], seconds: float = 10.0, what: str = "the condition"
+) -> None:
+    """Poll `predicate` (state the test can observe, not a guess at timing) until true or `seconds` pass."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not predicate():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)

@@ -149,6 +149,20 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         raise SettingsError(f"{name} must be a number, got {raw!r}") from None
 
 
+def env_seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    """A non-negative number of seconds from `env[name]` (default when unset); SettingsError otherwise."""
+    raw = _str(env, name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if value < 0:
+        raise SettingsError(f"{name} must not be negative, got {value:g}")
+    return value
+
+
 def _port(env: Mapping[str, str], name: str, default: int, *, allow_disable: bool = False) -> int:
     raw = _str(env, name)
     if raw is None:

@@ -19,7 +19,7 @@ from agentplane.config.v1 import config_pb2, config_service_pb2
 
 from services.common import auth, logs
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
-from services.common.settings import SettingsError
+from services.common.settings import env_seconds
 from services.config import invalidation as inv
 from services.config import pagination, records, validation
 from services.config.cache import AsyncTTLCache
@@ -45,22 +45,9 @@ class CacheSettings:
         and ``AGENTPLANE_CONFIG_PROMPT_CACHE_TTL_SECONDS`` (user prompts; default 5)."""
         env = os.environ if environ is None else environ
         return cls(
-            model_ttl=_seconds(env, "AGENTPLANE_CONFIG_CACHE_TTL_SECONDS", 10.0),
-            prompt_ttl=_seconds(env, "AGENTPLANE_CONFIG_PROMPT_CACHE_TTL_SECONDS", 5.0),
+            model_ttl=env_seconds(env, "AGENTPLANE_CONFIG_CACHE_TTL_SECONDS", 10.0),
+            prompt_ttl=env_seconds(env, "AGENTPLANE_CONFIG_PROMPT_CACHE_TTL_SECONDS", 5.0),
         )
-
-
-def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{name} must be a number of seconds, got {raw!r}") from None
-    if value < 0:
-        raise SettingsError(f"{name} must not be negative")
-    return value
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from services.agent.processes import ProcessLimits
-from services.common.settings import Settings, SettingsError
+from services.common.settings import Settings, SettingsError, env_seconds
 
 
 @dataclass(frozen=True)
@@ -68,8 +68,8 @@ class ToolexecSettings:
             default_driver=(env.get("AGENTPLANE_WORKSPACE_DRIVER") or "local").strip(),
             advertise_address=(env.get("AGENTPLANE_TOOLEXEC_ADVERTISE_ADDR") or "").strip(),
             agent_url=(env.get("AGENTPLANE_AGENT_URL") or "").strip(),
-            offline_wait_seconds=_float(env, "AGENTPLANE_AGENT_OFFLINE_WAIT_SECONDS", 10.0),
-            reconnect_grace_seconds=_float(env, "AGENTPLANE_AGENT_RECONNECT_GRACE_SECONDS", 15.0),
+            offline_wait_seconds=env_seconds(env, "AGENTPLANE_AGENT_OFFLINE_WAIT_SECONDS", 10.0),
+            reconnect_grace_seconds=env_seconds(env, "AGENTPLANE_AGENT_RECONNECT_GRACE_SECONDS", 15.0),
         )
 
 
@@ -83,17 +83,4 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
     if value < 0:
         raise SettingsError(f"{name} must not be negative (0 keeps the inherited limit), got {value}")
-    return value
-
-
-def _float(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = (env.get(name) or "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{name} must be a number of seconds, got {raw!r}") from None
-    if value < 0:
-        raise SettingsError(f"{name} must not be negative, got {value}")
     return value

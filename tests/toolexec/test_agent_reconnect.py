@@ -24,7 +24,7 @@ from services.common.settings import Settings
 from services.toolexec import server as toolexec_server
 from services.toolexec.agent_hub import AgentHub
 from services.toolexec.settings import ToolexecSettings
-from tests.helpers import kill_agents
+from tests.helpers import kill_agents, wait_until
 from tests.toolexec.conftest import (
     StaticTemplates,
     Toolexec,
@@ -34,14 +34,6 @@ from tests.toolexec.conftest import (
 )
 
 pytestmark = pytest.mark.timeout(90)
-
-
-async def _until(predicate: Callable[[], bool], seconds: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
-    while not predicate():
-        assert loop.time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 async def _drop_and_wait_for_reconnect(hub: AgentHub, ws: str) -> None:
@@ -56,7 +48,7 @@ async def _drop_and_wait_for_reconnect(hub: AgentHub, ws: str) -> None:
         return now is not None and now.connection_id != old
 
     # The agent notices the end of its stream and dials again by itself (jittered backoff).
-    await _until(reconnected, 20, "the agent to reconnect")
+    await wait_until(reconnected, 20, "the agent to reconnect")
 
 
 def _touch(path: str) -> None:
@@ -97,7 +89,7 @@ async def test_connection_dropped_during_execute_runs_once_and_result_arrives(to
     command = "echo run >> runs.log; while [ ! -e gate ]; do sleep 0.02; done; echo finished"
     request = call_request(ws, "execute", {"command": command, "timeout_seconds": 60}, "reconnect-1")
     in_flight = asyncio.ensure_future(stub.CallTool(request))
-    await _until(lambda: _read(runs) == "run\n", 20, "the command to start")
+    await wait_until(lambda: _read(runs) == "run\n", 20, "the command to start")
 
     await _drop_and_wait_for_reconnect(hub, ws)
     assert not in_flight.done(), "the call must wait for the command, not fail on the dropped link"
@@ -137,7 +129,7 @@ async def test_connection_dropped_twice_while_waiting(toolexec: Toolexec) -> Non
     in_flight = asyncio.ensure_future(
         stub.CallTool(call_request(ws, "execute", {"command": command, "timeout_seconds": 60}))
     )
-    await _until(lambda: _read(runs) == "run\n", 20, "the command to start")
+    await wait_until(lambda: _read(runs) == "run\n", 20, "the command to start")
     for _ in range(2):
         await _drop_and_wait_for_reconnect(hub, ws)
         assert not in_flight.done()

@@ -19,18 +19,10 @@ from agentplane.toolexec.v1 import toolexec_pb2, toolexec_service_pb2
 from services.common.settings import Settings
 from services.toolexec import server as toolexec_server
 from services.toolexec.settings import ToolexecSettings
-from tests.helpers import kill_agents
+from tests.helpers import kill_agents, wait_until
 from tests.toolexec.conftest import StaticTemplates, Toolexec, call_request, ws_path, ws_read
 
 pytestmark = pytest.mark.timeout(90)
-
-
-async def _until(predicate: Callable[[], bool], seconds: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
-    while not predicate():
-        assert loop.time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 def _touch(path: str) -> None:
@@ -149,11 +141,11 @@ async def test_relayed_call_survives_agent_reconnect_on_the_holding_replica(
     in_flight = asyncio.ensure_future(
         b.stub().CallTool(call_request(ws, "execute", {"command": command, "timeout_seconds": 60}))
     )
-    await _until(lambda: _read(runs) == "run\n", 20, "the relayed command to start")
+    await wait_until(lambda: _read(runs) == "run\n", 20, "the relayed command to start")
     link = a.server.hub.get(ws)
     assert link is not None
     link.close("test: drop the agent's connection to A")
-    await _until(
+    await wait_until(
         lambda: (now := a.server.hub.get(ws)) is not None and now.connection_id != link.connection_id,
         20,
         "the agent to reconnect to A",

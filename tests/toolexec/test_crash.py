@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.client import create_channel
 from services.common.embedded import free_port
+from tests.helpers import wait_until
 from tests.toolexec.conftest import call_request
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -46,14 +47,6 @@ def _read(path: str) -> str:
             return f.read()
     except FileNotFoundError:
         return ""
-
-
-async def _until(predicate: Callable[[], bool], seconds: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
-    while not predicate():
-        assert loop.time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 @pytest.fixture
@@ -140,7 +133,7 @@ async def test_killed_during_execute_and_restarted(
         command = "echo start >> log; while [ ! -e go ]; do sleep 0.05; done; echo end >> log"
         request = call_request(ws, "execute", {"command": command, "timeout_seconds": 60}, "crash-1")
         in_flight = asyncio.ensure_future(stub.CallTool(request))
-        await _until(lambda: _read(log_path) == "start\n", 15, "the command to start")
+        await wait_until(lambda: _read(log_path) == "start\n", 15, "the command to start")
 
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=10)

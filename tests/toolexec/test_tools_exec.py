@@ -11,6 +11,7 @@ from agentplane.toolexec.v1 import toolexec_service_pb2
 from google.protobuf import duration_pb2
 
 from services.agent import reaper
+from tests.helpers import wait_until
 from tests.toolexec.conftest import Toolexec, call_request, ws_exists, ws_path
 
 
@@ -26,14 +27,6 @@ def _pid_alive(pid: int) -> bool:
     # A zombie still answers kill(0); it has exited for our purposes.
     with open(f"/proc/{pid}/stat") as f:
         return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-
-
-async def _wait_until(predicate: object, seconds: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
-    while not predicate():  # type: ignore[operator]
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 async def test_execute_output_and_exit_code(toolexec: Toolexec) -> None:
@@ -214,7 +207,7 @@ async def test_delete_workspace_kills_everything_it_ran(toolexec: Toolexec) -> N
     ran = reaper.descendants(agent)
     assert len(ran) >= 202
     await toolexec.stub().DeleteWorkspace(toolexec_service_pb2.DeleteWorkspaceRequest(workspace_id=ws))
-    await _wait_until(lambda: not any(_pid_alive(p) for p in [agent, *ran]))
+    await wait_until(lambda: not any(_pid_alive(p) for p in [agent, *ran]))
     assert not ws_exists(toolexec, ws)
 
 
