@@ -29,6 +29,7 @@ from typing import Any
 
 from services.agent import reaper
 from services.agent.processes import ProcessLimits
+from services.toolexec import netns
 from services.toolexec.driver import TokenIssuer, WorkspaceFillError
 from services.toolexec.sandbox import (
     SOCKET_MOUNT,
@@ -144,9 +145,20 @@ class LocalDriver:
             log.info("starting the workspace agent again", extra={"workspace_id": workspace_id})
             await self._start_agent(workspace_id, await self._issue_token(workspace_id))
 
-    def agent_argv(self, workspace_id: str) -> list[str]:
+    def _wants_network(self, workspace_id: str) -> bool:
+        """Whether the workspace's sandbox gets (slirp4netns) network: bwrap mode and the template asks."""
+        return self.sandbox.mode == "bwrap" and bool(self._read_info(workspace_id).get("network"))
+
+    def _resolv_conf(self, workspace_id: str) -> str:
+        path = os.path.join(self.agent_dir(workspace_id), "resolv.conf")
+        with open(path, "w") as f:
+            f.write(netns.RESOLV_CONF)
+        os.chmod(path, 0o644)
+        return path
+
+    def agent_argv(self, workspace_id: str, info_fd: int | None = None) -> list[str]:
         """The full command that starts the workspace's agent in its sandbox."""
-        network = bool(self._read_info(workspace_id).get("network"))
+        network = self._wants_network(workspace_id)
         python = [sys.executable, "-I", "-m", "services.agent"]
         if self.sandbox.mode == "bwrap":
             prefix = bwrap_argv(
@@ -156,6 +168,8 @@ class LocalDriver:
                 state=os.path.join(self.agent_dir(workspace_id), "state"),
                 socket_dir=self.socket_dir,
                 env={**environment(), "AGENTPLANE_AGENT_RLIMITS": self._limits},
+                info_fd=info_fd,
+                resolv_conf=self._resolv_conf(workspace_id) if network else None,
             )
             url, root, state = f"unix://{SOCKET_MOUNT}/{SOCKET_NAME}", WORKSPACE_MOUNT, STATE_MOUNT
         else:
@@ -176,29 +190,48 @@ class LocalDriver:
         return [*prefix, *privilege_drop(self.sandbox), *python, *args]
 
     async def _start_agent(self, workspace_id: str, token: str) -> None:
-        argv = self.agent_argv(workspace_id)
+        network = self._wants_network(workspace_id)
+        if network:
+            netns.require()
+        # A sandbox left by an earlier agent (and its network) goes before a new one starts.
+        await asyncio.to_thread(self.kill_agent, workspace_id)
+        info_read, info_write = os.pipe() if network else (-1, -1)
+        argv = self.agent_argv(workspace_id, info_write if network else None)
         log_path = os.path.join(self.agent_dir(workspace_id), "agent.log")
         env = environment(WORKSPACE_MOUNT if self.sandbox.mode == "bwrap" else self.path_of(workspace_id))
         env["AGENTPLANE_AGENT_RLIMITS"] = self._limits  # the agent takes it out of its environment
-        with open(log_path, "ab") as log_file:  # noqa: ASYNC230 (open for append: no wait)
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=log_file,
-                stderr=log_file,
-                env=env,
-                cwd=self.path_of(workspace_id),
-                start_new_session=True,
-                close_fds=True,
-            )
+        try:
+            with open(log_path, "ab") as log_file:  # noqa: ASYNC230 (open for append: no wait)
+                proc = await asyncio.create_subprocess_exec(
+                    *argv,
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=log_file,
+                    stderr=log_file,
+                    env=env,
+                    cwd=self.path_of(workspace_id),
+                    start_new_session=True,
+                    close_fds=True,
+                    pass_fds=(info_write,) if network else (),
+                )
+        finally:
+            if network:
+                os.close(info_write)
+        info = self._read_info(workspace_id)
+        info.update(pid=proc.pid, start_time=_start_time(proc.pid), net_pid=None, net_start_time=None)
+        await asyncio.to_thread(self._write_info, workspace_id, info)
+        self._children[workspace_id] = proc
+        task = asyncio.create_task(self._reap(workspace_id, proc))
+        self._reapers.add(task)
+        task.add_done_callback(self._reapers.discard)
+        if network:
+            slirp = await netns.connect(await netns.read_child_pid(info_read), log_path)
+            info.update(net_pid=slirp.pid, net_start_time=_start_time(slirp.pid))
+            await asyncio.to_thread(self._write_info, workspace_id, info)
         assert proc.stdin is not None
         proc.stdin.write(token.encode() + b"\n")
         with contextlib.suppress(ConnectionError):
             await proc.stdin.drain()
         proc.stdin.close()
-        info = self._read_info(workspace_id)
-        info.update(pid=proc.pid, start_time=_start_time(proc.pid))
-        await asyncio.to_thread(self._write_info, workspace_id, info)
         self._children[workspace_id] = proc
         task = asyncio.create_task(self._reap(workspace_id, proc))
         self._reapers.add(task)
@@ -230,7 +263,7 @@ class LocalDriver:
             if _REMOTE_URL.match(fill.url):
                 network = True
             elif os.path.exists(fill.url):  # noqa: ASYNC240
-                extra_ro.append(os.path.realpath(fill.url))  # noqa: ASYNC240
+                extra_ro.append(self._local_repository(fill))
             # The workspace user reads a local template repository owned by someone else; git's
             # local transport drops GIT_CONFIG_* from the environment, so a global config it is.
             commands = [
@@ -243,6 +276,18 @@ class LocalDriver:
         script = " && ".join(shlex.join(command) for command in commands)
         await self._run_sandboxed(workspace_id, ["sh", "-c", script], env, template, extra_ro, network, what)
 
+    def _local_repository(self, fill: GitFill) -> str:
+        """The real path of a local template repository, which must not reach what it may not."""
+        real = os.path.realpath(fill.url)
+        if fill.local_root and not _inside(real, os.path.realpath(fill.local_root)):
+            raise WorkspaceFillError(
+                f"the template's parameters lead its git path outside {fill.local_root!r}; "
+                "give a repository name inside it"
+            )
+        if _inside(real, self._dir):
+            raise WorkspaceFillError("a template cannot clone from the workspaces directory")
+        return real
+
     async def _run_sandboxed(
         self,
         workspace_id: str,
@@ -254,25 +299,69 @@ class LocalDriver:
         what: str,
     ) -> None:
         root = self.path_of(workspace_id)
+        network = network and self.sandbox.mode == "bwrap"
+        if network:
+            try:
+                netns.require()
+            except netns.NetworkUnavailable as exc:
+                raise WorkspaceFillError(f"{what} needs the network: {exc}") from None
+        info_read, info_write = os.pipe() if network else (-1, -1)
         if self.sandbox.mode == "bwrap":
             prefix = bwrap_argv(
-                self.sandbox, workspace=root, network=network, template=template, extra_ro=extra_ro, env=env
+                self.sandbox,
+                workspace=root,
+                network=network,
+                template=template,
+                extra_ro=extra_ro,
+                env=env,
+                info_fd=info_write if network else None,
+                resolv_conf=self._resolv_conf(workspace_id) if network else None,
             )
         else:
             prefix = []
             mapping = {WORKSPACE_MOUNT: root, TEMPLATE_MOUNT: template or TEMPLATE_MOUNT}
             command = [_unmount(arg, mapping) for arg in command]
-        proc = await asyncio.create_subprocess_exec(
-            *prefix,
-            *privilege_drop(self.sandbox),
-            *command,
-            cwd=root,
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,
-        )
+        if network:
+            # The command starts once its network is up (a line on stdin says so).
+            command = ["sh", "-c", 'read _up && exec "$@"', "fill", *command]
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *prefix,
+                *privilege_drop(self.sandbox),
+                *command,
+                cwd=root,
+                env=env,
+                stdin=asyncio.subprocess.PIPE if network else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+                pass_fds=(info_write,) if network else (),
+            )
+        finally:
+            if network:
+                os.close(info_write)
+        slirp = None
+        if network:
+            log_path = os.path.join(self.agent_dir(workspace_id), "agent.log")
+            try:
+                slirp = await netns.connect(await netns.read_child_pid(info_read), log_path)
+            except netns.NetworkUnavailable as exc:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                await proc.wait()
+                raise WorkspaceFillError(f"{what} failed: {exc}") from None
+            assert proc.stdin is not None
+            proc.stdin.write(b"up\n")
+            proc.stdin.close()
+        try:
+            return await self._finish_fill(proc, what)
+        finally:
+            if slirp is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    slirp.kill()
+                await slirp.wait()
+
+    async def _finish_fill(self, proc: asyncio.subprocess.Process, what: str) -> None:
         try:
             out, _ = await asyncio.wait_for(proc.communicate(), FILL_TIMEOUT_SECONDS)
         except TimeoutError:
@@ -295,8 +384,8 @@ class LocalDriver:
         await asyncio.to_thread(_remove_tree, self.agent_dir(workspace_id))
 
     def kill_agent(self, workspace_id: str) -> int:
-        """SIGKILL the agent and every descendant (all of the sandbox); returns how many processes."""
-        return _kill_tree(self.agent_pid(workspace_id))
+        """SIGKILL the agent and every descendant (all of the sandbox) and its network; returns how many."""
+        return _kill_recorded(self._read_info(workspace_id))
 
     def kill_all_agents(self) -> int:
         """Kill every agent of this workspaces directory."""
@@ -317,7 +406,15 @@ def kill_agents(workspaces_dir: str) -> int:
                 info = json.load(f)
         except (OSError, ValueError):
             continue
-        pid, started = info.get("pid"), info.get("start_time")
+        killed += _kill_recorded(info)
+    return killed
+
+
+def _kill_recorded(info: dict[str, Any]) -> int:
+    """Kill the sandbox and the slirp4netns an agent.json names (checked against their start times)."""
+    killed = 0
+    for pid_key, start_key in (("pid", "start_time"), ("net_pid", "net_start_time")):
+        pid, started = info.get(pid_key), info.get(start_key)
         if isinstance(pid, int) and isinstance(started, int) and _start_time(pid) == started:
             killed += _kill_tree(pid)
     return killed
@@ -335,6 +432,10 @@ def _kill_tree(pid: int | None) -> int:
         os.kill(pid, signal.SIGKILL)
         killed += 1
     return killed
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
 
 
 def _unmount(arg: str, mapping: dict[str, str]) -> str:

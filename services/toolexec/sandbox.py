@@ -192,17 +192,28 @@ def bwrap_argv(
     template: str | None = None,
     extra_ro: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
+    info_fd: int | None = None,
+    resolv_conf: str | None = None,
 ) -> list[str]:
-    """The bwrap command line (up to and including ``--``) for one sandbox."""
-    argv = ["bwrap", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
+    """The bwrap command line (up to and including ``--``) for one sandbox.
+
+    The sandbox always has its own network namespace: with `network`, the caller connects it to
+    the outside through slirp4netns (`services.toolexec.netns`) once bwrap has written the
+    sandbox's pid to `info_fd`, and `resolv_conf` replaces /etc/resolv.conf. The command runs as
+    the namespace's pid 1: when it exits, everything it started dies with the namespace.
+    """
+    argv = ["bwrap", "--unshare-pid", "--as-pid-1", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
     if os.geteuid() != 0:
         argv.append("--unshare-user")
-    if not network:
-        argv.append("--unshare-net")
+    argv.append("--unshare-net")
+    if network and info_fd is not None:
+        argv += ["--info-fd", str(info_fd)]
     argv += ["--hostname", "workspace", "--new-session", "--clearenv"]
     for key, value in (env or environment()).items():
         argv += ["--setenv", key, value]
     argv += _system_binds()
+    if network and resolv_conf is not None:
+        argv += ["--ro-bind", resolv_conf, "/etc/resolv.conf"]
     binds = [*_python_binds(), *extra_ro]
     # bwrap makes missing parent directories 0700 (as root): the workspace user could not reach
     # what is bound below them, so they are made 0755 first.

@@ -38,6 +38,9 @@ class GitFill:
 
     url: str
     ref: str = ""
+    # For a local path built from parameters: the directory the admin's literal prefix names; the
+    # path must stay inside it (a user cannot point the clone at another user's files).
+    local_root: str = ""
 
 
 TemplateFill = DirectoryFill | GitFill
@@ -108,7 +111,10 @@ def fill_for(template: Template, values: Mapping[str, str]) -> TemplateFill:
             raise FailedPrecondition(
                 f"template {template.name!r} has an empty git URL", reason="TEMPLATE_INVALID"
             )
-        return GitFill(url=url, ref=substitute(source.ref, values, template.name))
+        local_root = ""
+        if "{" in source.url and source.url.startswith("/"):
+            local_root = source.url[: source.url.index("{")].rsplit("/", 1)[0] or "/"
+        return GitFill(url=url, ref=substitute(source.ref, values, template.name), local_root=local_root)
     if isinstance(source, DirectoryFill):
         if not source.path.startswith("/"):
             raise FailedPrecondition(
