@@ -77,13 +77,14 @@ class AgentCalls:
         on_output: Callable[[str], None] | None = None,
     ) -> CallAnswer:
         """Run (or answer from the record) one call."""
-        if on_output is not None:
-            self._listeners[tool_call_id] = on_output
         running = self._running.get(tool_call_id)
         if running is not None:
             sha, task = running
             if sha != arguments_sha256:
                 return CallAnswer(reused_id_result(tool_call_id), False, 0.0)
+            if on_output is not None:
+                # The run's output now goes to whoever asked last (the connection after a reconnect).
+                self._listeners[tool_call_id] = on_output
             answer = await asyncio.shield(task)
             return CallAnswer(answer.result, True, answer.duration_seconds)
         entry = self.record.get(tool_call_id)
@@ -95,6 +96,8 @@ class AgentCalls:
             result = unknown_outcome_result(tool_call_id, name)
             self.record.done(tool_call_id, arguments_sha256, result, 0.0)
             return CallAnswer(result, True, 0.0)
+        if on_output is not None:
+            self._listeners[tool_call_id] = on_output
         task = asyncio.create_task(
             self._run(tool_call_id, name, arguments_json, arguments_sha256, max_seconds)
         )

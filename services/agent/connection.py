@@ -22,7 +22,8 @@ from agentplane.toolexec.v1 import workspace_agent_service_pb2 as pb
 from agentplane.toolexec.v1 import workspace_agent_service_pb2_grpc as pb_grpc
 from google.protobuf import duration_pb2
 
-from services.agent.calls import AgentCalls
+from services.agent.calls import AgentCalls, CallAnswer
+from services.agent.tools.base import ToolError
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +100,29 @@ class Backoff:
         self._attempt = 0
 
 
+TLS_SCHEMES = ("https://", "grpcs://")
+
+
+def uses_tls(url: str) -> bool:
+    """True for https:// and grpcs:// URLs (the agent then dials with TLS)."""
+    return url.startswith(TLS_SCHEMES)
+
+
 def _target(url: str) -> str:
-    # grpc takes host:port and unix:/path; accept the http(s):// and grpc:// forms people paste too.
-    for prefix in ("grpc://", "http://", "https://"):
+    # grpc takes host:port and unix:/path; accept the http(s):// and grpc(s):// forms people paste too.
+    for prefix in ("grpc://", "http://", *TLS_SCHEMES):
         if url.startswith(prefix):
             return url[len(prefix) :].rstrip("/")
     return url
+
+
+def is_local_target(url: str) -> bool:
+    """True for a Unix socket or a loopback address (plaintext is fine there)."""
+    target = _target(url)
+    if target.startswith("unix:"):
+        return True
+    host = target.rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "127.0.0.1", "::1") or host.startswith("127.")
 
 
 class AgentConnection:
@@ -222,14 +240,27 @@ class AgentConnection:
                 pb.ConnectRequest(output=pb.AgentToolOutput(tool_call_id=message.tool_call_id, text=text))
             )
 
-        answer = await self._calls.call(
-            message.tool_call_id,
-            message.name,
-            message.arguments_json,
-            message.arguments_sha256,
-            timeout,
-            on_output,
-        )
+        try:
+            answer = await self._calls.call(
+                message.tool_call_id,
+                message.name,
+                message.arguments_json,
+                message.arguments_sha256,
+                timeout,
+                on_output,
+            )
+        except Exception:
+            # Never leave toolexec waiting: a bug here is still an answer (and says the call may have run).
+            log.exception("serving call %s failed", message.tool_call_id)
+            answer = CallAnswer(
+                ToolError(
+                    f"the workspace agent failed while handling this {message.name} call; it may have run. "
+                    "Check the workspace before repeating it.",
+                    code="agent_error",
+                ).to_result(),
+                False,
+                0.0,
+            )
         duration = duration_pb2.Duration()
         duration.FromNanoseconds(int(answer.duration_seconds * 1e9))
         outbox.put_nowait(

@@ -17,9 +17,11 @@ import signal
 import sys
 from collections.abc import Sequence
 
+import grpc
+
 from services.agent import reaper
 from services.agent.calls import AgentCalls
-from services.agent.connection import AgentConnection, AgentOptions
+from services.agent.connection import AgentConnection, AgentOptions, is_local_target, uses_tls
 from services.agent.processes import ProcessLimits, ProcessManager
 from services.agent.record import ResultRecord
 from services.agent.runner import ToolRunner
@@ -50,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the agent keeps its record of recent calls (outside the workspace root; "
         "default ~/.agentplane-agent/<workspace>)",
     )
+    p.add_argument(
+        "--tls-ca",
+        default=os.environ.get("AGENTPLANE_AGENT_TLS_CA", ""),
+        help="CA certificate file for an https:// or grpcs:// URL (default: the system's roots)",
+    )
     p.add_argument("--token-file", default="", help="read the agent token from this file")
     p.add_argument(
         "--token-stdin", action="store_true", help="read the agent token from the first line of stdin"
@@ -67,6 +74,23 @@ def _read_token(args: argparse.Namespace) -> str:
         token = sys.stdin.readline().strip()
         sys.stdin.close()
     return token
+
+
+def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    """TLS for https:// and grpcs:// URLs; plaintext otherwise (with a warning off this machine)."""
+    if uses_tls(args.url):
+        roots = None
+        if args.tls_ca:
+            with open(args.tls_ca, "rb") as f:
+                roots = f.read()
+        return grpc.ssl_channel_credentials(root_certificates=roots)
+    if not is_local_target(args.url):
+        log.warning(
+            "dialing %s in plaintext: the token and every file and command cross the network "
+            "unencrypted; use an https:// (or grpcs://) URL where toolexec serves TLS",
+            args.url,
+        )
+    return None
 
 
 def _limits() -> ProcessLimits:
@@ -97,7 +121,9 @@ async def run(args: argparse.Namespace, token: str, root: str, state: str, limit
         reaper.kill_descendants()
         record.clear()
 
-    connection = AgentConnection(AgentOptions(args.url, token, args.workspace, terminate), calls)
+    connection = AgentConnection(
+        AgentOptions(args.url, token, args.workspace, terminate, _credentials(args)), calls
+    )
 
     async def reap() -> None:
         while True:

@@ -47,6 +47,18 @@ class InferenceModel:
             call.cancel()
 
 
+# Answers after which the call may or may not have run (the request itself was not refused).
+_OUTCOME_UNKNOWN = frozenset(
+    {
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.ABORTED,
+    }
+)
+
+
 class ToolExecTools:
     """`loop.Tools` over ToolExecService (tool list cached for a minute)."""
 
@@ -109,6 +121,14 @@ class ToolExecTools:
                 resp = await self._stub.CallTool(request, timeout=self._timeout + 30)
                 break
             except grpc.aio.AioRpcError as exc:
+                if exc.code() in _OUTCOME_UNKNOWN:
+                    return ToolOutcome(
+                        f"The tool service failed while running this {name} call "
+                        f"({exc.details() or exc.code().name}), so its outcome is unknown: it may have run, "
+                        "fully or in part. Check the workspace (for example with read_file or execute) "
+                        "before repeating it.",
+                        True,
+                    )
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
                     return ToolOutcome(f"The tool call failed: {exc.details() or exc.code().name}", True)
                 if loop.time() + delay > deadline:

@@ -30,11 +30,22 @@ class AgentUnreachable(Exception):
         self.sent = sent
 
 
+class AgentTimedOut(Exception):
+    """The agent took longer than the call may take (it is alive, but no result came back)."""
+
+
 class AgentLink:
     """One live agent connection on this replica."""
 
-    def __init__(self, workspace_id: str, version: str = "", capabilities: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        workspace_id: str,
+        version: str = "",
+        capabilities: tuple[str, ...] = (),
+        token_sha256: str = "",
+    ) -> None:
         self.workspace_id = workspace_id
+        self.token_sha256 = token_sha256
         self.connection_id = uuid.uuid4().hex
         self.version = version
         self.capabilities = capabilities
@@ -144,8 +155,29 @@ class AgentHub:
         call: pb.AgentToolCall,
         reconnect_grace: float,
         on_output: Callable[[str], None] | None = None,
+        deadline_seconds: float | None = None,
     ) -> pb.AgentToolResult:
-        """Run `call` on the workspace's agent connected here, re-sending it over reconnects."""
+        """Run `call` on the workspace's agent connected here, re-sending it over reconnects.
+
+        Raises AgentTimedOut after `deadline_seconds` without a result (the call may have run).
+        """
+        if deadline_seconds is None:
+            return await self._call(workspace_id, call, reconnect_grace, on_output)
+        try:
+            async with asyncio.timeout(deadline_seconds):
+                return await self._call(workspace_id, call, reconnect_grace, on_output)
+        except TimeoutError:
+            raise AgentTimedOut(
+                f"no result from the agent of {workspace_id} in {deadline_seconds:g} s"
+            ) from None
+
+    async def _call(
+        self,
+        workspace_id: str,
+        call: pb.AgentToolCall,
+        reconnect_grace: float,
+        on_output: Callable[[str], None] | None,
+    ) -> pb.AgentToolResult:
         sent = False
         while True:
             link = await self.wait_for_link(workspace_id, reconnect_grace if sent else 0)

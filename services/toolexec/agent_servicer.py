@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT_SECONDS = 10.0
 MAX_RUNNING_IDS = 10_000
+MAX_VERSION_LENGTH = 64
+MAX_CAPABILITIES = 64
+MAX_CAPABILITY_LENGTH = 64
 
 
 class WorkspaceAgentServicer(pb_grpc.WorkspaceAgentServiceServicer):
@@ -50,7 +53,8 @@ class WorkspaceAgentServicer(pb_grpc.WorkspaceAgentServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[pb.ConnectResponse]:
         token = auth.parse_authorization(metadata_value(context, auth.AUTHORIZATION_METADATA_KEY))
-        record = await self._workspaces.by_agent_token(token_sha256(token))
+        token_hash = token_sha256(token)
+        record = await self._workspaces.by_agent_token(token_hash)
         if record is None:
             raise Unauthenticated(
                 "the workspace agent token is not valid (the workspace was deleted or the token rotated)",
@@ -68,19 +72,29 @@ class WorkspaceAgentServicer(pb_grpc.WorkspaceAgentServiceServicer):
                 f"this token belongs to workspace {record.id}, not {hello.workspace_id!r}",
                 reason="AGENT_WORKSPACE_MISMATCH",
             )
-        link = AgentLink(record.id, hello.version, tuple(hello.capabilities))
-        await self._hub.register(link)
-        await self._agents.connected(
-            record.id,
-            link.connection_id,
-            self._hub.replica_id,
-            self.replica_address,
-            hello.version,
-            list(hello.capabilities),
-        )
-        log.info("workspace agent connected", extra={"workspace_id": record.id, "version": hello.version})
-        reader = asyncio.create_task(self._read(request_iterator, link))
+        _check_hello(hello)
+        link = AgentLink(record.id, hello.version, tuple(hello.capabilities), token_hash)
+        reader: asyncio.Task[None] | None = None
         try:
+            await self._hub.register(link)
+            await self._agents.connected(
+                record.id,
+                link.connection_id,
+                self._hub.replica_id,
+                self.replica_address,
+                hello.version,
+                list(hello.capabilities),
+            )
+            # The token may have been rotated (or the workspace deleted) between the check above and
+            # the registration: check again now that rotation would find this link to revoke.
+            current = await self._workspaces.by_agent_token(token_hash)
+            if current is None or current.id != record.id:
+                raise Unauthenticated(
+                    "the workspace agent token was replaced while the agent connected",
+                    reason="AGENT_TOKEN_INVALID",
+                )
+            log.info("workspace agent connected", extra={"workspace_id": record.id, "version": hello.version})
+            reader = asyncio.create_task(self._read(request_iterator, link))
             interval = duration_pb2.Duration()
             interval.FromMilliseconds(int(self._heartbeat * 1000))
             yield pb.ConnectResponse(
@@ -89,9 +103,10 @@ class WorkspaceAgentServicer(pb_grpc.WorkspaceAgentServiceServicer):
             async for message in _drain(link, self._heartbeat):
                 yield message
         finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
+            if reader is not None:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await reader
             self._hub.unregister(link)
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._agents.disconnected(record.id, link.connection_id))
@@ -116,7 +131,10 @@ class WorkspaceAgentServicer(pb_grpc.WorkspaceAgentServiceServicer):
                     link.deliver(message.result)
                 elif kind == "output":
                     link.output(message.output)
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, ConnectionError) as exc:
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # Whatever broke the reader, the link must not stay open with nobody reading it.
             link.close(f"connection error: {exc}")
 
 
@@ -142,6 +160,20 @@ async def _drain(link: AgentLink, heartbeat: float) -> AsyncIterator[pb.ConnectR
                 yield pb.ConnectResponse(heartbeat=pb.AgentHeartbeat())
     finally:
         closed.cancel()
+
+
+def _check_hello(hello: pb.AgentHello) -> None:
+    if len(hello.version) > MAX_VERSION_LENGTH:
+        raise InvalidArgument("hello.version", f"must be at most {MAX_VERSION_LENGTH} characters")
+    if len(hello.capabilities) > MAX_CAPABILITIES or any(
+        len(c) > MAX_CAPABILITY_LENGTH for c in hello.capabilities
+    ):
+        raise InvalidArgument(
+            "hello.capabilities",
+            f"at most {MAX_CAPABILITIES} capabilities of at most {MAX_CAPABILITY_LENGTH} characters",
+        )
+    if len(hello.running_tool_call_ids) > MAX_RUNNING_IDS:
+        raise InvalidArgument("hello.running_tool_call_ids", f"at most {MAX_RUNNING_IDS} ids")
 
 
 class AgentRelayServicer(pb_grpc.AgentRelayServiceServicer):

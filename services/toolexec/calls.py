@@ -18,8 +18,10 @@ import json
 import logging
 import time
 from dataclasses import dataclass, replace
+from typing import Any
 
 from services.agent.tools.base import ToolError, ToolResult
+from services.agent.tools.exec import DEFAULT_TIMEOUT_SECONDS as DEFAULT_EXECUTE_TIMEOUT_SECONDS
 from services.common.auth import Identity
 from services.common.errors import AgentplaneError, InvalidArgument
 from services.toolexec.ledger import Ledger, LedgerEntry, call_fingerprint
@@ -40,6 +42,9 @@ MAX_TOOL_NAME_LENGTH = 128
 # Tools without side effects: running one twice is harmless, so the ledger records them once,
 # after they ran, instead of marking them started first (one statement per call, not two).
 READ_ONLY_TOOLS = frozenset({"read_file"})
+# Waiting for an agent's result: the tool's own bound plus this margin (see result_deadline).
+RESULT_MARGIN_SECONDS = 60.0
+FILE_TOOL_SECONDS = 120.0
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,22 @@ class CallOutcome:
     result: ToolResult
     replayed: bool
     duration_seconds: float
+
+
+def result_deadline(name: str, args: dict[str, Any], timeout_seconds: float | None) -> float:
+    """How long to wait for an agent's result before saying the outcome is unknown.
+
+    The call's own time bound (execute's timeout, process_output's wait, the request's timeout)
+    plus a margin: an agent that is connected but never answers cannot hold a call forever.
+    """
+    own = FILE_TOOL_SECONDS
+    if name == "execute":
+        own = float(args.get("timeout_seconds", DEFAULT_EXECUTE_TIMEOUT_SECONDS))
+    elif name == "process_output":
+        own = float(args.get("wait_seconds", 0))
+    if timeout_seconds is not None:
+        own = min(own, timeout_seconds)
+    return own + RESULT_MARGIN_SECONDS
 
 
 def reused_id_result(tool_call_id: str, recorded_tool: str) -> ToolResult:
@@ -235,6 +256,7 @@ class ToolCaller:
                 json.dumps(args, separators=(",", ":")),
                 sha,
                 timeout_seconds,
+                deadline_seconds=result_deadline(name, args, timeout_seconds),
             )
         except ToolError as exc:
             result = exc.to_result()

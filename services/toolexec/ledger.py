@@ -13,9 +13,11 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from services.agent.tools.base import ToolResult
+from services.common.errors import NotFound
 
 # Insert the 'started' row, or (when the key exists) return the recorded row instead.
 _BEGIN = """
@@ -134,7 +136,15 @@ class Ledger:
 
     async def _insert_or_earlier(self, statement: str, params: dict[str, Any]) -> LedgerEntry | None:
         async with self._pool.connection() as conn:
-            cur = await conn.execute(statement, params)
+            try:
+                cur = await conn.execute(statement, params)
+            except psycopg.errors.ForeignKeyViolation:
+                # Deleted meanwhile (through another replica, whose delete this one's cache missed).
+                raise NotFound(
+                    f"workspace {params['ws']} not found",
+                    reason="WORKSPACE_NOT_FOUND",
+                    metadata={"workspace_id": params["ws"]},
+                ) from None
             row = await cur.fetchone()
             if row is None:
                 # A concurrent insert committed after this statement's snapshot: read it now.

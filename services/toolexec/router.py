@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2
 from services.agent.tools.base import ToolError, ToolResult
 from services.common.client import create_channel
 from services.common.rpc_errors import error_info
-from services.toolexec.agent_hub import AgentHub, AgentUnreachable
+from services.toolexec.agent_hub import AgentHub, AgentTimedOut, AgentUnreachable
 from services.toolexec.agent_store import AgentInfo, AgentStore
 
 log = logging.getLogger(__name__)
@@ -113,8 +113,12 @@ class AgentRouter:
         arguments_json: str,
         arguments_sha256: str,
         timeout_seconds: float | None,
+        deadline_seconds: float | None = None,
     ) -> ToolResult:
-        """Run one validated call on the workspace's agent; raises AgentOffline / AgentOutcomeUnknown."""
+        """Run one validated call on the workspace's agent; raises AgentOffline / AgentOutcomeUnknown.
+
+        `deadline_seconds` bounds the wait for a result once the call is with an agent.
+        """
         message = pb.AgentToolCall(
             tool_call_id=tool_call_id,
             name=name,
@@ -134,15 +138,19 @@ class AgentRouter:
             if self._hub.get(workspace_id) is not None:
                 try:
                     return result_from_agent(
-                        await self._hub.call(workspace_id, message, self.reconnect_grace)
+                        await self._hub.call(
+                            workspace_id, message, self.reconnect_grace, deadline_seconds=deadline_seconds
+                        )
                     )
                 except AgentUnreachable as exc:
                     sent = sent or exc.sent
+                except AgentTimedOut:
+                    raise AgentOutcomeUnknown(workspace_id) from None
             else:
                 info = await self._agents.get(workspace_id)
                 if self._elsewhere(info):
                     assert info is not None
-                    relayed = await self._relay(info, workspace_id, message, timeout_seconds)
+                    relayed = await self._relay(info, workspace_id, message, deadline_seconds)
                     if isinstance(relayed, ToolResult):
                         return relayed
                     sent = sent or relayed
@@ -169,7 +177,7 @@ class AgentRouter:
         return age < self.stale_after
 
     async def _relay(
-        self, info: AgentInfo, workspace_id: str, message: pb.AgentToolCall, timeout_seconds: float | None
+        self, info: AgentInfo, workspace_id: str, message: pb.AgentToolCall, deadline_seconds: float | None
     ) -> ToolResult | bool:
         """The result from the replica holding the agent, or whether the call may have been sent."""
         channel = self._channels.get(info.replica_address)
@@ -177,7 +185,7 @@ class AgentRouter:
             channel = create_channel(info.replica_address, token_provider=self._token)
             self._channels[info.replica_address] = channel
         stub = pb_grpc.AgentRelayServiceStub(channel)
-        deadline = (timeout_seconds or DEFAULT_RELAY_SECONDS) + RELAY_MARGIN_SECONDS
+        deadline = (deadline_seconds or DEFAULT_RELAY_SECONDS) + RELAY_MARGIN_SECONDS
         try:
             response = await stub.RelayToolCall(
                 pb.RelayToolCallRequest(workspace_id=workspace_id, call=message), timeout=deadline

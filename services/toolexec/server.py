@@ -200,7 +200,7 @@ async def build_server(
 
     def register(server: grpc.aio.Server) -> None:
         toolexec_service_pb2_grpc.add_ToolExecServiceServicer_to_server(
-            ToolExecServicer(workspaces, caller, agents, hub, agent_url), server
+            ToolExecServicer(workspaces, caller, agents, hub, agent_url, tx.heartbeat_seconds * 3), server
         )
         agent_grpc.add_WorkspaceAgentServiceServicer_to_server(agent_servicer, server)
         agent_grpc.add_AgentRelayServiceServicer_to_server(
@@ -226,9 +226,16 @@ async def build_server(
         while True:
             await asyncio.sleep(tx.heartbeat_seconds)
             try:
-                await agents.seen([link.connection_id for link in hub.links()])
+                links = hub.links()
+                await agents.seen([link.connection_id for link in links])
+                # A link whose workspace is gone or whose token was replaced ends, even if the
+                # revocation signal never reached this replica.
+                hashes = await store.agent_token_hashes([link.workspace_id for link in links])
+                for link in links:
+                    if hashes.get(link.workspace_id) != link.token_sha256:
+                        link.close("the workspace was deleted or its agent token replaced")
             except Exception:
-                log.warning("could not refresh the agents' last_seen", exc_info=True)
+                log.warning("could not refresh the agents' connections", exc_info=True)
 
     async def sweep_creating() -> None:
         while True:

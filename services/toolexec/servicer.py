@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime as dt
 import json
 from collections.abc import Callable
 from typing import Any
@@ -30,16 +31,22 @@ _STATES = {
 }
 
 
-def agent_to_proto(info: AgentInfo | None, live: bool) -> toolexec_pb2.WorkspaceAgent:
-    """The API form of an agent connection record (`live`: connected to this replica right now)."""
+def agent_to_proto(
+    info: AgentInfo | None, live: bool, stale_after_seconds: float = 30.0
+) -> toolexec_pb2.WorkspaceAgent:
+    """The API form of an agent connection record (`live`: connected to this replica right now).
+
+    A record not refreshed for `stale_after_seconds` was left by a replica that died: not connected.
+    """
     if info is None:
         return toolexec_pb2.WorkspaceAgent(connected=live)
     last_seen = timestamp_pb2.Timestamp()
     last_seen.FromDatetime(info.last_seen)
     connect_time = timestamp_pb2.Timestamp()
     connect_time.FromDatetime(info.connect_time)
+    fresh = (dt.datetime.now(dt.UTC) - info.last_seen).total_seconds() < stale_after_seconds
     return toolexec_pb2.WorkspaceAgent(
-        connected=live or info.connected,
+        connected=live or (info.connected and fresh),
         last_seen_time=last_seen,
         version=info.version,
         capabilities=list(info.capabilities),
@@ -80,17 +87,21 @@ class ToolExecServicer(toolexec_service_pb2_grpc.ToolExecServiceServicer):
         agents: AgentStore,
         hub: AgentHub,
         agent_url: Callable[[str], str],
+        stale_after_seconds: float = 30.0,
     ) -> None:
         self._workspaces = workspaces
         self._caller = caller
         self._agents = agents
         self._hub = hub
         self._agent_url = agent_url
+        self._stale_after = stale_after_seconds
 
     async def _with_agents(self, records: list[WorkspaceRecord]) -> list[toolexec_pb2.Workspace]:
         infos = await self._agents.get_many([r.id for r in records])
         return [
-            workspace_to_proto(r, agent_to_proto(infos.get(r.id), self._hub.get(r.id) is not None))
+            workspace_to_proto(
+                r, agent_to_proto(infos.get(r.id), self._hub.get(r.id) is not None, self._stale_after)
+            )
             for r in records
         ]
 

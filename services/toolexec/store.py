@@ -170,6 +170,15 @@ class WorkspaceStore:
             row = await cur.fetchone()
         return _record(row) if row else None
 
+    async def agent_token_hashes(self, workspace_ids: builtins.list[str]) -> dict[str, str | None]:
+        """The current agent token hash of each workspace that still exists."""
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT id, agent_token_sha256 FROM toolexec_workspaces WHERE id = ANY(%s)", (workspace_ids,)
+            )
+            rows = await cur.fetchall()
+        return {r["id"]: r["agent_token_sha256"] for r in rows}
+
     async def fail_stale_creating(self, older_than_seconds: float, message: str) -> builtins.list[str]:
         """Mark workspaces left CREATING for longer than the bound FAILED; returns their ids."""
         async with self._pool.connection() as conn:

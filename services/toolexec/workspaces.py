@@ -84,6 +84,8 @@ class WorkspaceManager:
         self._revoke_agent: Callable[[str], Awaitable[bool]] | None = None
         # Ready workspaces never change owner; caching them keeps CallTool to the ledger statements.
         self._ready: dict[str, WorkspaceRecord] = {}
+        # Being deleted here: no agent is started for them meanwhile.
+        self.deleting: set[str] = set()
 
     def on_revoke(self, revoke: Callable[[str], Awaitable[bool]]) -> None:
         """What to call when a token is rotated (tell the connected agent it was revoked)."""
@@ -104,6 +106,8 @@ class WorkspaceManager:
 
     async def ensure_agent(self, workspace_id: str) -> None:
         """Ask the workspace's driver to start its agent if it can and it is not running."""
+        if workspace_id in self.deleting:
+            return
         record = self._ready.get(workspace_id) or await self._store.get(workspace_id)
         if record is not None:
             await self.driver_for(record.driver).ensure_agent(workspace_id)
@@ -118,6 +122,12 @@ class WorkspaceManager:
     async def rotate_token(self, identity: Identity, workspace_id: str) -> tuple[WorkspaceRecord, str]:
         """Replace the agent token; the old one's connection is told it was revoked."""
         record = await self.get(identity, workspace_id)
+        if record.driver != "external":
+            raise FailedPrecondition(
+                f"workspace {record.id} runs its agent with the {record.driver} driver, which manages the "
+                "agent's token itself; only external workspaces' tokens are rotated",
+                reason="TOKEN_MANAGED_BY_DRIVER",
+            )
         token = await self.issue_token(record.id)
         if self._revoke_agent is not None:
             await self._revoke_agent(record.id)
@@ -169,6 +179,11 @@ class WorkspaceManager:
             network = template.network
         elif spec.parameters:
             raise InvalidArgument("parameters", "parameters need a template_id")
+        if fill is not None and driver_name == "external":
+            raise InvalidArgument(
+                "template_id",
+                "templates fill local workspaces; an external agent serves the directory it is started in",
+            )
         token = new_agent_token()
         record = await self._store.insert(
             new_workspace_id(),
@@ -204,10 +219,14 @@ class WorkspaceManager:
             self._ready[ready.id] = ready
         return Created(ready or record, token)
 
-    async def get(self, identity: Identity, workspace_id: str) -> WorkspaceRecord:
-        """The workspace, if `identity` may touch it; NotFound otherwise."""
+    async def get(self, identity: Identity, workspace_id: str, *, cached: bool = False) -> WorkspaceRecord:
+        """The workspace, if `identity` may touch it; NotFound otherwise.
+
+        `cached` (the CallTool path) may answer from this replica's cache of ready workspaces; a
+        workspace deleted through another replica is then caught by the ledger's foreign key.
+        """
         _check_id(workspace_id)
-        record = self._ready.get(workspace_id) or await self._store.get(workspace_id)
+        record = (self._ready.get(workspace_id) if cached else None) or await self._store.get(workspace_id)
         if record is None or not may_touch(identity, record.owner_id):
             raise NotFound(
                 f"workspace {workspace_id} not found",
@@ -220,7 +239,7 @@ class WorkspaceManager:
 
     async def get_ready(self, identity: Identity, workspace_id: str) -> WorkspaceRecord:
         """The workspace, which must be READY for tools to run in it."""
-        record = await self.get(identity, workspace_id)
+        record = await self.get(identity, workspace_id, cached=True)
         if record.state != STATE_READY:
             detail = f": {record.failure_message}" if record.failure_message else ""
             raise FailedPrecondition(
@@ -257,11 +276,15 @@ class WorkspaceManager:
         """Kill the workspace's processes, remove its directory and its record (with its ledger)."""
         record = await self.get(identity, workspace_id)
         self._ready.pop(record.id, None)
+        self.deleting.add(record.id)
         if self._terminate_agent is not None:
             # The agent kills everything it started and exits (wherever it runs).
             await self._terminate_agent(record.id)
-        await self.driver_for(record.driver).delete(record.id)
-        await self._store.delete(record.id)
+        try:
+            await self.driver_for(record.driver).delete(record.id)
+            await self._store.delete(record.id)
+        finally:
+            self.deleting.discard(record.id)
 
     async def sweep_creating(self, older_than_seconds: float) -> builtins.list[str]:
         """Fail workspaces a crash left CREATING (no create outlives the fill timeout)."""

@@ -181,24 +181,38 @@ async def test_external_workspace_without_agent_is_offline_within_bounded_wait(
     assert row is not None and row[0] == 0
 
 
-async def test_local_agent_serves_the_call_right_after_its_token_is_rotated(toolexec: Toolexec) -> None:
-    """Rotation stops the local agent (its token is revoked); the next call must start a new one."""
+async def test_local_workspace_token_is_not_rotated_and_its_agent_keeps_serving(toolexec: Toolexec) -> None:
+    """The local driver manages its agents' tokens: rotation is refused, nothing is stopped."""
     ws = await toolexec.create()
     stub = toolexec.stub()
     first = await stub.CallTool(call_request(ws, "execute", {"command": "echo before"}))
     assert not first.is_error, first.content
     old_pid = toolexec.server.driver.agent_pid(ws)
     assert old_pid is not None
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.RotateWorkspaceAgentToken(
+            toolexec_service_pb2.RotateWorkspaceAgentTokenRequest(workspace_id=ws)
+        )
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "external" in (info.value.details() or "")
+    after = await stub.CallTool(call_request(ws, "execute", {"command": "echo after"}))
+    assert json.loads(after.structured_json)["output"] == "after\n"
+    assert toolexec.server.driver.agent_pid(ws) == old_pid
 
-    await stub.RotateWorkspaceAgentToken(
-        toolexec_service_pb2.RotateWorkspaceAgentTokenRequest(workspace_id=ws)
-    )
+
+async def test_a_local_agent_that_died_is_started_again_by_the_next_call(toolexec: Toolexec) -> None:
+    """A host reboot or a killed sandbox: the next call starts a new agent (new token) and runs."""
+    ws = await toolexec.create()
+    stub = toolexec.stub()
+    await stub.CallTool(call_request(ws, "write_file", {"path": "kept.txt", "content": "kept"}))
+    old_pid = toolexec.server.driver.agent_pid(ws)
+    assert toolexec.server.driver.kill_agent(ws) > 0
+    await wait_until(lambda: toolexec.server.hub.get(ws) is None, 10, "the dead agent's connection to end")
     loop = asyncio.get_running_loop()
     started = loop.time()
-    after = await stub.CallTool(call_request(ws, "execute", {"command": "echo after"}))
+    after = await stub.CallTool(call_request(ws, "execute", {"command": "cat kept.txt"}))
     waited = loop.time() - started
     assert not after.is_error, f"after {waited:.1f} s: {after.content}"
-    # Starting a new local agent takes well under a second; the call must not sit out a grace period.
+    assert json.loads(after.structured_json)["output"] == "kept"
     assert waited < 5.0, f"the call waited {waited:.1f} s for the new agent"
-    assert json.loads(after.structured_json)["output"] == "after\n"
     assert toolexec.server.driver.agent_pid(ws) not in (None, old_pid)

@@ -43,6 +43,14 @@ def _cap(ctx: ExecContext, seconds: float) -> float:
 async def execute(ctx: ExecContext, args: dict[str, Any]) -> ToolResult:
     """Run ``sh -c command``; on timeout the process keeps running in the background."""
     command: str = args["command"]
+    try:
+        command.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ToolError(
+            f"the command is not valid UTF-8 (character {exc.start + 1} is an unpaired surrogate); "
+            "write it as plain text.",
+            code="command_not_utf8",
+        ) from None
     timeout = _cap(ctx, float(args.get("timeout_seconds", DEFAULT_TIMEOUT_SECONDS)))
     workdir_arg: str = args.get("workdir") or "."
     cwd, workdir = await asyncio.to_thread(_resolve_workdir, ctx.root, workdir_arg)
