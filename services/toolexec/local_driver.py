@@ -102,11 +102,13 @@ class LocalDriver:
     def _make_dirs(self, workspace_id: str, network: bool) -> None:
         root = self.path_of(workspace_id)
         agent_dir = self.agent_dir(workspace_id)
-        os.mkdir(root, 0o755)
+        # Without namespaces (`user` mode) only the workspace's own uid may enter its directory.
+        os.mkdir(root, 0o700 if self.sandbox.mode == "user" else 0o755)
         os.makedirs(os.path.join(agent_dir, "state"), mode=0o700, exist_ok=True)
         if self.sandbox.drops_privileges():
+            uid, gid = self.sandbox.ids_for(workspace_id)
             for path in (root, os.path.join(agent_dir, "state")):
-                os.chown(path, self.sandbox.uid, self.sandbox.gid)
+                os.chown(path, uid, gid)
         self._write_info(workspace_id, {"network": network})
 
     def _info_path(self, workspace_id: str) -> str:
@@ -187,7 +189,7 @@ class LocalDriver:
             state,
             "--token-stdin",
         ]
-        return [*prefix, *privilege_drop(self.sandbox), *python, *args]
+        return [*prefix, *privilege_drop(self.sandbox, workspace_id), *python, *args]
 
     async def _start_agent(self, workspace_id: str, token: str) -> None:
         network = self._wants_network(workspace_id)
@@ -327,7 +329,7 @@ class LocalDriver:
         try:
             proc = await asyncio.create_subprocess_exec(
                 *prefix,
-                *privilege_drop(self.sandbox),
+                *privilege_drop(self.sandbox, workspace_id),
                 *command,
                 cwd=root,
                 env=env,

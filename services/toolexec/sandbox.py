@@ -31,6 +31,9 @@ SOCKET_MOUNT = "/run/agentplane/sock"
 TEMPLATE_MOUNT = "/run/agentplane/template"
 SOCKET_NAME = "agent.sock"
 DEFAULT_WORKSPACE_UID = 65534
+# `user` mode: workspace uids in [base, base + span), one per workspace.
+USER_MODE_UID_BASE = 1_000_000
+USER_MODE_UID_SPAN = 1_000_000_000
 MODES = ("auto", "bwrap", "user", "none")
 INSTALL_HINT = (
     "install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; Fedora: dnf install bubblewrap) "
@@ -63,6 +66,18 @@ class Sandbox:
     def drops_privileges(self) -> bool:
         """True when toolexec is root and the agent must run as the workspace user."""
         return os.geteuid() == 0 and self.uid != 0
+
+    def ids_for(self, workspace_id: str) -> tuple[int, int]:
+        """The uid and gid a workspace runs as.
+
+        In `user` mode (no namespaces) each workspace gets its own uid, derived from its id, so
+        one workspace cannot read, write or signal another's files and processes; in `bwrap`
+        mode the namespaces keep them apart and they share the workspace user.
+        """
+        if self.mode != "user":
+            return self.uid, self.gid
+        n = USER_MODE_UID_BASE + int(workspace_id.removeprefix("ws_")[:8], 16) % USER_MODE_UID_SPAN
+        return n, n
 
 
 @functools.cache
@@ -166,14 +181,15 @@ def environment(home: str = WORKSPACE_MOUNT) -> dict[str, str]:
     }
 
 
-def privilege_drop(sandbox: Sandbox) -> list[str]:
-    """The setpriv prefix that makes the rest run as the workspace user with no capabilities."""
+def privilege_drop(sandbox: Sandbox, workspace_id: str) -> list[str]:
+    """The setpriv prefix that makes the rest run as the workspace's user with no capabilities."""
     if not sandbox.drops_privileges():
         return []
+    uid, gid = sandbox.ids_for(workspace_id)
     return [
         "setpriv",
-        f"--reuid={sandbox.uid}",
-        f"--regid={sandbox.gid}",
+        f"--reuid={uid}",
+        f"--regid={gid}",
         "--clear-groups",
         "--inh-caps=-all",
         "--bounding-set=-all",

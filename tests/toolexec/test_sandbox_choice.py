@@ -72,3 +72,12 @@ def test_serve_refuses_without_a_sandbox(database_url: str, secret: str, tmp_pat
     )
     assert done.returncode != 0
     assert "bubblewrap" in done.stderr and "install" in done.stderr, done.stderr[-2000:]
+
+
+def test_user_mode_gives_each_workspace_its_own_uid() -> None:
+    user = sandbox.Sandbox("user", 65534, 65534)
+    a, b = user.ids_for("ws_0123456789abcdef0123"), user.ids_for("ws_fedcba98765432100123")
+    assert a != b and min(a[0], b[0]) >= sandbox.USER_MODE_UID_BASE
+    assert user.ids_for("ws_0123456789abcdef0123") == a
+    # With namespaces the workspaces share the one workspace user: they cannot see each other.
+    assert sandbox.Sandbox("bwrap", 65534, 65534).ids_for("ws_0123456789abcdef0123") == (65534, 65534)

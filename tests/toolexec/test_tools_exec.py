@@ -12,7 +12,7 @@ from google.protobuf import duration_pb2
 
 from services.agent import reaper
 from tests.helpers import wait_until
-from tests.toolexec.conftest import Toolexec, call_request, ws_exists, ws_path
+from tests.toolexec.conftest import Toolexec, call_request, ws_exists, ws_path, ws_write
 
 
 async def _call(tx: Toolexec, ws: str, name: str, args: dict | str) -> toolexec_service_pb2.CallToolResponse:
@@ -71,13 +71,18 @@ async def test_timeout_turns_into_background_process(toolexec: Toolexec) -> None
         toolexec,
         ws,
         "execute",
-        {"command": "echo started; sleep 1.5; echo finished; touch done", "timeout_seconds": 0.3},
+        {
+            "command": "echo started; while [ ! -e go ]; do sleep 0.05; done; echo finished; touch done",
+            "timeout_seconds": 0.3,
+        },
     )
     info = json.loads(r.structured_json)
     assert info["timed_out"] and info["running"]
     assert "continues in the background" in r.content and "started" in info["output"]
-    pid = info["pid"]
-    assert _pid_alive(pid)
+    # Still running, seen from inside the workspace (pids are the sandbox's own).
+    r = await _call(toolexec, ws, "execute", {"command": f"ps -o stat= -p {info['pid']}"})
+    assert json.loads(r.structured_json)["exit_code"] == 0, r.content
+    ws_write(toolexec, ws, "go", "")
     # process_output waits for new output or the exit; poll it (bounded) until the exit.
     for _ in range(10):
         args = {"process_id": info["process_id"], "wait_seconds": 10}
