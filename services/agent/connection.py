@@ -201,7 +201,8 @@ class AgentConnection:
     ) -> None:
         while True:
             try:
-                message = await asyncio.wait_for(outbox.get(), interval)
+                async with asyncio.timeout(interval):
+                    message = await outbox.get()
             except TimeoutError:
                 message = pb.ConnectRequest(heartbeat=pb.AgentHeartbeat())
             await call.write(message)
@@ -215,7 +216,8 @@ class AgentConnection:
     ) -> None:
         while True:
             try:
-                message = await asyncio.wait_for(call.read(), interval * MISSED_HEARTBEATS)
+                async with asyncio.timeout(interval * MISSED_HEARTBEATS):
+                    message = await call.read()
             except TimeoutError:
                 raise ConnectionError(
                     f"no word from toolexec for {interval * MISSED_HEARTBEATS:g} s"

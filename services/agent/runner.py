@@ -35,6 +35,8 @@ EXEC_TOOLS: dict[str, ExecTool] = {
     "process_signal": exec_tools.process_signal,
 }
 TOOL_NAMES = frozenset(FILE_TOOLS) | frozenset(EXEC_TOOLS)
+# File tools carrying at most this much text run on the event loop, larger ones in a thread.
+INLINE_PAYLOAD_BYTES = 64 * 1024
 
 
 class ToolRunner:
@@ -61,6 +63,9 @@ class ToolRunner:
             root = files.Root(root_fd, self.root)
             file_tool = FILE_TOOLS.get(name)
             if file_tool is not None:
+                if name == "read_file" or _payload_bytes(args) <= INLINE_PAYLOAD_BYTES:
+                    # Small file work runs on the loop: a thread hand-off costs more than it saves.
+                    return file_tool(root, args)
                 return await asyncio.to_thread(file_tool, root, args)
             exec_tool = EXEC_TOOLS.get(name)
             if exec_tool is None:
@@ -87,6 +92,15 @@ class ToolRunner:
             ).to_result()
         finally:
             os.close(root_fd)
+
+
+def _payload_bytes(args: dict[str, Any]) -> int:
+    """About how much text a write or edit carries."""
+    total = len(args.get("content", ""))
+    for edit in args.get("edits", ()):
+        if isinstance(edit, dict):
+            total += len(edit.get("old_text", "")) + len(edit.get("new_text", ""))
+    return total
 
 
 def _root_error(root: str, exc: OSError) -> ToolError:

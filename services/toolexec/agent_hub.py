@@ -14,7 +14,6 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Callable
-from typing import Any
 
 from agentplane.toolexec.v1 import workspace_agent_service_pb2 as pb
 
@@ -28,6 +27,10 @@ class AgentUnreachable(Exception):
         super().__init__(f"the agent of workspace {workspace_id} is not connected")
         self.workspace_id = workspace_id
         self.sent = sent
+
+
+class LinkClosed(Exception):
+    """The connection a call was sent over ended before its result came back."""
 
 
 class AgentTimedOut(Exception):
@@ -49,7 +52,8 @@ class AgentLink:
         self.connection_id = uuid.uuid4().hex
         self.version = version
         self.capabilities = capabilities
-        self.outbox: asyncio.Queue[pb.ConnectResponse] = asyncio.Queue()
+        # None, once, after close(): the Connect stream stops draining.
+        self.outbox: asyncio.Queue[pb.ConnectResponse | None] = asyncio.Queue()
         self.closed = asyncio.Event()
         self.close_reason = ""
         # Told to terminate or that its token was revoked: it gets no new calls, and its stream
@@ -61,8 +65,11 @@ class AgentLink:
     def send_call(
         self, call: pb.AgentToolCall, on_output: Callable[[str], None] | None = None
     ) -> asyncio.Future[pb.AgentToolResult]:
-        """Send `call`; the future resolves with the agent's result."""
+        """Send `call`; the future resolves with the agent's result (LinkClosed if the link ends first)."""
         future: asyncio.Future[pb.AgentToolResult] = asyncio.get_running_loop().create_future()
+        if self.closed.is_set():
+            future.set_exception(LinkClosed(self.close_reason))
+            return future
         self._pending.setdefault(call.tool_call_id, []).append(future)
         if on_output is not None:
             self._output[call.tool_call_id] = on_output
@@ -102,6 +109,13 @@ class AgentLink:
         if not self.closed.is_set():
             self.close_reason = reason
             self.closed.set()
+            self.outbox.put_nowait(None)
+            pending, self._pending = self._pending, {}
+            self._output.clear()
+            for futures in pending.values():
+                for future in futures:
+                    if not future.done():
+                        future.set_exception(LinkClosed(reason))
 
 
 class AgentHub:
@@ -185,18 +199,13 @@ class AgentHub:
                 raise AgentUnreachable(workspace_id, sent)
             future = link.send_call(call, on_output)
             sent = True
-            closed = asyncio.ensure_future(link.closed.wait())
-            waiting: set[asyncio.Future[Any]] = {future, closed}
             try:
-                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                return await future
+            except LinkClosed:
+                pass
             except asyncio.CancelledError:
                 link.forget(call.tool_call_id, future)
                 raise
-            finally:
-                closed.cancel()
-            if future.done():
-                return future.result()
-            link.forget(call.tool_call_id, future)
             log.info(
                 "agent connection lost during a call; waiting for it to reconnect",
                 extra={"workspace_id": workspace_id, "tool_call_id": call.tool_call_id},

@@ -119,7 +119,8 @@ class WorkspaceAgentServicer(pb_grpc.WorkspaceAgentServiceServicer):
         try:
             while True:
                 try:
-                    message = await asyncio.wait_for(anext(requests), self._heartbeat * 3)
+                    async with asyncio.timeout(self._heartbeat * 3):
+                        message = await anext(requests)
                 except StopAsyncIteration:
                     link.close("the agent closed the connection")
                     return
@@ -140,26 +141,20 @@ class WorkspaceAgentServicer(pb_grpc.WorkspaceAgentServiceServicer):
 
 async def _drain(link: AgentLink, heartbeat: float) -> AsyncIterator[pb.ConnectResponse]:
     """The link's outbox until it closes, with a heartbeat whenever it is idle for `heartbeat` s."""
-    closed = asyncio.ensure_future(link.closed.wait())
-    try:
-        while not link.closed.is_set():
-            get = asyncio.ensure_future(link.outbox.get())
-            done, _ = await asyncio.wait(
-                {get, closed}, timeout=heartbeat, return_when=asyncio.FIRST_COMPLETED
-            )
-            if get in done:
-                message = get.result()
-                yield message
-                if message.HasField("signal"):
-                    # Revoked or terminated: the connection ends here, whether the agent obeys or not.
-                    link.close(f"signalled: {message.signal.reason}")
-                    return
-                continue
-            get.cancel()
-            if not done:
-                yield pb.ConnectResponse(heartbeat=pb.AgentHeartbeat())
-    finally:
-        closed.cancel()
+    while True:
+        try:
+            async with asyncio.timeout(heartbeat):
+                message = await link.outbox.get()
+        except TimeoutError:
+            yield pb.ConnectResponse(heartbeat=pb.AgentHeartbeat())
+            continue
+        if message is None:  # closed
+            return
+        yield message
+        if message.HasField("signal"):
+            # Revoked or terminated: the connection ends here, whether the agent obeys or not.
+            link.close(f"signalled: {message.signal.reason}")
+            return
 
 
 def _check_hello(hello: pb.AgentHello) -> None:
