@@ -118,3 +118,15 @@ async def test_up_runs_the_product_offline_and_a_chat_completes(data_root: Path)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(up.pid, signal.SIGKILL)
             await up.wait()
+
+
+def test_services_started_by_up_do_not_get_the_provider_keys() -> None:
+    from services.cli.up import service_environment
+
+    env = {
+        "OPENAI_API_KEY": "sk-real",
+        "ANTHROPIC_API_KEY": "sk-ant",
+        "DATABASE_URL": "postgresql://x",
+        "PATH": "/bin",
+    }
+    assert service_environment(env) == {"DATABASE_URL": "postgresql://x", "PATH": "/bin"}

@@ -29,6 +29,8 @@ from services.common.embedded import EmbeddedPostgres, EmbeddedRedis, start_post
 from services.common.migrations import migrate
 from services.common.settings import SERVICE_NAMES, Settings
 
+PROVIDER_KEY_VARIABLES = frozenset({"OPENAI_API_KEY", "ANTHROPIC_API_KEY"})
+
 
 def register(subparsers: Any) -> None:
     """Add the `up` command."""
@@ -109,10 +111,12 @@ async def _run(args: argparse.Namespace, env: dict[str, str], data_dir: Path) ->
         if _want_simulator(args, env):
             simulator_url = f"http://127.0.0.1:{args.simulator_port}"
             children["simulator"] = await asyncio.create_subprocess_exec(
-                *_agentplane("simulator", "--port", str(args.simulator_port)), env=env
+                *_agentplane("simulator", "--port", str(args.simulator_port)), env=service_environment(env)
             )
         for name in args.services:
-            children[name] = await asyncio.create_subprocess_exec(*_agentplane("serve", name), env=env)
+            children[name] = await asyncio.create_subprocess_exec(
+                *_agentplane("serve", name), env=service_environment(env)
+            )
         token = auth.mint_token(settings.secret, args.admin_user, auth.Role.ADMIN, 7 * 24 * 3600)
         addresses = {n: settings.address(n) for n in args.services}
         for name in args.services:
@@ -149,6 +153,12 @@ async def _run(args: argparse.Namespace, env: dict[str, str], data_dir: Path) ->
             redis.stop()
         if postgres is not None:
             await asyncio.to_thread(postgres.stop)
+
+
+def service_environment(env: dict[str, str]) -> dict[str, str]:
+    """What a service process gets: `up`'s environment without the provider keys, which only the
+    bootstrap reads (they reach inference encrypted, through config) — no service needs them."""
+    return {k: v for k, v in env.items() if k not in PROVIDER_KEY_VARIABLES}
 
 
 def _agentplane(*argv: str) -> list[str]:
