@@ -106,6 +106,40 @@ async def test_up_runs_the_product_offline_and_a_chat_completes(data_root: Path)
         seqs = [int(e["seq"]) for e in events]
         assert seqs == sorted(set(seqs))
 
+        # `agentplane token create` signs with the secret `up` keeps: the running stack accepts it.
+        minted = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "services.cli.main",
+            "token",
+            "create",
+            "--user",
+            "carol",
+            "--output",
+            "json",
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await asyncio.wait_for(minted.communicate(), 60)
+        assert minted.returncode == 0, out.decode()
+        token = json.loads(out)["token"]
+        listing = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "services.cli.main",
+            "chat",
+            "list",
+            "--token",
+            token,
+            "--output",
+            "json",
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await asyncio.wait_for(listing.communicate(), 60)
+        assert listing.returncode == 0, out.decode()
+
         children = psutil.Process(up.pid).children(recursive=True)
         assert len(children) >= 5  # four services and the simulator (plus embedded Redis)
         # SIGTERM to `up` alone: it must stop everything it started and exit cleanly.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from services.cli.connect import deployment_secret
 from services.cli.output import add_output_argument, emit
 from services.common import auth
 from services.common.settings import Settings
@@ -14,7 +15,9 @@ def register(subparsers: Any) -> None:
     """Add the `token` command group."""
     token = subparsers.add_parser("token", help="manage tokens")
     actions = token.add_subparsers(dest="token_action", required=True)
-    create = actions.add_parser("create", help="mint a token signed with AGENTPLANE_SECRET")
+    create = actions.add_parser(
+        "create", help="mint a token signed with AGENTPLANE_SECRET (or the secret `agentplane up` keeps)"
+    )
     who = create.add_mutually_exclusive_group(required=True)
     who.add_argument("--user", help="user id (subject)")
     who.add_argument("--service", choices=["config", "inference", "toolexec", "chat"], help="service name")
@@ -33,6 +36,13 @@ def create_token(args: argparse.Namespace) -> int:
         subject, role = auth.service_subject(args.service), auth.Role.SERVICE
     else:
         subject, role = args.user, auth.Role.ADMIN if args.admin else auth.Role.USER
-    token = auth.mint_token(settings.secret, subject, role, args.ttl)
+    if args.ttl is not None and args.ttl > settings.max_token_lifetime_seconds:
+        raise SystemExit(
+            f"--ttl {args.ttl:g} s is longer than this deployment accepts "
+            f"({settings.max_token_lifetime_seconds:g} s, AGENTPLANE_MAX_TOKEN_LIFETIME_SECONDS)"
+        )
+    # The secret `agentplane up` keeps in its data directory when AGENTPLANE_SECRET is unset, so
+    # the token works against the running stack (it used to be signed with the development secret).
+    token = auth.mint_token(deployment_secret(settings), subject, role, args.ttl)
     emit(args, {"token": token, "subject": subject, "role": role.value}, token)
     return 0

@@ -30,6 +30,9 @@ AUTHORIZATION_METADATA_KEY = "authorization"
 ON_BEHALF_OF_METADATA_KEY = "x-agentplane-on-behalf-of"
 DEFAULT_USER_TTL_SECONDS = 24 * 3600
 DEFAULT_SERVICE_TTL_SECONDS = 3600
+# No token is accepted whose lifetime (exp - iat) is longer than this (configurable per deployment:
+# AGENTPLANE_MAX_TOKEN_LIFETIME_SECONDS); a leaked token is useful for a bounded time at most.
+DEFAULT_MAX_TOKEN_LIFETIME_SECONDS = 30 * 24 * 3600
 
 
 class Role(enum.StrEnum):
@@ -102,26 +105,31 @@ def mint_service_token(secret: str, service: str, ttl_seconds: float | None = No
 
 # Verified tokens, so a client's every call does not pay for HMAC and JSON decoding again. A
 # hit is only trusted until the token's own expiry; the cache is bounded (oldest out first).
-_VERIFIED: collections.OrderedDict[tuple[str, str], tuple[Identity, float]] = collections.OrderedDict()
+_VERIFIED: collections.OrderedDict[tuple[str, str, float], tuple[Identity, float]] = collections.OrderedDict()
 VERIFIED_CACHE_SIZE = 4096
 
 
-def verify_token(secret: str, token: str) -> Identity:
-    """Verify `token` and return its identity; raises `Unauthenticated` saying what is wrong."""
-    key = (secret, token)
+def verify_token(
+    secret: str, token: str, max_lifetime_seconds: float = DEFAULT_MAX_TOKEN_LIFETIME_SECONDS
+) -> Identity:
+    """Verify `token` and return its identity; raises `Unauthenticated` saying what is wrong.
+
+    A token living longer than `max_lifetime_seconds` (from `iat` to `exp`) is refused.
+    """
+    key = (secret, token, max_lifetime_seconds)
     hit = _VERIFIED.get(key)
     if hit is not None:
         if time.time() < hit[1]:
             return hit[0]
         _VERIFIED.pop(key, None)
-    identity, expires = _verify(secret, token)
+    identity, expires = _verify(secret, token, max_lifetime_seconds)
     while len(_VERIFIED) >= VERIFIED_CACHE_SIZE:
         _VERIFIED.popitem(last=False)
     _VERIFIED[key] = (identity, expires)
     return identity
 
 
-def _verify(secret: str, token: str) -> tuple[Identity, float]:
+def _verify(secret: str, token: str, max_lifetime_seconds: float) -> tuple[Identity, float]:
     try:
         claims = jwt.decode(
             token,
@@ -138,6 +146,13 @@ def _verify(secret: str, token: str) -> tuple[Identity, float]:
         raise Unauthenticated("token is malformed", reason="TOKEN_MALFORMED") from None
     except jwt.InvalidTokenError as exc:
         raise Unauthenticated(f"token is invalid: {exc}", reason="TOKEN_INVALID") from None
+    lifetime = float(claims["exp"]) - float(claims["iat"])
+    if lifetime > max_lifetime_seconds:
+        raise Unauthenticated(
+            f"token lives {lifetime / 86400:.1f} days, longer than this deployment allows "
+            f"({max_lifetime_seconds / 86400:.1f} days); mint a shorter-lived one",
+            reason="TOKEN_LIFETIME_TOO_LONG",
+        )
     try:
         role = Role(str(claims.get("role")))
     except ValueError:
@@ -162,9 +177,14 @@ def parse_authorization(value: str | None) -> str:
     return token.strip()
 
 
-def authenticate(secret: str, authorization: str | None, on_behalf_of: str | None) -> Identity:
+def authenticate(
+    secret: str,
+    authorization: str | None,
+    on_behalf_of: str | None,
+    max_lifetime_seconds: float = DEFAULT_MAX_TOKEN_LIFETIME_SECONDS,
+) -> Identity:
     """Turn request metadata into an identity, or raise Unauthenticated / PermissionDenied."""
-    identity = verify_token(secret, parse_authorization(authorization))
+    identity = verify_token(secret, parse_authorization(authorization), max_lifetime_seconds)
     if on_behalf_of:
         if identity.role is not Role.SERVICE:
             raise PermissionDenied(

@@ -143,9 +143,15 @@ class ErrorInterceptor(ScopeInterceptor):
 class AuthInterceptor(ScopeInterceptor):
     """Verifies the bearer token and on-behalf-of metadata; sets `auth.current_identity()`."""
 
-    def __init__(self, secret: str, exempt_prefixes: tuple[str, ...] = AUTH_EXEMPT_PREFIXES) -> None:
+    def __init__(
+        self,
+        secret: str,
+        exempt_prefixes: tuple[str, ...] = AUTH_EXEMPT_PREFIXES,
+        max_lifetime_seconds: float = auth.DEFAULT_MAX_TOKEN_LIFETIME_SECONDS,
+    ) -> None:
         self._secret = secret
         self._exempt = exempt_prefixes
+        self._max_lifetime = max_lifetime_seconds
 
     @asynccontextmanager
     async def scope(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
@@ -156,6 +162,7 @@ class AuthInterceptor(ScopeInterceptor):
             self._secret,
             metadata_value(context, auth.AUTHORIZATION_METADATA_KEY),
             metadata_value(context, auth.ON_BEHALF_OF_METADATA_KEY),
+            self._max_lifetime,
         )
         with auth.identity_scope(identity):
             yield

@@ -20,7 +20,13 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common.interceptors import AuthInterceptor, ErrorInterceptor, RequestContextInterceptor
+from services.common.auth import DEFAULT_MAX_TOKEN_LIFETIME_SECONDS
+from services.common.interceptors import (
+    AUTH_EXEMPT_PREFIXES,
+    AuthInterceptor,
+    ErrorInterceptor,
+    RequestContextInterceptor,
+)
 from services.common.metrics import MetricsInterceptor, RpcMetrics
 from services.common.settings import Settings
 
@@ -40,13 +46,19 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
-def default_interceptors(secret: str, metrics: RpcMetrics | None = None) -> list[grpc.aio.ServerInterceptor]:
+def default_interceptors(
+    secret: str,
+    metrics: RpcMetrics | None = None,
+    *,
+    exempt_prefixes: tuple[str, ...] = AUTH_EXEMPT_PREFIXES,
+    max_token_lifetime_seconds: float = DEFAULT_MAX_TOKEN_LIFETIME_SECONDS,
+) -> list[grpc.aio.ServerInterceptor]:
     """The standard chain, outermost first: metrics, request context, errors, auth."""
     return [
         MetricsInterceptor(metrics or RpcMetrics.for_registry()),
         RequestContextInterceptor(),
         ErrorInterceptor(),
-        AuthInterceptor(secret),
+        AuthInterceptor(secret, exempt_prefixes, max_token_lifetime_seconds),
     ]
 
 
@@ -117,7 +129,13 @@ def create_server(
     `interceptors` default to `default_interceptors(settings.secret, metrics)`.
     """
     svc = settings.service(service_name)
-    chain = list(interceptors) if interceptors is not None else default_interceptors(settings.secret, metrics)
+    chain = (
+        list(interceptors)
+        if interceptors is not None
+        else default_interceptors(
+            settings.secret, metrics, max_token_lifetime_seconds=settings.max_token_lifetime_seconds
+        )
+    )
     server = grpc.aio.server(interceptors=chain, options=[*SERVER_OPTIONS, *options])
     register(server)
     health_servicer = health.aio.HealthServicer()

@@ -58,6 +58,8 @@ class Settings:
     shutdown_grace_seconds: float
     services: Mapping[str, ServiceSettings] = field(default_factory=dict)
     secret_is_dev_default: bool = False
+    # Tokens whose lifetime (exp - iat) is longer are refused (AGENTPLANE_MAX_TOKEN_LIFETIME_SECONDS).
+    max_token_lifetime_seconds: float = 30 * 24 * 3600
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -103,6 +105,7 @@ class Settings:
             shutdown_grace_seconds=grace,
             services=services,
             secret_is_dev_default=is_dev,
+            max_token_lifetime_seconds=_max_lifetime(env),
         )
 
     def service(self, name: str) -> ServiceSettings:
@@ -147,6 +150,13 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         return float(raw)
     except ValueError:
         raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+
+
+def _max_lifetime(env: Mapping[str, str]) -> float:
+    value = env_seconds(env, "AGENTPLANE_MAX_TOKEN_LIFETIME_SECONDS", 30 * 24 * 3600)
+    if value < 60:
+        raise SettingsError("AGENTPLANE_MAX_TOKEN_LIFETIME_SECONDS must be at least 60")
+    return value
 
 
 def env_seconds(env: Mapping[str, str], name: str, default: float) -> float:

@@ -27,12 +27,16 @@ from services.common import aio, db
 from services.common.auth import ServiceTokenProvider
 from services.common.interceptors import (
     AUTH_EXEMPT_PREFIXES,
-    AuthInterceptor,
     ErrorInterceptor,
     RequestContextInterceptor,
 )
-from services.common.metrics import MetricsInterceptor, RpcMetrics
-from services.common.server import SERVER_OPTIONS, ServerHandle, create_server, run_service
+from services.common.server import (
+    SERVER_OPTIONS,
+    ServerHandle,
+    create_server,
+    default_interceptors,
+    run_service,
+)
 from services.common.settings import Settings, SettingsError
 from services.toolexec import sandbox as sandboxes
 from services.toolexec.agent_hub import AgentHub
@@ -207,12 +211,11 @@ async def build_server(
             AgentRelayServicer(hub, tx.reconnect_grace_seconds), server
         )
 
-    interceptors = [
-        MetricsInterceptor(RpcMetrics.for_registry()),
-        RequestContextInterceptor(),
-        ErrorInterceptor(),
-        AuthInterceptor(settings.secret, (*AUTH_EXEMPT_PREFIXES, AGENT_SERVICE_PREFIX)),
-    ]
+    interceptors = default_interceptors(
+        settings.secret,
+        exempt_prefixes=(*AUTH_EXEMPT_PREFIXES, AGENT_SERVICE_PREFIX),
+        max_token_lifetime_seconds=settings.max_token_lifetime_seconds,
+    )
     handle = create_server(settings, SERVICE_NAME, register, FULL_SERVICE_NAMES, interceptors)
     address = tx.advertise_address or handle.address
     address_holder["address"] = address

@@ -16,9 +16,9 @@ def verifications(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     seen: list[str] = []
     real = auth._verify
 
-    def counting(secret: str, token: str) -> tuple[auth.Identity, float]:
+    def counting(secret: str, token: str, max_lifetime: float) -> tuple[auth.Identity, float]:
         seen.append(token)
-        return real(secret, token)
+        return real(secret, token, max_lifetime)
 
     monkeypatch.setattr(auth, "_verify", counting)
     monkeypatch.setattr(auth, "_VERIFIED", type(auth._VERIFIED)())
@@ -37,7 +37,7 @@ def test_a_verified_token_is_answered_from_the_cache_until_it_expires(
         auth.verify_token("t" * 32, token)
     assert bad.value.reason == "TOKEN_INVALID"
     # Past the token's expiry a cached answer is not trusted: it is verified again.
-    expires = auth._VERIFIED[(SECRET, token)][1]
+    expires = auth._VERIFIED[(SECRET, token, auth.DEFAULT_MAX_TOKEN_LIFETIME_SECONDS)][1]
     monkeypatch.setattr(auth.time, "time", lambda: expires + 1)
     auth.verify_token(SECRET, token)
     assert verifications == [token, token, token]
@@ -54,7 +54,7 @@ def test_expired_and_tampered_tokens_are_rejected_and_not_cached(verifications: 
     tampered = good[:-2] + ("AA" if not good.endswith("AA") else "BB")
     with pytest.raises(Unauthenticated):
         auth.verify_token(SECRET, tampered)
-    assert (SECRET, tampered) not in auth._VERIFIED
+    assert all(key[1] != tampered for key in auth._VERIFIED)
 
 
 def test_the_cache_is_bounded(verifications: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -63,3 +63,17 @@ def test_the_cache_is_bounded(verifications: list[str], monkeypatch: pytest.Monk
     for token in tokens:
         auth.verify_token(SECRET, token)
     assert [key[1] for key in auth._VERIFIED] == tokens[2:]
+
+
+def test_a_token_living_longer_than_the_deployment_allows_is_refused(verifications: list[str]) -> None:
+    # A 100-year token (what a careless `--ttl` made before) is refused, saying why.
+    century = auth.mint_token(SECRET, "alice", auth.Role.USER, 100 * 365 * 86400)
+    with pytest.raises(Unauthenticated) as err:
+        auth.verify_token(SECRET, century)
+    assert err.value.reason == "TOKEN_LIFETIME_TOO_LONG" and "days" in str(err.value)
+    week = auth.mint_token(SECRET, "alice", auth.Role.USER, 7 * 86400)
+    assert auth.verify_token(SECRET, week).subject == "alice"
+    # A deployment with a stricter bound refuses the week-long one.
+    with pytest.raises(Unauthenticated) as strict:
+        auth.verify_token(SECRET, week, max_lifetime_seconds=86400)
+    assert strict.value.reason == "TOKEN_LIFETIME_TOO_LONG"
