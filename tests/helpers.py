@@ -26,6 +26,8 @@ from services.common.server import ServerHandle
 from services.common.settings import SERVICE_NAMES, Settings
 
 TEST_SECRET = "agentplane-test-secret-0123456789abcdef"
+# The config service's API-key encryption key in tests (`id:secret`; key id "test").
+TEST_ENCRYPTION_KEY = "test:agentplane-test-encryption-key-0123456789"
 
 
 def make_test_settings(
@@ -34,9 +36,11 @@ def make_test_settings(
     secret: str = TEST_SECRET,
     extra_env: Mapping[str, str] | None = None,
 ) -> Settings:
-    """Settings for in-process tests: every service on 127.0.0.1 port 0, metrics off, grace 1 s."""
+    """Settings for in-process tests: every service on 127.0.0.1 port 0, metrics off, grace 1 s,
+    and a fixed encryption key (`TEST_ENCRYPTION_KEY`) for the config service."""
     env = {
         "AGENTPLANE_SECRET": secret,
+        "AGENTPLANE_ENCRYPTION_KEY": TEST_ENCRYPTION_KEY,
         "AGENTPLANE_HOST": "127.0.0.1",
         "AGENTPLANE_SHUTDOWN_GRACE_SECONDS": "1",
         "AGENTPLANE_LOG_LEVEL": "DEBUG",

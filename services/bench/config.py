@@ -81,6 +81,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         secret = "bench-secret-0123456789abcdef-0123456789abcdef"
         env = {
             "AGENTPLANE_SECRET": secret,
+            "AGENTPLANE_ENCRYPTION_KEY": "bench:bench-encryption-key-0123456789abcdef",
             "DATABASE_URL": database_url,
             "REDIS_URL": redis.url,
             "AGENTPLANE_CONFIG_HOST": "127.0.0.1",

@@ -86,6 +86,7 @@ class LocalStack:
         opts = self.options
         env = {**os.environ, **opts.env}
         env["AGENTPLANE_SECRET"] = self.secret
+        env.setdefault("AGENTPLANE_ENCRYPTION_KEY", "bench:bench-encryption-key-" + "x" * 32)
         env["AGENTPLANE_DATA_DIR"] = str(self.data_dir)
         env["AGENTPLANE_HOST"] = "127.0.0.1"
         env.setdefault("AGENTPLANE_WORKSPACES_DIR", str(self.data_dir / "workspaces"))

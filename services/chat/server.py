@@ -32,6 +32,7 @@ from services.common.metrics import RpcMetrics
 from services.common.server import ServerHandle, create_server, run_service
 from services.common.settings import Settings
 from services.config.client import ConfigClient
+from services.tokens.wiring import follow_config
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,7 @@ async def build_server(
         if model_config_id and resolved.fell_back_to_default:
             raise InvalidArgument(
                 "model_config_id",
-                f"model config {model_config_id} is not available ({resolved.fallback_reason});"
-                " leave it empty for the default model",
+                f"model config {model_config_id} is not available; leave it empty for the default model",
             )
         return str(resolved.model_config.id)
 
@@ -133,8 +133,14 @@ async def build_server(
     def register(server: grpc.aio.Server) -> None:
         chat_service_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(api), server)
 
+    revocations, stop_revocations = await follow_config(settings, SERVICE_NAME)
     handle = create_server(
-        settings, SERVICE_NAME, register, FULL_SERVICE_NAMES, metrics=RpcMetrics.for_registry(registry)
+        settings,
+        SERVICE_NAME,
+        register,
+        FULL_SERVICE_NAMES,
+        metrics=RpcMetrics.for_registry(registry),
+        is_revoked=revocations.is_revoked,
     )
     await config.start()
     await notifier.start()
@@ -142,6 +148,7 @@ async def build_server(
         await worker.start()
 
     async def shutdown() -> None:
+        await stop_revocations()
         if worker is not None:
             await worker.stop()
         await notifier.stop()

@@ -1,4 +1,5 @@
-"""`agentplane admin provider|model|template|prompt ...`: manage the config service as an admin.
+"""`agentplane admin provider|model|template|prompt|rotate-encryption-key ...`: manage the config
+service as an admin.
 
 Connection and identity: see `services.cli.configrpc` (``--address``, ``AGENTPLANE_TOKEN`` or a
 token minted with ``AGENTPLANE_SECRET`` for the admin ``--as-user``, default ``admin``).
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Any
 
 from agentplane.config.v1 import config_pb2
@@ -144,6 +146,19 @@ def register(subparsers: Any) -> None:
     p = _command(template, "delete", "delete a workspace template", template_delete)
     p.add_argument("id")
 
+    p = _command(
+        groups,
+        "rotate-encryption-key",
+        "re-encrypt every stored provider API key with the first key of the config service's "
+        "AGENTPLANE_ENCRYPTION_KEY (all or nothing; see docs/config.md)",
+        rotate_encryption_key,
+    )
+    p.add_argument(
+        "--validate-only",
+        action="store_true",
+        help="only check that every stored key decrypts and show what would be re-encrypted",
+    )
+
     prompt = groups.add_parser("prompt", help="the deployment system prompt").add_subparsers(
         dest="action", required=True
     )
@@ -251,13 +266,36 @@ async def provider_update(args: argparse.Namespace) -> int:
         provider=provider, update_mask=field_mask_pb2.FieldMask(paths=paths), api_key=key or ""
     )
     response = await call(args, "UpdateProvider", request, admin=True)
-    return 1 if response is None else show(args, response.provider, f"updated {args.id}")
+    if response is None:
+        return 1
+    if "base_url" in paths and key is None and not response.provider.api_key_set:
+        print(
+            "note: the provider has no API key now (a new base URL drops the stored key); "
+            "set one with --api-key-env VAR, in the same command as --base-url",
+            file=sys.stderr,
+        )
+    return show(args, response.provider, f"updated {args.id}")
 
 
 async def provider_delete(args: argparse.Namespace) -> int:
     """Delete a provider."""
     response = await call(args, "DeleteProvider", pb.DeleteProviderRequest(provider_id=args.id), admin=True)
     return 1 if response is None else show(args, response, f"deleted {args.id}")
+
+
+async def rotate_encryption_key(args: argparse.Namespace) -> int:
+    """Re-encrypt every stored provider key with the newest encryption key (RotateEncryptionKey)."""
+    request = pb.RotateEncryptionKeyRequest(validate_only=args.validate_only)
+    response = await call(args, "RotateEncryptionKey", request, admin=True)
+    if response is None:
+        return 1
+    count = len(response.reencrypted_provider_ids)
+    verb = "would re-encrypt" if args.validate_only else "re-encrypted"
+    text = (
+        f"{verb} {count} provider key(s) with key {response.key_id}; "
+        f"{response.already_current_count} already used it"
+    )
+    return show(args, response, text)
 
 
 # --- models ----------------------------------------------------------------------------

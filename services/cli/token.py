@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from services.cli.connect import deployment_secret
+import jwt
+from agentplane.config.v1 import token_service_pb2, token_service_pb2_grpc
+
+from services.cli.connect import add_connection_arguments, call, deployment_secret, open_channel, to_dict
 from services.cli.output import add_output_argument, emit
 from services.common import auth
 from services.common.settings import Settings
@@ -26,6 +29,18 @@ def register(subparsers: Any) -> None:
     add_output_argument(create)
     create.set_defaults(func=create_token)
 
+    revoke = actions.add_parser(
+        "revoke", help="revoke a token by its id (admins; every service refuses it soon after)"
+    )
+    revoke.add_argument("token_id", help="the token's id (`token create` prints it)")
+    revoke.add_argument("--reason", default="", help="why, for the record")
+    revoked = actions.add_parser("revoked", help="list revocations of tokens not expired yet")
+    for parser in (revoke, revoked):
+        add_connection_arguments(parser)
+        add_output_argument(parser)
+    revoke.set_defaults(func=revoke_token)
+    revoked.set_defaults(func=list_revoked)
+
 
 def create_token(args: argparse.Namespace) -> int:
     """Print a freshly minted token."""
@@ -44,5 +59,55 @@ def create_token(args: argparse.Namespace) -> int:
     # The secret `agentplane up` keeps in its data directory when AGENTPLANE_SECRET is unset, so
     # the token works against the running stack (it used to be signed with the development secret).
     token = auth.mint_token(deployment_secret(settings), subject, role, args.ttl)
-    emit(args, {"token": token, "subject": subject, "role": role.value}, token)
+    claims = jwt.decode(token, options={"verify_signature": False})
+    emit(
+        args,
+        {
+            "token": token,
+            "token_id": claims["jti"],
+            "subject": subject,
+            "role": role.value,
+            "exp": claims["exp"],
+        },
+        token,
+    )
     return 0
+
+
+async def revoke_token(args: argparse.Namespace) -> int:
+    """Revoke a token by id."""
+    channel = open_channel(args, "config")
+    try:
+        stub = token_service_pb2_grpc.TokenServiceStub(channel)
+        request = token_service_pb2.RevokeTokenRequest(token_id=args.token_id, reason=args.reason)
+        resp = await call(lambda: stub.RevokeToken(request))
+        if resp is None:
+            return 1
+        r = resp.revoked_token
+        emit(args, to_dict(r), f"revoked {r.token_id} (until {r.expire_time.ToDatetime().isoformat()}Z)")
+        return 0
+    finally:
+        await channel.close()
+
+
+async def list_revoked(args: argparse.Namespace) -> int:
+    """List current revocations, all pages."""
+    channel = open_channel(args, "config")
+    try:
+        stub = token_service_pb2_grpc.TokenServiceStub(channel)
+        found: list[token_service_pb2.RevokedToken] = []
+        page = ""
+        while True:
+            request = token_service_pb2.ListRevokedTokensRequest(page_token=page)
+            resp = await call(lambda request=request: stub.ListRevokedTokens(request))  # type: ignore[misc]
+            if resp is None:
+                return 1
+            found.extend(resp.revoked_tokens)
+            page = resp.next_page_token
+            if not page:
+                break
+        lines = [f"{r.token_id}\t{r.revoked_by}\t{r.reason}" for r in found]
+        emit(args, [to_dict(r) for r in found], "\n".join(lines) or "no revoked tokens")
+        return 0
+    finally:
+        await channel.close()

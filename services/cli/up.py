@@ -61,6 +61,22 @@ def local_secret(data_dir: Path) -> str:
     return value
 
 
+def local_encryption_key(data_dir: Path) -> str:
+    """The config service's API-key encryption key kept in ``<data_dir>/encryption-key`` (created on
+    first use, mode 0600), so stored provider keys stay readable across restarts. The file holds an
+    ``AGENTPLANE_ENCRYPTION_KEY`` value: to rotate, write ``NEW,OLD`` into it, restart, run
+    ``agentplane admin rotate-encryption-key``, then leave only ``NEW``."""
+    path = data_dir / "encryption-key"
+    if path.exists():
+        return path.read_text().strip()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    value = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value)
+    return value
+
+
 def run(args: argparse.Namespace) -> Coroutine[Any, Any, int]:
     """Prepare the data directory and environment; the returned coroutine runs everything."""
     env = dict(os.environ)
@@ -68,6 +84,8 @@ def run(args: argparse.Namespace) -> Coroutine[Any, Any, int]:
     data_dir.mkdir(parents=True, exist_ok=True)
     if "AGENTPLANE_SECRET" not in env:
         env["AGENTPLANE_SECRET"] = local_secret(data_dir)
+    if "AGENTPLANE_ENCRYPTION_KEY" not in env:
+        env["AGENTPLANE_ENCRYPTION_KEY"] = local_encryption_key(data_dir)
     env.setdefault("AGENTPLANE_HOST", "127.0.0.1")
     env["AGENTPLANE_DATA_DIR"] = str(data_dir)
     _choose_sandbox(env)
@@ -115,7 +133,7 @@ async def _run(args: argparse.Namespace, env: dict[str, str], data_dir: Path) ->
             )
         for name in args.services:
             children[name] = await asyncio.create_subprocess_exec(
-                *_agentplane("serve", name), env=service_environment(env)
+                *_agentplane("serve", name), env=service_environment(env, name)
             )
         token = auth.mint_token(settings.secret, args.admin_user, auth.Role.ADMIN, 7 * 24 * 3600)
         addresses = {n: settings.address(n) for n in args.services}
@@ -155,10 +173,15 @@ async def _run(args: argparse.Namespace, env: dict[str, str], data_dir: Path) ->
             await asyncio.to_thread(postgres.stop)
 
 
-def service_environment(env: dict[str, str]) -> dict[str, str]:
-    """What a service process gets: `up`'s environment without the provider keys, which only the
-    bootstrap reads (they reach inference encrypted, through config) — no service needs them."""
-    return {k: v for k, v in env.items() if k not in PROVIDER_KEY_VARIABLES}
+def service_environment(env: dict[str, str], name: str = "") -> dict[str, str]:
+    """What service `name`'s process gets: `up`'s environment without the provider keys, which only
+    the bootstrap reads (they reach inference encrypted, through config) — no service needs them —
+    and without the encryption key except for config, the only service that holds it."""
+    return {
+        k: v
+        for k, v in env.items()
+        if k not in PROVIDER_KEY_VARIABLES and (k != "AGENTPLANE_ENCRYPTION_KEY" or name == "config")
+    }
 
 
 def _agentplane(*argv: str) -> list[str]:

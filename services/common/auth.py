@@ -15,7 +15,7 @@ import contextvars
 import enum
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -105,7 +105,10 @@ def mint_service_token(secret: str, service: str, ttl_seconds: float | None = No
 
 # Verified tokens, so a client's every call does not pay for HMAC and JSON decoding again. A
 # hit is only trusted until the token's own expiry; the cache is bounded (oldest out first).
-_VERIFIED: collections.OrderedDict[tuple[str, str, float], tuple[Identity, float]] = collections.OrderedDict()
+# Values: (identity, expiry, token id).
+_VERIFIED: collections.OrderedDict[tuple[str, str, float], tuple[Identity, float, str]] = (
+    collections.OrderedDict()
+)
 VERIFIED_CACHE_SIZE = 4096
 
 
@@ -116,20 +119,25 @@ def verify_token(
 
     A token living longer than `max_lifetime_seconds` (from `iat` to `exp`) is refused.
     """
+    return _verified(secret, token, max_lifetime_seconds)[0]
+
+
+def _verified(secret: str, token: str, max_lifetime_seconds: float) -> tuple[Identity, str]:
+    """The token's identity and id (jti), from the cache while the token is valid."""
     key = (secret, token, max_lifetime_seconds)
     hit = _VERIFIED.get(key)
     if hit is not None:
         if time.time() < hit[1]:
-            return hit[0]
+            return hit[0], hit[2]
         _VERIFIED.pop(key, None)
-    identity, expires = _verify(secret, token, max_lifetime_seconds)
+    identity, expires, token_id = _verify(secret, token, max_lifetime_seconds)
     while len(_VERIFIED) >= VERIFIED_CACHE_SIZE:
         _VERIFIED.popitem(last=False)
-    _VERIFIED[key] = (identity, expires)
-    return identity
+    _VERIFIED[key] = (identity, expires, token_id)
+    return identity, token_id
 
 
-def _verify(secret: str, token: str, max_lifetime_seconds: float) -> tuple[Identity, float]:
+def _verify(secret: str, token: str, max_lifetime_seconds: float) -> tuple[Identity, float, str]:
     try:
         claims = jwt.decode(
             token,
@@ -162,7 +170,7 @@ def _verify(secret: str, token: str, max_lifetime_seconds: float) -> tuple[Ident
         _check_subject(subject, role)
     except ValueError as exc:
         raise Unauthenticated(str(exc), reason="TOKEN_INVALID") from None
-    return Identity(subject=subject, role=role), float(claims["exp"])
+    return Identity(subject=subject, role=role), float(claims["exp"]), str(claims.get("jti") or "")
 
 
 def parse_authorization(value: str | None) -> str:
@@ -182,9 +190,15 @@ def authenticate(
     authorization: str | None,
     on_behalf_of: str | None,
     max_lifetime_seconds: float = DEFAULT_MAX_TOKEN_LIFETIME_SECONDS,
+    is_revoked: Callable[[str], bool] | None = None,
 ) -> Identity:
-    """Turn request metadata into an identity, or raise Unauthenticated / PermissionDenied."""
-    identity = verify_token(secret, parse_authorization(authorization), max_lifetime_seconds)
+    """Turn request metadata into an identity, or raise Unauthenticated / PermissionDenied.
+
+    `is_revoked(token_id)` says whether an admin revoked the token (services.tokens).
+    """
+    identity, token_id = _verified(secret, parse_authorization(authorization), max_lifetime_seconds)
+    if is_revoked is not None and token_id and is_revoked(token_id):
+        raise Unauthenticated(f"token {token_id} was revoked by an admin", reason="TOKEN_REVOKED")
     if on_behalf_of:
         if identity.role is not Role.SERVICE:
             raise PermissionDenied(

@@ -20,7 +20,7 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common import auth, logs
+from services.common import auth, logs, tls
 from services.common.server import MAX_MESSAGE_BYTES
 
 TokenProvider = Callable[[], str]
@@ -128,8 +128,12 @@ def create_channel(
     retries: bool = True,
     options: Sequence[tuple[str, Any]] = (),
     interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+    tls_settings: tls.TLSSettings | None = None,
 ) -> grpc.aio.Channel:
-    """An insecure grpc.aio channel to `address` that authenticates every call.
+    """A grpc.aio channel to `address` that authenticates every call.
+
+    TLS (server verified with the CA file, client certificate presented for mutual TLS, files
+    reloaded when they change) or plaintext as `tls_settings` (default `tls.current()`) say.
 
     Give either a fixed `token` or a `token_provider` (called once per call, so it can
     refresh, e.g. `auth.ServiceTokenProvider`). Retries of UNAVAILABLE are declared in the
@@ -143,7 +147,7 @@ def create_channel(
         base.append(("grpc.service_config", service_config(retry_policy)))
     else:
         base.append(("grpc.enable_retries", 0))
-    return grpc.aio.insecure_channel(
+    return (tls_settings or tls.current()).dial(
         address,
         options=[*base, *options],
         interceptors=[*metadata_interceptors(provider), *interceptors],
@@ -159,7 +163,7 @@ async def wait_for_health(
     example "the child process still runs") turns false.
     """
     deadline = time.monotonic() + within
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with tls.current().dial(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             if alive is not None and not alive():

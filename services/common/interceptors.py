@@ -148,10 +148,12 @@ class AuthInterceptor(ScopeInterceptor):
         secret: str,
         exempt_prefixes: tuple[str, ...] = AUTH_EXEMPT_PREFIXES,
         max_lifetime_seconds: float = auth.DEFAULT_MAX_TOKEN_LIFETIME_SECONDS,
+        is_revoked: Callable[[str], bool] | None = None,
     ) -> None:
         self._secret = secret
         self._exempt = exempt_prefixes
         self._max_lifetime = max_lifetime_seconds
+        self._is_revoked = is_revoked
 
     @asynccontextmanager
     async def scope(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
@@ -163,6 +165,7 @@ class AuthInterceptor(ScopeInterceptor):
             metadata_value(context, auth.AUTHORIZATION_METADATA_KEY),
             metadata_value(context, auth.ON_BEHALF_OF_METADATA_KEY),
             self._max_lifetime,
+            self._is_revoked,
         )
         with auth.identity_scope(identity):
             yield

@@ -20,6 +20,7 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common import tls
 from services.common.auth import DEFAULT_MAX_TOKEN_LIFETIME_SECONDS
 from services.common.interceptors import (
     AUTH_EXEMPT_PREFIXES,
@@ -52,13 +53,14 @@ def default_interceptors(
     *,
     exempt_prefixes: tuple[str, ...] = AUTH_EXEMPT_PREFIXES,
     max_token_lifetime_seconds: float = DEFAULT_MAX_TOKEN_LIFETIME_SECONDS,
+    is_revoked: Callable[[str], bool] | None = None,
 ) -> list[grpc.aio.ServerInterceptor]:
     """The standard chain, outermost first: metrics, request context, errors, auth."""
     return [
         MetricsInterceptor(metrics or RpcMetrics.for_registry()),
         RequestContextInterceptor(),
         ErrorInterceptor(),
-        AuthInterceptor(secret, exempt_prefixes, max_token_lifetime_seconds),
+        AuthInterceptor(secret, exempt_prefixes, max_token_lifetime_seconds, is_revoked),
     ]
 
 
@@ -120,6 +122,8 @@ def create_server(
     *,
     metrics: RpcMetrics | None = None,
     options: Sequence[tuple[str, Any]] = (),
+    is_revoked: Callable[[str], bool] | None = None,
+    tls_settings: tls.TLSSettings | None = None,
 ) -> ServerHandle:
     """Build and bind (but not start) the server for `service_name`.
 
@@ -127,13 +131,18 @@ def create_server(
     ``["agentplane.chat.v1.ChatService"]``) get health SERVING and reflection. The port comes
     from ``settings.service(service_name)``; 0 binds an ephemeral port, returned in the handle.
     `interceptors` default to `default_interceptors(settings.secret, metrics)`.
+    It serves TLS or plaintext as `tls_settings` (default `tls.current()`, from the environment)
+    say; plaintext off loopback without `AGENTPLANE_TLS=off` raises `SettingsError`.
     """
     svc = settings.service(service_name)
     chain = (
         list(interceptors)
         if interceptors is not None
         else default_interceptors(
-            settings.secret, metrics, max_token_lifetime_seconds=settings.max_token_lifetime_seconds
+            settings.secret,
+            metrics,
+            max_token_lifetime_seconds=settings.max_token_lifetime_seconds,
+            is_revoked=is_revoked,
         )
     )
     server = grpc.aio.server(interceptors=chain, options=[*SERVER_OPTIONS, *options])
@@ -142,7 +151,7 @@ def create_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = list(full_service_names)
     reflection.enable_server_reflection([*names, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(svc.listen_address)
+    port = (tls_settings or tls.current()).bind(server, svc.listen_address, service_name)
     if port == 0:
         raise OSError(f"could not bind {service_name} to {svc.listen_address}")
     handle = ServerHandle(

@@ -60,6 +60,8 @@ class Settings:
     secret_is_dev_default: bool = False
     # Tokens whose lifetime (exp - iat) is longer are refused (AGENTPLANE_MAX_TOKEN_LIFETIME_SECONDS).
     max_token_lifetime_seconds: float = 30 * 24 * 3600
+    # How often each service refreshes its copy of the revoked tokens (AGENTPLANE_REVOCATION_REFRESH_SECONDS).
+    revocation_refresh_seconds: float = 5.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -106,6 +108,7 @@ class Settings:
             services=services,
             secret_is_dev_default=is_dev,
             max_token_lifetime_seconds=_max_lifetime(env),
+            revocation_refresh_seconds=env_seconds(env, "AGENTPLANE_REVOCATION_REFRESH_SECONDS", 5.0) or 5.0,
         )
 
     def service(self, name: str) -> ServiceSettings:

@@ -2,8 +2,11 @@
 
 `AGENTPLANE_ENCRYPTION_KEY` holds one or more comma-separated keys, each ``id:secret`` or a
 bare ``secret`` (its id is then derived from the secret). The first key seals new values;
-every listed key can open values sealed earlier, so rotation is: put the new key first, keep
-the old one listed until every provider's key was re-set (or re-sealed), then drop it.
+every listed key can open values sealed earlier. It is required: the config service refuses
+to start without it (`agentplane up` generates one and keeps it in its data directory).
+Rotation: put the new key first and keep the old one listed, run
+``agentplane admin rotate-encryption-key`` (RotateEncryptionKey re-seals every stored key with
+the first key in one transaction, see `KeyRing.reseal`), then drop the old key.
 Each secret is stretched with HKDF-SHA256; the provider id is bound in as associated data,
 so a ciphertext copied onto another provider's row does not decrypt.
 """
@@ -11,7 +14,6 @@ so a ciphertext copied onto another provider's row does not decrypt.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 from dataclasses import dataclass
 
@@ -21,12 +23,19 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from services.common.errors import FailedPrecondition
+from services.common.logs import register_secret
 from services.common.settings import Settings, SettingsError
-
-log = logging.getLogger(__name__)
 
 _HKDF_INFO = b"agentplane config provider api key v1"
 _NONCE_BYTES = 12
+
+MISSING_KEY_MESSAGE = (
+    "AGENTPLANE_ENCRYPTION_KEY is not set: the config service needs its own key to encrypt provider "
+    "API keys at rest (it is no longer derived from AGENTPLANE_SECRET). Generate one with\n"
+    "  python3 -c 'import secrets; print(\"k1:\" + secrets.token_urlsafe(32))'\n"
+    "and give it to the config service only (AGENTPLANE_ENCRYPTION_KEY=k1:...). `agentplane up` "
+    "generates one and keeps it in <data dir>/encryption-key. See docs/config.md."
+)
 
 
 @dataclass(frozen=True)
@@ -35,6 +44,16 @@ class SealedKey:
 
     key_id: str
     ciphertext: bytes
+
+
+# Before AGENTPLANE_ENCRYPTION_KEY was required, keys were sealed with a key derived from the JWT
+# secret under this id; listing ``from-secret:agentplane-jwt-secret:<AGENTPLANE_SECRET>`` opens them.
+LEGACY_KEY_ID = "from-secret"
+LEGACY_KEY_HINT = (
+    " (it was stored before AGENTPLANE_ENCRYPTION_KEY was required: list "
+    "'from-secret:agentplane-jwt-secret:<the AGENTPLANE_SECRET of then>' after the new key, run "
+    "`agentplane admin rotate-encryption-key`, then remove it; see docs/config.md)"
+)
 
 
 def _derive(secret: str) -> bytes:
@@ -51,6 +70,7 @@ class KeyRing:
         for key_id, secret in keys:
             if key_id in self._keys:
                 raise SettingsError(f"AGENTPLANE_ENCRYPTION_KEY lists key id {key_id!r} twice")
+            register_secret(secret)  # each key of a list, not only the whole variable
             self._keys[key_id] = AESGCM(_derive(secret))
         self.primary_key_id = keys[0][0]
 
@@ -76,14 +96,10 @@ class KeyRing:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> KeyRing:
-        """The deployment's key ring; without an encryption key, one derived from the JWT secret."""
-        if settings.encryption_key:
-            return cls.parse(settings.encryption_key)
-        log.warning(
-            "AGENTPLANE_ENCRYPTION_KEY is not set; provider API keys are encrypted with a key derived "
-            "from AGENTPLANE_SECRET (set a dedicated key in production)"
-        )
-        return cls([("from-secret", "agentplane-jwt-secret:" + settings.secret)])
+        """The deployment's key ring; SettingsError (saying how to make a key) when none is set."""
+        if not settings.encryption_key:
+            raise SettingsError(MISSING_KEY_MESSAGE)
+        return cls.parse(settings.encryption_key)
 
     @property
     def key_ids(self) -> list[str]:
@@ -100,9 +116,10 @@ class KeyRing:
         """Decrypt a sealed value; FailedPrecondition when its key is gone or it was tampered with."""
         aead = self._keys.get(sealed.key_id)
         if aead is None:
+            hint = LEGACY_KEY_HINT if sealed.key_id == LEGACY_KEY_ID else ""
             raise FailedPrecondition(
                 f"the API key was encrypted with key id {sealed.key_id!r}, which is not in "
-                "AGENTPLANE_ENCRYPTION_KEY; add that key back or set the provider's API key again",
+                f"AGENTPLANE_ENCRYPTION_KEY; add that key back or set the provider's API key again{hint}",
                 reason="ENCRYPTION_KEY_UNKNOWN",
                 metadata={"key_id": sealed.key_id},
             )
@@ -115,6 +132,17 @@ class KeyRing:
                 reason="ENCRYPTION_KEY_MISMATCH",
                 metadata={"key_id": sealed.key_id},
             ) from None
+
+    def reseal(self, sealed: SealedKey, associated_data: str) -> SealedKey | None:
+        """`sealed` re-encrypted with the primary key, or None when it already is.
+
+        Every value is decrypted first, the current ones too, so a rotation finds a value that no
+        longer opens (FailedPrecondition) before anything is written.
+        """
+        plaintext = self.open(sealed, associated_data)
+        if sealed.key_id == self.primary_key_id:
+            return None
+        return self.seal(plaintext, associated_data)
 
 
 def derived_key_id(secret: str) -> str:

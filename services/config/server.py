@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import grpc
 import grpc.aio
-from agentplane.config.v1 import config_service_pb2_grpc
+from agentplane.config.v1 import config_service_pb2_grpc, token_service_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from services.common import db
@@ -25,9 +25,13 @@ from services.config.metrics import ConfigMetrics
 from services.config.service import CacheSettings, ConfigService
 from services.config.servicer import ConfigServicer
 from services.config.store import ConfigStore
+from services.tokens.revocations import RevocationList, RevocationPoller
+from services.tokens.servicer import TokenServicer
+from services.tokens.store import RevocationStore
+from services.tokens.wiring import from_store
 
 SERVICE_NAME = "config"
-FULL_SERVICE_NAMES = ["agentplane.config.v1.ConfigService"]
+FULL_SERVICE_NAMES = ["agentplane.config.v1.ConfigService", "agentplane.config.v1.TokenService"]
 
 
 @dataclass
@@ -75,15 +79,29 @@ async def build_server(
     bus = InvalidationBus(settings.redis_url, service.apply_invalidation, channel=channel, metrics=metrics)
     service.bus = bus
 
+    revocation_store = RevocationStore(pool)
+    revocations = RevocationList()
+    poller = RevocationPoller(revocations, from_store(revocation_store), settings.revocation_refresh_seconds)
+
     def register(server: grpc.aio.Server) -> None:
         config_service_pb2_grpc.add_ConfigServiceServicer_to_server(ConfigServicer(service), server)
+        token_service_pb2_grpc.add_TokenServiceServicer_to_server(
+            TokenServicer(revocation_store, revocations, settings.max_token_lifetime_seconds), server
+        )
 
     handle = create_server(
-        settings, SERVICE_NAME, register, FULL_SERVICE_NAMES, metrics=RpcMetrics.for_registry(registry)
+        settings,
+        SERVICE_NAME,
+        register,
+        FULL_SERVICE_NAMES,
+        metrics=RpcMetrics.for_registry(registry),
+        is_revoked=revocations.is_revoked,
     )
     await bus.start()
+    poller.start()
     handle.on_stop(pool.close)
     handle.on_stop(bus.close)
+    handle.on_stop(poller.stop)
     return ConfigServer(handle, service, bus, metrics)
 
 

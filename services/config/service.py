@@ -26,7 +26,7 @@ from services.config.cache import AsyncTTLCache
 from services.config.crypto import KeyRing, SealedKey
 from services.config.invalidation import Invalidation, InvalidationBus
 from services.config.metrics import ConfigMetrics
-from services.config.prompts import DEFAULT_SYSTEM_PROMPT
+from services.config.prompts import DEFAULT_SYSTEM_PROMPT, user_prompt_owner
 from services.config.store import ConfigStore, model_not_found, provider_not_found
 
 log = logging.getLogger(__name__)
@@ -229,9 +229,51 @@ class ConfigService:
             sealed = self._keyring.seal(key, provider_id) if key else None
             changes["api_key_ciphertext"] = sealed.ciphertext if sealed else None
             changes["api_key_key_id"] = sealed.key_id if sealed else None
+        # A new base_url without a new key drops the stored key (decided by the store under the row
+        # lock): otherwise an admin could point the provider at their own server and receive the key.
         row = await self._store.update_provider(provider_id, changes)
         await self._changed(Invalidation(inv.PROVIDER, provider_id))
+        dropped = current["api_key_ciphertext"] is not None and row["api_key_ciphertext"] is None
+        if dropped and "api_key_ciphertext" not in changes:
+            log.info(
+                "provider base_url changed without a new API key; the stored key was dropped",
+                extra={"provider_id": provider_id},
+            )
         return records.provider_from_row(row)
+
+    async def rotate_encryption_key(
+        self, req: config_service_pb2.RotateEncryptionKeyRequest
+    ) -> config_service_pb2.RotateEncryptionKeyResponse:
+        """RotateEncryptionKey (admin): re-seal every stored key with the primary key, all or nothing."""
+        auth.require_admin()
+
+        def reseal(provider_id: str, sealed: SealedKey) -> SealedKey | None:
+            try:
+                return self._keyring.reseal(sealed, provider_id)
+            except FailedPrecondition as exc:
+                raise FailedPrecondition(
+                    f"provider {provider_id}: {exc}; nothing was re-encrypted. Add the key it was "
+                    "encrypted with to AGENTPLANE_ENCRYPTION_KEY (after the new one), or set that "
+                    "provider's API key again, then retry",
+                    reason=exc.reason,
+                    metadata={**exc.metadata, "provider_id": provider_id},
+                ) from None
+
+        changed, current = await self._store.reseal_provider_keys(reseal, write=not req.validate_only)
+        if changed and not req.validate_only:
+            await self._changed(Invalidation(inv.PROVIDER))
+        log.info(
+            "encryption key rotation%s: %d re-encrypted, %d already current",
+            " (validate only)" if req.validate_only else "",
+            len(changed),
+            current,
+            extra={"key_id": self._keyring.primary_key_id},
+        )
+        return config_service_pb2.RotateEncryptionKeyResponse(
+            key_id=self._keyring.primary_key_id,
+            reencrypted_provider_ids=changed,
+            already_current_count=current,
+        )
 
     async def delete_provider(self, provider_id: str) -> None:
         """DeleteProvider (admin); FailedPrecondition while model configs use it."""
@@ -335,7 +377,13 @@ class ConfigService:
         return records.model_from_row(row)
 
     async def resolve_model(self, model_id: str) -> config_service_pb2.ResolveModelResponse:
-        """ResolveModel: the model and its provider; a disabled or missing one falls back to the default."""
+        """ResolveModel: the model and its provider; a disabled or missing one falls back to the default.
+
+        Only admins are told why (the model's name, disabled or deleted): users and services (whose
+        answers reach users, e.g. chat's CreateChat) get the same reason for a disabled model, a
+        model of a disabled provider and one that does not exist, so a disabled model's name and
+        even its existence stay hidden, as in GetModelConfig.
+        """
         reason = ""
         if model_id:
             model_id = validation.uuid_field("model_config_id", model_id)
@@ -356,6 +404,8 @@ class ConfigService:
                     f"the provider of model config {model.display_name} ({model_id}) is disabled; "
                     "using the default"
                 )
+            if not auth.current_identity().is_admin:
+                reason = f"model config {model_id} is not available; using the default"
         default = await self._default()
         if default is None:
             raise FailedPrecondition(
@@ -483,16 +533,12 @@ class ConfigService:
         return config_pb2.SystemPrompt(text=row["text"], update_time=records.timestamp(row["update_time"]))
 
     async def get_user_prompt(self, user_id: str) -> config_pb2.UserPrompt:
-        """GetUserPrompt: the caller's own, or (admins and services) a named user's."""
+        """GetUserPrompt: the caller's own (or the acted-for user's), or, for admins and services
+        acting for nobody, a named user's (the rule: `prompts.user_prompt_owner`)."""
         identity = auth.current_identity()
         if user_id:
             user_id = validation.user_id("user_id", user_id)
-            if user_id != identity.user_id and not (identity.is_admin or identity.is_service()):
-                raise PermissionDenied(
-                    "users may only read their own prompt; leave user_id empty", reason="NOT_OWNER"
-                )
-        else:
-            user_id = auth.require_user_id()
+        user_id = user_prompt_owner(identity, user_id)
 
         async def load() -> config_pb2.UserPrompt:
             row = await self._store.get_user_prompt(user_id)

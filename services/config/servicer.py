@@ -48,6 +48,11 @@ class ConfigServicer(config_service_pb2_grpc.ConfigServiceServicer):
     ) -> pb.GetProviderCredentialsResponse:
         return await self._svc.get_provider_credentials(request.provider_id)
 
+    async def RotateEncryptionKey(
+        self, request: pb.RotateEncryptionKeyRequest, context: Context
+    ) -> pb.RotateEncryptionKeyResponse:
+        return await self._svc.rotate_encryption_key(request)
+
     async def CreateModelConfig(
         self, request: pb.CreateModelConfigRequest, context: Context
     ) -> pb.CreateModelConfigResponse:

@@ -8,7 +8,7 @@ than to Postgres while a transaction is open. Rows come back as dicts (the pool 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
@@ -129,9 +129,24 @@ class ConfigStore:
             )
 
     async def update_provider(self, provider_id: str, changes: dict[str, Any]) -> Row:
-        """Apply `changes` (column -> value); refuses to disable the default model's provider."""
+        """Apply `changes` (column -> value); refuses to disable the default model's provider.
+
+        A new ``base_url`` without a new key (``api_key_ciphertext`` in `changes`) also clears the
+        stored key, decided under the row lock: a key is never sent to an address it was not set for.
+        """
         assert changes and set(changes) <= _PROVIDER_COLUMNS, changes
+        changes = dict(changes)
         async with self._pool.connection() as conn, conn.transaction():
+            if "base_url" in changes and "api_key_ciphertext" not in changes:
+                current = await self._fetch(
+                    conn,
+                    "lock_provider",
+                    "SELECT base_url FROM config_providers WHERE id = %s FOR UPDATE",
+                    (provider_id,),
+                )
+                if current and current[0]["base_url"] != changes["base_url"]:
+                    changes["api_key_ciphertext"] = None
+                    changes["api_key_key_id"] = None
             if changes.get("enabled") is False:
                 await self._fetch(
                     conn, "lock_default", "SELECT pg_advisory_xact_lock(%s)", (DEFAULT_MODEL_LOCK,)
@@ -187,6 +202,42 @@ class ConfigStore:
                 ) from None
         if not rows:
             raise provider_not_found(provider_id)
+
+    async def reseal_provider_keys(
+        self, reseal: Callable[[str, SealedKey], SealedKey | None], *, write: bool
+    ) -> tuple[list[str], int]:
+        """Re-encrypt every stored API key in one transaction: ``reseal(provider_id, sealed)`` returns
+        the new sealed value or None when the row is current; an exception from it (a key that does
+        not decrypt) rolls everything back. Rows are locked, so concurrent key changes wait.
+        Returns (ids of the re-encrypted providers, number already current); `write` False changes nothing.
+        """
+        changed: list[str] = []
+        current = 0
+        async with self._pool.connection() as conn, conn.transaction():
+            rows = await self._fetch(
+                conn,
+                "lock_provider_keys",
+                "SELECT id, api_key_key_id, api_key_ciphertext FROM config_providers "
+                "WHERE api_key_ciphertext IS NOT NULL ORDER BY id FOR UPDATE",
+            )
+            for row in rows:
+                provider_id = str(row["id"])
+                sealed = reseal(
+                    provider_id, SealedKey(row["api_key_key_id"], bytes(row["api_key_ciphertext"]))
+                )
+                if sealed is None:
+                    current += 1
+                    continue
+                changed.append(provider_id)
+                if write:
+                    await self._fetch(
+                        conn,
+                        "reseal_provider_key",
+                        "UPDATE config_providers SET api_key_ciphertext = %s, api_key_key_id = %s "
+                        "WHERE id = %s",
+                        (sealed.ciphertext, sealed.key_id, provider_id),
+                    )
+        return changed, current
 
     # --- model configs ---------------------------------------------------------------
 

@@ -32,9 +32,14 @@ async def build(
     Without `resolver`, a `ConfigClient` to the config service is created and closed with the server.
     """
     from services.config.client import ConfigClient
+    from services.tokens.wiring import follow_config
 
     config_client: ConfigClient | None = None
+    is_revoked = None
+    stop_revocations = None
     if resolver is None:
+        revocations, stop_revocations = await follow_config(settings, SERVICE_NAME)
+        is_revoked = revocations.is_revoked
         config_client = ConfigClient(
             settings.address("config"),
             auth.ServiceTokenProvider(settings.secret, SERVICE_NAME),
@@ -49,8 +54,10 @@ async def build(
             InferenceServicer(generator), server
         )
 
-    handle = create_server(settings, SERVICE_NAME, register, FULL_SERVICE_NAMES)
+    handle = create_server(settings, SERVICE_NAME, register, FULL_SERVICE_NAMES, is_revoked=is_revoked)
     handle.on_stop(generator.clients.close)
+    if stop_revocations is not None:
+        handle.on_stop(stop_revocations)
     if config_client is not None:
         handle.on_stop(config_client.close)
     return handle

@@ -153,7 +153,13 @@ async def build_server(
     for driver in drivers.values():
         await driver.start()
     closers = []
+    is_revoked = None
     if templates is None:
+        from services.tokens.wiring import follow_config
+
+        revocations, stop_revocations = await follow_config(settings, SERVICE_NAME)
+        is_revoked = revocations.is_revoked
+        closers.append(stop_revocations)
         from services.config.client import ConfigClient
         from services.toolexec.config_templates import ConfigTemplateFetcher
 
@@ -215,6 +221,7 @@ async def build_server(
         settings.secret,
         exempt_prefixes=(*AUTH_EXEMPT_PREFIXES, AGENT_SERVICE_PREFIX),
         max_token_lifetime_seconds=settings.max_token_lifetime_seconds,
+        is_revoked=is_revoked,
     )
     handle = create_server(settings, SERVICE_NAME, register, FULL_SERVICE_NAMES, interceptors)
     address = tx.advertise_address or handle.address

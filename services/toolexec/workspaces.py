@@ -2,6 +2,11 @@
 
 Only the owner, a service acting on the owner's behalf, or an admin may touch a workspace;
 anyone else is told it does not exist (NOT_FOUND), so ids cannot be probed.
+
+Requests that name an owner (CreateWorkspace, ListWorkspaces) follow the same rule: a user, and a
+service acting for a user, is exactly that user and may name only that user (empty means them);
+naming anyone else is PERMISSION_DENIED. Only admins and services acting for nobody may name
+another owner.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
-from services.common.auth import Identity
+from services.common.auth import SERVICE_PREFIX, Identity
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from services.toolexec.agent_tokens import new_agent_token, token_sha256
 from services.toolexec.driver import WorkspaceDriver, WorkspaceFillError
@@ -253,13 +258,7 @@ class WorkspaceManager:
         self, identity: Identity, owner_id: str, page_size: int, page_token: str
     ) -> tuple[list[WorkspaceRecord], str]:
         """One page of an owner's workspaces, newest first, and the next page's token."""
-        owner = owner_id or identity.user_id
-        if owner is None:
-            raise InvalidArgument("owner_id", "a service not acting for a user must name the owner")
-        if owner != identity.user_id and not (identity.is_admin or identity.is_service()):
-            raise PermissionDenied(
-                "only admins and services may list another user's workspaces", reason="OWNER_MISMATCH"
-            )
+        owner = named_owner(identity, owner_id, "list the workspaces of")
         if page_size < 0:
             raise InvalidArgument("page_size", "must not be negative")
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
@@ -298,22 +297,41 @@ class WorkspaceManager:
         return ids
 
     def _owner_for_create(self, identity: Identity, owner_id: str) -> str:
-        if not owner_id:
-            if identity.user_id is None:
-                raise InvalidArgument("owner_id", "a service not acting for a user must name the owner")
-            return identity.user_id
-        if owner_id != identity.user_id and not (identity.is_admin or identity.is_service()):
-            raise PermissionDenied(
-                "only admins and services may create a workspace for another user", reason="OWNER_MISMATCH"
-            )
-        if owner_id.startswith("service:"):
+        owner = named_owner(identity, owner_id, "create a workspace for")
+        if owner.startswith(SERVICE_PREFIX):
             raise InvalidArgument("owner_id", "a workspace must be owned by a user, not a service")
-        return owner_id
+        return owner
+
+
+def may_name_any_owner(identity: Identity) -> bool:
+    """True for admins and for services acting for nobody; a service acting for a user is that user."""
+    return identity.is_admin or (identity.is_service() and identity.acting_for is None)
+
+
+def named_owner(identity: Identity, owner_id: str, action: str) -> str:
+    """The owner a request names (empty: the caller's effective user), if `identity` may name it.
+
+    InvalidArgument when it names nobody and the caller is a service acting for nobody;
+    PermissionDenied (OWNER_MISMATCH) when it names another user and the caller is neither an
+    admin nor a service acting for nobody. `action` completes "may only ... <user>".
+    """
+    user = identity.user_id
+    if not owner_id:
+        if user is None:
+            raise InvalidArgument("owner_id", "a service not acting for a user must name the owner")
+        return user
+    if owner_id != user and not may_name_any_owner(identity):
+        who = f"{identity.subject} acting for {user}" if identity.acting_for is not None else user
+        raise PermissionDenied(
+            f"{who} may only {action} {user}; only admins may name another owner",
+            reason="OWNER_MISMATCH",
+        )
+    return owner_id
 
 
 def may_touch(identity: Identity, owner_id: str) -> bool:
-    """True for the owner, a service acting for the owner, and admins."""
-    return identity.is_admin or identity.user_id == owner_id
+    """True for the owner, a service acting for the owner, and admins (never a bare service)."""
+    return identity.is_admin or (identity.user_id is not None and identity.user_id == owner_id)
 
 
 def _check_id(workspace_id: str) -> None:

@@ -16,7 +16,7 @@ def verifications(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     seen: list[str] = []
     real = auth._verify
 
-    def counting(secret: str, token: str, max_lifetime: float) -> tuple[auth.Identity, float]:
+    def counting(secret: str, token: str, max_lifetime: float) -> tuple[auth.Identity, float, str]:
         seen.append(token)
         return real(secret, token, max_lifetime)
 

@@ -77,3 +77,39 @@ def _user_token(secret: str) -> str:
     from services.common import auth
 
     return auth.mint_token(secret, "mallory", auth.Role.USER)
+
+
+async def test_rotate_encryption_key_and_base_url_commands(config: ConfigServer, secret: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "AGENTPLANE_TOKEN"}
+    env.update(AGENTPLANE_SECRET=secret, AGENTPLANE_CONFIG_ADDR=config.address, SIM_KEY="sk-cli-key-456")
+    code, out, err = await _cli(
+        env, "admin", "provider", "add", "--type", "openai-compatible", "--name", "sim",
+        "--base-url", "http://127.0.0.1:9/v1", "--api-key-env", "SIM_KEY", "--output", "json",
+    )  # fmt: skip
+    assert code == 0, err
+    provider_id = json.loads(out)["id"]
+    code, out, err = await _cli(env, "admin", "rotate-encryption-key", "--validate-only", "--output", "json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["key_id"] == "test" and result["already_current_count"] == 1
+    assert result["reencrypted_provider_ids"] == []
+    code, out, err = await _cli(env, "admin", "rotate-encryption-key")
+    assert code == 0 and "test" in out, err
+    # A new base URL without a key drops the stored one, and the command says so.
+    code, out, err = await _cli(
+        env, "admin", "provider", "update", provider_id, "--base-url", "https://elsewhere.example/v1",
+        "--output", "json",
+    )  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["api_key_set"] is False
+    assert "API key" in err and "--api-key-env" in err
+    code, out, err = await _cli(
+        env, "admin", "provider", "update", provider_id, "--base-url", "https://elsewhere2.example/v1",
+        "--api-key-env", "SIM_KEY", "--output", "json",
+    )  # fmt: skip
+    assert code == 0 and json.loads(out)["api_key_set"] is True, err
+    assert "API key" not in err
+    # Users may not rotate.
+    user_env = {**env, "AGENTPLANE_TOKEN": _user_token(secret)}
+    code, out, err = await _cli(user_env, "admin", "rotate-encryption-key")
+    assert code == 1 and "PERMISSION_DENIED" in err

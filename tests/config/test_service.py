@@ -114,10 +114,16 @@ async def test_resolve_falls_back_for_disabled_and_deleted_models(
     )
     disabled = await alice.ResolveModel(pb.ResolveModelRequest(model_config_id=other.id))
     assert disabled.fell_back_to_default and disabled.model_config.id == default.id
-    assert "disabled" in disabled.fallback_reason
+    assert (
+        "not available" in disabled.fallback_reason
+    )  # users are not told why (tests/config/test_least_privilege.py)
+    disabled = await admin.ResolveModel(pb.ResolveModelRequest(model_config_id=other.id))
+    assert disabled.fell_back_to_default and "disabled" in disabled.fallback_reason  # admins are
     await admin.DeleteModelConfig(pb.DeleteModelConfigRequest(model_config_id=other.id))
     deleted = await alice.ResolveModel(pb.ResolveModelRequest(model_config_id=other.id))
     assert deleted.fell_back_to_default and deleted.model_config.id == default.id
+    assert "not available" in deleted.fallback_reason
+    deleted = await admin.ResolveModel(pb.ResolveModelRequest(model_config_id=other.id))
     assert "does not exist" in deleted.fallback_reason
     # Users do not see disabled models; admins do when they ask.
     hidden = await create_model(admin, provider.id, name="hidden", enabled=False)

@@ -186,7 +186,9 @@ class UpdateProviderRequest(_message.Message):
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
     API_KEY_FIELD_NUMBER: _builtins.int
     api_key: _builtins.str
-    """New API key, used when the mask names api_key; empty removes the key."""
+    """New API key, used when the mask names api_key; empty removes the key. A change of base_url
+    without api_key in the mask removes the stored key (a key is never sent to a new address).
+    """
     @_builtins.property
     def provider(self) -> _config_pb2.Provider:
         """The provider with its id set and the new values of the masked fields."""
@@ -322,6 +324,60 @@ class GetProviderCredentialsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetProviderCredentialsResponse: _TypeAlias = GetProviderCredentialsResponse  # noqa: Y015
+
+@_typing.final
+class RotateEncryptionKeyRequest(_message.Message):
+    """RotateEncryptionKeyRequest is the input of RotateEncryptionKey."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
+    validate_only: _builtins.bool
+    """Only check that every stored key decrypts and report what would change; write nothing."""
+    def __init__(
+        self,
+        *,
+        validate_only: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["validate_only", b"validate_only"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateEncryptionKeyRequest: _TypeAlias = RotateEncryptionKeyRequest  # noqa: Y015
+
+@_typing.final
+class RotateEncryptionKeyResponse(_message.Message):
+    """RotateEncryptionKeyResponse is the output of RotateEncryptionKey."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    REENCRYPTED_PROVIDER_IDS_FIELD_NUMBER: _builtins.int
+    ALREADY_CURRENT_COUNT_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    """The id of the key every stored API key is encrypted with afterwards (the first configured key)."""
+    already_current_count: _builtins.int
+    """Providers whose key was already encrypted with key_id (left as they were)."""
+    @_builtins.property
+    def reencrypted_provider_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Providers whose key was re-encrypted (or would be, with validate_only)."""
+
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        reencrypted_provider_ids: _abc.Iterable[_builtins.str] | None = ...,
+        already_current_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_current_count", b"already_current_count", "key_id", b"key_id", "reencrypted_provider_ids", b"reencrypted_provider_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateEncryptionKeyResponse: _TypeAlias = RotateEncryptionKeyResponse  # noqa: Y015
 
 @_typing.final
 class CreateModelConfigRequest(_message.Message):
@@ -1029,7 +1085,8 @@ class GetUserPromptRequest(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The user whose prompt to return; empty means the caller (or the user a service acts for).
-    Only admins and services may name another user.
+    Only admins and services acting for nobody may name another user; a service acting for a user
+    is that user.
     """
     def __init__(
         self,

@@ -66,6 +66,11 @@ class ConfigServiceStub:
                 request_serializer=agentplane_dot_config_dot_v1_dot_config__service__pb2.GetProviderCredentialsRequest.SerializeToString,
                 response_deserializer=agentplane_dot_config_dot_v1_dot_config__service__pb2.GetProviderCredentialsResponse.FromString,
                 _registered_method=True)
+        self.RotateEncryptionKey = channel.unary_unary(
+                '/agentplane.config.v1.ConfigService/RotateEncryptionKey',
+                request_serializer=agentplane_dot_config_dot_v1_dot_config__service__pb2.RotateEncryptionKeyRequest.SerializeToString,
+                response_deserializer=agentplane_dot_config_dot_v1_dot_config__service__pb2.RotateEncryptionKeyResponse.FromString,
+                _registered_method=True)
         self.CreateModelConfig = channel.unary_unary(
                 '/agentplane.config.v1.ConfigService/CreateModelConfig',
                 request_serializer=agentplane_dot_config_dot_v1_dot_config__service__pb2.CreateModelConfigRequest.SerializeToString,
@@ -175,7 +180,8 @@ class ConfigServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateProvider(self, request, context):
-        """UpdateProvider changes the fields named in the update mask. Admin only.
+        """UpdateProvider changes the fields named in the update mask. Admin only. Changing base_url drops
+        the stored API key unless the same request sets a new one (api_key in the mask).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -190,6 +196,14 @@ class ConfigServiceServicer:
 
     def GetProviderCredentials(self, request, context):
         """GetProviderCredentials returns a provider's decrypted API key. Only the inference service may call it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateEncryptionKey(self, request, context):
+        """RotateEncryptionKey re-encrypts every stored API key with the first key of
+        AGENTPLANE_ENCRYPTION_KEY, in one transaction (all or nothing). Admin only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -340,6 +354,11 @@ def add_ConfigServiceServicer_to_server(servicer, server):
                     servicer.GetProviderCredentials,
                     request_deserializer=agentplane_dot_config_dot_v1_dot_config__service__pb2.GetProviderCredentialsRequest.FromString,
                     response_serializer=agentplane_dot_config_dot_v1_dot_config__service__pb2.GetProviderCredentialsResponse.SerializeToString,
+            ),
+            'RotateEncryptionKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateEncryptionKey,
+                    request_deserializer=agentplane_dot_config_dot_v1_dot_config__service__pb2.RotateEncryptionKeyRequest.FromString,
+                    response_serializer=agentplane_dot_config_dot_v1_dot_config__service__pb2.RotateEncryptionKeyResponse.SerializeToString,
             ),
             'CreateModelConfig': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateModelConfig,
@@ -586,6 +605,33 @@ class ConfigService:
             '/agentplane.config.v1.ConfigService/GetProviderCredentials',
             agentplane_dot_config_dot_v1_dot_config__service__pb2.GetProviderCredentialsRequest.SerializeToString,
             agentplane_dot_config_dot_v1_dot_config__service__pb2.GetProviderCredentialsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateEncryptionKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplane.config.v1.ConfigService/RotateEncryptionKey',
+            agentplane_dot_config_dot_v1_dot_config__service__pb2.RotateEncryptionKeyRequest.SerializeToString,
+            agentplane_dot_config_dot_v1_dot_config__service__pb2.RotateEncryptionKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

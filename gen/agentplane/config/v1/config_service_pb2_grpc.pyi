@@ -42,11 +42,17 @@ class ConfigServiceStub:
     ListProviders: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.ListProvidersRequest, _config_service_pb2.ListProvidersResponse]
     """ListProviders lists providers without their keys. Admin or service only."""
     UpdateProvider: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.UpdateProviderRequest, _config_service_pb2.UpdateProviderResponse]
-    """UpdateProvider changes the fields named in the update mask. Admin only."""
+    """UpdateProvider changes the fields named in the update mask. Admin only. Changing base_url drops
+    the stored API key unless the same request sets a new one (api_key in the mask).
+    """
     DeleteProvider: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.DeleteProviderRequest, _config_service_pb2.DeleteProviderResponse]
     """DeleteProvider removes a provider; FAILED_PRECONDITION while model configs use it. Admin only."""
     GetProviderCredentials: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.GetProviderCredentialsRequest, _config_service_pb2.GetProviderCredentialsResponse]
     """GetProviderCredentials returns a provider's decrypted API key. Only the inference service may call it."""
+    RotateEncryptionKey: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.RotateEncryptionKeyRequest, _config_service_pb2.RotateEncryptionKeyResponse]
+    """RotateEncryptionKey re-encrypts every stored API key with the first key of
+    AGENTPLANE_ENCRYPTION_KEY, in one transaction (all or nothing). Admin only.
+    """
     CreateModelConfig: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.CreateModelConfigRequest, _config_service_pb2.CreateModelConfigResponse]
     """CreateModelConfig adds a model config. Admin only."""
     GetModelConfig: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.GetModelConfigRequest, _config_service_pb2.GetModelConfigResponse]
@@ -96,11 +102,17 @@ class ConfigServiceAsyncStub(ConfigServiceStub):
     ListProviders: _aio.UnaryUnaryMultiCallable[_config_service_pb2.ListProvidersRequest, _config_service_pb2.ListProvidersResponse]  # type: ignore[assignment]
     """ListProviders lists providers without their keys. Admin or service only."""
     UpdateProvider: _aio.UnaryUnaryMultiCallable[_config_service_pb2.UpdateProviderRequest, _config_service_pb2.UpdateProviderResponse]  # type: ignore[assignment]
-    """UpdateProvider changes the fields named in the update mask. Admin only."""
+    """UpdateProvider changes the fields named in the update mask. Admin only. Changing base_url drops
+    the stored API key unless the same request sets a new one (api_key in the mask).
+    """
     DeleteProvider: _aio.UnaryUnaryMultiCallable[_config_service_pb2.DeleteProviderRequest, _config_service_pb2.DeleteProviderResponse]  # type: ignore[assignment]
     """DeleteProvider removes a provider; FAILED_PRECONDITION while model configs use it. Admin only."""
     GetProviderCredentials: _aio.UnaryUnaryMultiCallable[_config_service_pb2.GetProviderCredentialsRequest, _config_service_pb2.GetProviderCredentialsResponse]  # type: ignore[assignment]
     """GetProviderCredentials returns a provider's decrypted API key. Only the inference service may call it."""
+    RotateEncryptionKey: _aio.UnaryUnaryMultiCallable[_config_service_pb2.RotateEncryptionKeyRequest, _config_service_pb2.RotateEncryptionKeyResponse]  # type: ignore[assignment]
+    """RotateEncryptionKey re-encrypts every stored API key with the first key of
+    AGENTPLANE_ENCRYPTION_KEY, in one transaction (all or nothing). Admin only.
+    """
     CreateModelConfig: _aio.UnaryUnaryMultiCallable[_config_service_pb2.CreateModelConfigRequest, _config_service_pb2.CreateModelConfigResponse]  # type: ignore[assignment]
     """CreateModelConfig adds a model config. Admin only."""
     GetModelConfig: _aio.UnaryUnaryMultiCallable[_config_service_pb2.GetModelConfigRequest, _config_service_pb2.GetModelConfigResponse]  # type: ignore[assignment]
@@ -171,7 +183,9 @@ class ConfigServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _config_service_pb2.UpdateProviderRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_config_service_pb2.UpdateProviderResponse, _abc.Awaitable[_config_service_pb2.UpdateProviderResponse]]:
-        """UpdateProvider changes the fields named in the update mask. Admin only."""
+        """UpdateProvider changes the fields named in the update mask. Admin only. Changing base_url drops
+        the stored API key unless the same request sets a new one (api_key in the mask).
+        """
 
     @_abc_1.abstractmethod
     def DeleteProvider(
@@ -188,6 +202,16 @@ class ConfigServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_config_service_pb2.GetProviderCredentialsResponse, _abc.Awaitable[_config_service_pb2.GetProviderCredentialsResponse]]:
         """GetProviderCredentials returns a provider's decrypted API key. Only the inference service may call it."""
+
+    @_abc_1.abstractmethod
+    def RotateEncryptionKey(
+        self,
+        request: _config_service_pb2.RotateEncryptionKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_config_service_pb2.RotateEncryptionKeyResponse, _abc.Awaitable[_config_service_pb2.RotateEncryptionKeyResponse]]:
+        """RotateEncryptionKey re-encrypts every stored API key with the first key of
+        AGENTPLANE_ENCRYPTION_KEY, in one transaction (all or nothing). Admin only.
+        """
 
     @_abc_1.abstractmethod
     def CreateModelConfig(

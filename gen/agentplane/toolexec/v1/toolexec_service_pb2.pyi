@@ -56,7 +56,8 @@ class CreateWorkspaceRequest(_message.Message):
     """Idempotency key: repeating a request with the same id returns the first result."""
     owner_id: _builtins.str
     """Owner of the new workspace; empty means the caller (or the user a service acts for).
-    Only admins and services may name another owner.
+    Only admins and services acting for nobody may name another owner; a service acting for a
+    user (x-agentplane-on-behalf-of) is that user.
     """
     name: _builtins.str
     """Human-readable name."""
@@ -182,7 +183,9 @@ class ListWorkspacesRequest(_message.Message):
     page_token: _builtins.str
     """Token from a previous response's next_page_token."""
     owner_id: _builtins.str
-    """List this owner's workspaces (admins and services only); empty means the caller's."""
+    """List this owner's workspaces (admins and services acting for nobody only); empty means the
+    caller's.
+    """
     def __init__(
         self,
         *,
