@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 from collections.abc import Coroutine
 from typing import Any
 
 from services.common import aio
-from services.common.settings import SERVICE_NAMES, Settings
+from services.common.settings import SERVICE_NAMES, Settings, SettingsError
 
 
 def register(subparsers: Any) -> None:
@@ -29,5 +30,10 @@ def run(args: argparse.Namespace) -> Coroutine[Any, Any, int]:
 
 
 async def _serve(module: Any) -> int:
-    await module.serve(Settings.from_env())
+    try:
+        await module.serve(Settings.from_env())
+    except SettingsError as exc:
+        # A configuration the service cannot run with: say what to set, not a traceback.
+        print(f"agentplane serve: {exc}", file=sys.stderr)
+        return 2
     return 0

@@ -70,8 +70,12 @@ def test_serve_refuses_without_a_sandbox(database_url: str, secret: str, tmp_pat
         text=True,
         timeout=60,
     )
-    assert done.returncode != 0
+    assert done.returncode == 2
     assert "bubblewrap" in done.stderr and "install" in done.stderr, done.stderr[-2000:]
+    # One line that says what to do, not a traceback.
+    assert "Traceback" not in done.stderr and done.stderr.startswith("agentplane serve: "), done.stderr[
+        -2000:
+    ]
 
 
 def test_user_mode_gives_each_workspace_its_own_uid() -> None:
