@@ -127,7 +127,7 @@ def choose(requested: str, uid: int | None = None, gid: int | None = None) -> Sa
     return Sandbox(mode, wuid, wgid)
 
 
-def _python_binds() -> list[str]:
+def python_binds() -> list[str]:
     """What the agent's Python needs: the interpreter, the venv and the project's packages."""
     import agentplane
 
@@ -230,7 +230,7 @@ def bwrap_argv(
     argv += _system_binds()
     if network and resolv_conf is not None:
         argv += ["--ro-bind", resolv_conf, "/etc/resolv.conf"]
-    binds = [*_python_binds(), *extra_ro]
+    binds = [*python_binds(), *extra_ro]
     # bwrap makes missing parent directories 0700 (as root): the workspace user could not reach
     # what is bound below them, so they are made 0755 first.
     # Fresh /proc, /dev and temporary directories first, so nothing bound below them is covered.

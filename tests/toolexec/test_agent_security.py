@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import sys
 import urllib.parse
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 
 from services.common.settings import Settings
+from services.toolexec.sandbox import python_binds
 from tests.toolexec.conftest import Toolexec, call_request
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -135,8 +137,13 @@ async def test_secret_hunt_from_inside_the_workspace_finds_nothing(
             "grep secrets",
             "execute",
             {
-                "command": "grep -rlE 'ap[w]_|AGENTPLANE_SECRE[T]|DATABASE_UR[L]|REDIS_UR[L]' "
-                "/run /tmp /var/tmp /workspace /root /etc 2>/dev/null; true"
+                # The read-only code the agent runs (the project's source, the venv) is bound into
+                # the sandbox, under /tmp when the checkout lives there: it names these variables
+                # without holding any value, so it is left out of the search.
+                "command": "find /run /tmp /var/tmp /workspace /root /etc "
+                + " ".join(f"-path {shlex.quote(p)} -prune -o" for p in python_binds())
+                + " -type f -print 2>/dev/null | "
+                "xargs -r grep -lE 'ap[w]_|AGENTPLANE_SECRE[T]|DATABASE_UR[L]|REDIS_UR[L]' 2>/dev/null; true"
             },
         ),
         ("read environ", "read_file", {"path": "/proc/1/environ"}),
