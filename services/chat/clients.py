@@ -83,12 +83,20 @@ class ToolExecTools:
                 return self._tools
             tools: list[inference_pb2.ToolDefinition] = []
             token = ""
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self._retry_seconds
+            delay = 0.1
             while True:
                 try:
                     resp = await self._stub.ListTools(
                         toolexec_service_pb2.ListToolsRequest(page_size=100, page_token=token), timeout=10
                     )
                 except grpc.aio.AioRpcError as exc:
+                    # toolexec restarting: listing is safe to repeat, within the same bound as calls.
+                    if exc.code() == grpc.StatusCode.UNAVAILABLE and loop.time() + delay <= deadline:
+                        await asyncio.sleep(delay)
+                        delay = min(delay * 2, 2.0)
+                        continue
                     raise _model_error(exc) from None
                 tools += [
                     inference_pb2.ToolDefinition(

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import jwt
 
 from services.common.errors import PermissionDenied, Unauthenticated
+from services.common.oidc import OidcVerifier
 
 ALGORITHM = "HS256"
 ISSUER = "agentplane"
@@ -137,6 +138,20 @@ def _verified(secret: str, token: str, max_lifetime_seconds: float) -> tuple[Ide
     return identity, token_id
 
 
+def _verified_oidc(oidc: OidcVerifier, token: str, max_lifetime_seconds: float) -> tuple[Identity, str]:
+    """An identity provider's token: its user and id, cached like the deployment's own tokens."""
+    key = ("oidc:" + oidc.settings.issuer, token, max_lifetime_seconds)
+    hit = _VERIFIED.get(key)
+    if hit is not None and time.time() < hit[1]:
+        return hit[0], hit[2]
+    user, admin, expires, token_id = oidc.verify(token, max_lifetime_seconds)
+    identity = Identity(subject=user, role=Role.ADMIN if admin else Role.USER)
+    while len(_VERIFIED) >= VERIFIED_CACHE_SIZE:
+        _VERIFIED.popitem(last=False)
+    _VERIFIED[key] = (identity, expires, token_id)
+    return identity, token_id
+
+
 def _verify(secret: str, token: str, max_lifetime_seconds: float) -> tuple[Identity, float, str]:
     try:
         claims = jwt.decode(
@@ -191,12 +206,18 @@ def authenticate(
     on_behalf_of: str | None,
     max_lifetime_seconds: float = DEFAULT_MAX_TOKEN_LIFETIME_SECONDS,
     is_revoked: Callable[[str], bool] | None = None,
+    oidc: OidcVerifier | None = None,
 ) -> Identity:
     """Turn request metadata into an identity, or raise Unauthenticated / PermissionDenied.
 
-    `is_revoked(token_id)` says whether an admin revoked the token (services.tokens).
+    `is_revoked(token_id)` says whether an admin revoked the token (services.tokens); `oidc`
+    verifies tokens of the deployment's external identity provider (services.common.oidc).
     """
-    identity, token_id = _verified(secret, parse_authorization(authorization), max_lifetime_seconds)
+    token = parse_authorization(authorization)
+    if oidc is not None and oidc.issues(token):
+        identity, token_id = _verified_oidc(oidc, token, max_lifetime_seconds)
+    else:
+        identity, token_id = _verified(secret, token, max_lifetime_seconds)
     if is_revoked is not None and token_id and is_revoked(token_id):
         raise Unauthenticated(f"token {token_id} was revoked by an admin", reason="TOKEN_REVOKED")
     if on_behalf_of:

@@ -22,6 +22,7 @@ import grpc.aio
 
 from services.common import auth, logs
 from services.common.errors import AgentplaneError, PermissionDenied, Unauthenticated
+from services.common.oidc import OidcVerifier
 from services.common.rpc_errors import to_status
 
 log = logging.getLogger(__name__)
@@ -149,8 +150,10 @@ class AuthInterceptor(ScopeInterceptor):
         exempt_prefixes: tuple[str, ...] = AUTH_EXEMPT_PREFIXES,
         max_lifetime_seconds: float = auth.DEFAULT_MAX_TOKEN_LIFETIME_SECONDS,
         is_revoked: Callable[[str], bool] | None = None,
+        oidc: OidcVerifier | None = None,
     ) -> None:
         self._secret = secret
+        self._oidc = oidc
         self._exempt = exempt_prefixes
         self._max_lifetime = max_lifetime_seconds
         self._is_revoked = is_revoked
@@ -160,12 +163,18 @@ class AuthInterceptor(ScopeInterceptor):
         if method.startswith(self._exempt):
             yield
             return
+        if self._oidc is not None:
+            # Fetch the identity provider's keys (asynchronously) if this token needs new ones.
+            authorization = metadata_value(context, auth.AUTHORIZATION_METADATA_KEY)
+            if authorization and self._oidc.issues(authorization.partition(" ")[2].strip()):
+                await self._oidc.prepare(authorization.partition(" ")[2].strip())
         identity = auth.authenticate(
             self._secret,
             metadata_value(context, auth.AUTHORIZATION_METADATA_KEY),
             metadata_value(context, auth.ON_BEHALF_OF_METADATA_KEY),
             self._max_lifetime,
             self._is_revoked,
+            self._oidc,
         )
         with auth.identity_scope(identity):
             yield

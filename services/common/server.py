@@ -29,6 +29,7 @@ from services.common.interceptors import (
     RequestContextInterceptor,
 )
 from services.common.metrics import MetricsInterceptor, RpcMetrics
+from services.common.oidc import OidcSettings, OidcVerifier, verifier_for
 from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -54,14 +55,22 @@ def default_interceptors(
     exempt_prefixes: tuple[str, ...] = AUTH_EXEMPT_PREFIXES,
     max_token_lifetime_seconds: float = DEFAULT_MAX_TOKEN_LIFETIME_SECONDS,
     is_revoked: Callable[[str], bool] | None = None,
+    oidc: OidcSettings | None = None,
 ) -> list[grpc.aio.ServerInterceptor]:
     """The standard chain, outermost first: metrics, request context, errors, auth."""
     return [
         MetricsInterceptor(metrics or RpcMetrics.for_registry()),
         RequestContextInterceptor(),
         ErrorInterceptor(),
-        AuthInterceptor(secret, exempt_prefixes, max_token_lifetime_seconds, is_revoked),
+        AuthInterceptor(
+            secret, exempt_prefixes, max_token_lifetime_seconds, is_revoked, _oidc_verifier(oidc)
+        ),
     ]
+
+
+def _oidc_verifier(oidc: OidcSettings | None) -> OidcVerifier | None:
+    """The identity provider's verifier (its keys are fetched when the first token needs them)."""
+    return verifier_for(oidc) if oidc is not None else None
 
 
 @dataclass
@@ -143,6 +152,7 @@ def create_server(
             metrics,
             max_token_lifetime_seconds=settings.max_token_lifetime_seconds,
             is_revoked=is_revoked,
+            oidc=settings.oidc,
         )
     )
     server = grpc.aio.server(interceptors=chain, options=[*SERVER_OPTIONS, *options])

@@ -12,6 +12,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from services.common.oidc import OidcSettings, OidcSettingsError
+
 log = logging.getLogger(__name__)
 
 SERVICE_NAMES: tuple[str, ...] = ("config", "inference", "toolexec", "chat")
@@ -62,6 +64,8 @@ class Settings:
     max_token_lifetime_seconds: float = 30 * 24 * 3600
     # How often each service refreshes its copy of the revoked tokens (AGENTPLANE_REVOCATION_REFRESH_SECONDS).
     revocation_refresh_seconds: float = 5.0
+    # Users from an external OpenID Connect provider (AGENTPLANE_OIDC_*), or None.
+    oidc: OidcSettings | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -108,6 +112,7 @@ class Settings:
             services=services,
             secret_is_dev_default=is_dev,
             max_token_lifetime_seconds=_max_lifetime(env),
+            oidc=_oidc(env),
             revocation_refresh_seconds=env_seconds(env, "AGENTPLANE_REVOCATION_REFRESH_SECONDS", 5.0) or 5.0,
         )
 
@@ -153,6 +158,13 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         return float(raw)
     except ValueError:
         raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+
+
+def _oidc(env: Mapping[str, str]) -> OidcSettings | None:
+    try:
+        return OidcSettings.from_env(env)
+    except OidcSettingsError as exc:
+        raise SettingsError(str(exc)) from None
 
 
 def _max_lifetime(env: Mapping[str, str]) -> float:

@@ -222,6 +222,7 @@ async def build_server(
         exempt_prefixes=(*AUTH_EXEMPT_PREFIXES, AGENT_SERVICE_PREFIX),
         max_token_lifetime_seconds=settings.max_token_lifetime_seconds,
         is_revoked=is_revoked,
+        oidc=settings.oidc,
     )
     handle = create_server(settings, SERVICE_NAME, register, FULL_SERVICE_NAMES, interceptors)
     address = tx.advertise_address or handle.address

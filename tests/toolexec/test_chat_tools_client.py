@@ -13,6 +13,7 @@ import pytest
 from agentplane.toolexec.v1 import toolexec_service_pb2, toolexec_service_pb2_grpc
 
 from services.chat.clients import ToolExecTools
+from services.chat.loop import ModelError
 from services.common.client import create_channel
 from services.common.embedded import free_port
 from services.toolexec import server as toolexec_server
@@ -80,3 +81,45 @@ async def test_call_is_retried_until_toolexec_is_back(
         if second is not None:
             await second.stop(0)
     assert Path(tx_settings.workspaces_dir, ws, "side.txt").read_text() == "once\n"  # noqa: ASYNC240
+
+
+async def test_listing_tools_waits_for_toolexec_within_the_bound(
+    database_url: str, redis_url: str, secret: str, tx_settings: ToolexecSettings
+) -> None:
+    port = free_port()
+    fixed = make_test_settings(
+        database_url=database_url,
+        redis_url=redis_url,
+        secret=secret,
+        extra_env={"AGENTPLANE_TOOLEXEC_PORT": str(port)},
+    )
+    channel = create_channel(f"127.0.0.1:{port}", token="unused-by-list-tools")
+    server = None
+    try:
+        tools = ToolExecTools(channel, unavailable_retry_seconds=30)
+        pending = asyncio.ensure_future(tools.list_tools())
+        # Nothing listens yet: once the first attempt has failed, start toolexec.
+        state = channel.get_state(try_to_connect=True)
+        while state != grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+            await channel.wait_for_state_change(state)
+            state = channel.get_state()
+        assert not pending.done()
+        server = await toolexec_server.start(
+            fixed, toolexec_settings=tx_settings, templates=StaticTemplates()
+        )
+        with pytest.raises(ModelError) as refused:
+            await pending
+        # It got through to toolexec (which refuses the made-up token): not a transport error.
+        assert refused.value.reason != "UNAVAILABLE", refused.value
+    finally:
+        await channel.close()
+        if server is not None:
+            await server.stop(0)
+    # Without toolexec at all, the bound ends the wait with the model-facing error.
+    gone = create_channel(f"127.0.0.1:{free_port()}", token="x")
+    try:
+        with pytest.raises(ModelError) as unavailable:
+            await ToolExecTools(gone, unavailable_retry_seconds=0.3).list_tools()
+        assert unavailable.value.reason == "UNAVAILABLE"
+    finally:
+        await gone.close()
