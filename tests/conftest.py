@@ -13,7 +13,7 @@ Per test:
   TEMPLATE``), dropped after the test. Cheap: use it freely.
 - ``redis_url``: a Redis db index of its own (1..15, rotating), flushed before the test.
   Pub/sub channels are server-wide: include something unique if a test depends on that.
-- ``secret``: the deployment secret of the test settings.
+- ``keys_dir`` / ``keys``: the test deployment's keys; ``secret``: the issuer key's material.
 - ``make_token(subject="alice", role="user", ttl=3600)``: mint a token; a service token is
   ``make_token("service:chat", "service")``; also ``user_token``, ``admin_token``.
 - ``settings``: `Settings` with the per-test database and Redis, the test secret, every
@@ -41,9 +41,16 @@ import redis.asyncio as aioredis
 from services.common import auth
 from services.common.db import with_database
 from services.common.embedded import start_postgres, start_redis
+from services.common.keys import Keys
 from services.common.migrations import migrate
 from services.common.settings import Settings
-from tests.helpers import TEST_SECRET, kill_agents, make_test_settings
+from tests.helpers import (
+    deployment_keys,
+    deployment_keys_dir,
+    issuer_key_material,
+    kill_agents,
+    make_test_settings,
+)
 
 TEMPLATE_DB = "agentplane_test_template"
 
@@ -130,17 +137,29 @@ async def redis_url(redis_server_url: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def secret() -> str:
-    """The test deployment's JWT secret."""
-    return TEST_SECRET
+def keys_dir() -> str:
+    """The test deployment's key directory (`AGENTPLANE_KEYS_DIR` for processes tests start)."""
+    return deployment_keys_dir()
 
 
 @pytest.fixture(scope="session")
-def make_token(secret: str) -> Callable[..., str]:
-    """``make_token(subject="alice", role="user", ttl=3600) -> str``."""
+def keys(keys_dir: str) -> Keys:
+    """Every key of the test deployment: tests mint tokens for any user and any service."""
+    return deployment_keys()
+
+
+@pytest.fixture(scope="session")
+def secret() -> str:
+    """The test deployment's most valuable secret (the user issuer's private key), to look for."""
+    return issuer_key_material()
+
+
+@pytest.fixture(scope="session")
+def make_token(keys: Keys) -> Callable[..., str]:
+    """``make_token(subject="alice", role="user", ttl=3600) -> str`` (each signed by the key that may)."""
 
     def make(subject: str = "alice", role: auth.Role | str = auth.Role.USER, ttl: float = 3600) -> str:
-        return auth.mint_token(secret, subject, role, ttl)
+        return auth.mint_token(keys, subject, role, ttl)
 
     return make
 
@@ -158,9 +177,9 @@ def admin_token(make_token: Callable[..., str]) -> str:
 
 
 @pytest.fixture
-def settings(database_url: str, redis_url: str, secret: str) -> Settings:
+def settings(database_url: str, redis_url: str, keys_dir: str) -> Settings:
     """Test settings wired to this test's database and Redis; all ports 0."""
-    return make_test_settings(database_url=database_url, redis_url=redis_url, secret=secret)
+    return make_test_settings(database_url=database_url, redis_url=redis_url, keys_dir=keys_dir)
 
 
 @pytest.fixture

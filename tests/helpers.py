@@ -14,18 +14,45 @@ Typical use in a service's tests::
 from __future__ import annotations
 
 import asyncio
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import grpc.aio
 
+from services.common import keys
 from services.common.client import create_channel
 from services.common.server import ServerHandle
 from services.common.settings import SERVICE_NAMES, Settings
 
-TEST_SECRET = "agentplane-test-secret-0123456789abcdef"
+_TEST_KEYS_DIR: str | None = None
+
+
+def deployment_keys_dir() -> str:
+    """The test deployment's key directory (made once per test process): the user issuer key, one
+    signing key per service, and the public key set."""
+    global _TEST_KEYS_DIR
+    if _TEST_KEYS_DIR is None:
+        directory = tempfile.mkdtemp(prefix="agentplane-test-keys-")
+        keys.init_dir(directory, SERVICE_NAMES)
+        _TEST_KEYS_DIR = directory
+    return _TEST_KEYS_DIR
+
+
+def deployment_keys() -> keys.Keys:
+    """Every key of `deployment_keys_dir()` (tests mint any identity's tokens)."""
+    return keys.from_dir(deployment_keys_dir(), SERVICE_NAMES)
+
+
+def issuer_key_material() -> str:
+    """The base64 body of the user issuer's private key: what must never leak anywhere."""
+    pem = (Path(deployment_keys_dir()) / keys.ISSUER_KEY_FILENAME).read_text()
+    return "".join(line for line in pem.splitlines() if not line.startswith("-----"))
+
+
 # The config service's API-key encryption key in tests (`id:secret`; key id "test").
 TEST_ENCRYPTION_KEY = "test:agentplane-test-encryption-key-0123456789"
 
@@ -33,13 +60,13 @@ TEST_ENCRYPTION_KEY = "test:agentplane-test-encryption-key-0123456789"
 def make_test_settings(
     database_url: str | None = None,
     redis_url: str | None = None,
-    secret: str = TEST_SECRET,
+    keys_dir: str | None = None,
     extra_env: Mapping[str, str] | None = None,
 ) -> Settings:
     """Settings for in-process tests: every service on 127.0.0.1 port 0, metrics off, grace 1 s,
     and a fixed encryption key (`TEST_ENCRYPTION_KEY`) for the config service."""
     env = {
-        "AGENTPLANE_SECRET": secret,
+        "AGENTPLANE_KEYS_DIR": keys_dir or deployment_keys_dir(),
         "AGENTPLANE_ENCRYPTION_KEY": TEST_ENCRYPTION_KEY,
         "AGENTPLANE_HOST": "127.0.0.1",
         "AGENTPLANE_SHUTDOWN_GRACE_SECONDS": "1",

@@ -81,9 +81,9 @@ async def test_up_runs_the_product_offline_and_a_chat_completes(data_root: Path)
         assert isinstance(services, dict) and set(services) == {"config", "inference", "toolexec", "chat"}
         seeded = info["seeded"]
         assert isinstance(seeded, list) and len(seeded) == 1 and seeded[0].startswith("simulator")
-        assert (tmp_path / "data" / "secret").exists()
+        assert (tmp_path / "data" / "keys" / "jwks.json").exists()
 
-        # The CLI finds the secret `up` keeps and mints a user token from it.
+        # The CLI finds the user issuer key `up` keeps and mints a user token with it.
         chat = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -106,7 +106,7 @@ async def test_up_runs_the_product_offline_and_a_chat_completes(data_root: Path)
         seqs = [int(e["seq"]) for e in events]
         assert seqs == sorted(set(seqs))
 
-        # `agentplane token create` signs with the secret `up` keeps: the running stack accepts it.
+        # `agentplane token create` signs with the issuer key `up` keeps: the running stack accepts it.
         minted = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",

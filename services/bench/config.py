@@ -27,11 +27,13 @@ from prometheus_client import CollectorRegistry
 
 from services.bench.stats import percentile
 from services.common import aio, auth
+from services.common import keys as bench_keys
 from services.common.client import create_channel
 from services.common.db import with_database
 from services.common.embedded import start_postgres, start_redis
+from services.common.keys import Keys
 from services.common.migrations import migrate
-from services.common.settings import Settings
+from services.common.settings import SERVICE_NAMES, Settings
 
 NAME = "config"
 HELP = "config lookups: client cache hit, ResolveModel RPC hit, DB queries per 10k resolves"
@@ -78,9 +80,10 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             await conn.execute(f'CREATE DATABASE "{dbname}"')  # type: ignore[arg-type]
         database_url = with_database(scratch_admin_url, dbname)
         await migrate(database_url)
-        secret = "bench-secret-0123456789abcdef-0123456789abcdef"
+        keys_dir = tempfile.mkdtemp(prefix="agentplane-bench-keys-")
+        bench_keys.init_dir(keys_dir, SERVICE_NAMES)
         env = {
-            "AGENTPLANE_SECRET": secret,
+            "AGENTPLANE_KEYS_DIR": keys_dir,
             "AGENTPLANE_ENCRYPTION_KEY": "bench:bench-encryption-key-0123456789abcdef",
             "DATABASE_URL": database_url,
             "REDIS_URL": redis.url,
@@ -91,7 +94,9 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         settings = Settings.from_env(env)
         server = await config_server.start(settings, registry=CollectorRegistry())
         try:
-            return await _measure(args, server, secret, redis.url, ConfigClient, seed_provider_and_model)
+            return await _measure(
+                args, server, settings.keys, redis.url, ConfigClient, seed_provider_and_model
+            )
         finally:
             await server.stop()
     finally:
@@ -105,9 +110,9 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _measure(
-    args: argparse.Namespace, server: Any, secret: str, redis_url: str, client_cls: Any, seed: Any
+    args: argparse.Namespace, server: Any, signing: Keys, redis_url: str, client_cls: Any, seed: Any
 ) -> dict[str, Any]:
-    admin_token = auth.mint_token(secret, "bench-admin", auth.Role.ADMIN)
+    admin_token = auth.mint_token(signing, "bench-admin", auth.Role.ADMIN)
     model_ids: list[str] = []
     for i in range(max(1, args.keys - 1)):
         _, model_id = await seed(
@@ -121,7 +126,7 @@ async def _measure(
     keys = ["", *model_ids][: max(1, args.keys)]
 
     # Client cache hits.
-    client = client_cls(server.address, auth.ServiceTokenProvider(secret, "chat"), redis_url=redis_url)
+    client = client_cls(server.address, auth.ServiceTokenProvider(signing, "chat"), redis_url=redis_url)
     await client.start()
     try:
         for key in keys:
@@ -137,7 +142,7 @@ async def _measure(
         await client.close()
 
     # ResolveModel over gRPC, answered from the service's cache.
-    channel = create_channel(server.address, token=auth.mint_service_token(secret, "chat"))
+    channel = create_channel(server.address, token=auth.mint_service_token(signing, "chat"))
     stub = config_service_pb2_grpc.ConfigServiceStub(channel)
     try:
         requests = [config_service_pb2.ResolveModelRequest(model_config_id=k) for k in keys]

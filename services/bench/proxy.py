@@ -16,15 +16,19 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
 from services.common import aio
 from services.common.embedded import free_port
+from services.common.keys import init_dir as init_keys
+from services.common.settings import SERVICE_NAMES
 
 NAME = "proxy"
 HELP = "Generate vs direct OpenAI SDK against the simulator: TTFT, total, rps and RSS growth"
-SECRET = "agentplane-bench-secret-0123456789"
+# A key directory of the benchmark's own (the server and the client processes find it by env).
+KEYS_DIR = os.path.join(tempfile.gettempdir(), f"agentplane-bench-proxy-keys-{os.getpid()}")
 PROMPT = "benchmark [[words=50]]"
 
 
@@ -63,7 +67,7 @@ def _client(mode: str, address: str, streams: int, concurrency: int) -> dict[str
         ],
         check=True,
         capture_output=True,
-        env={**os.environ, "AGENTPLANE_SECRET": SECRET},
+        env={**os.environ, "AGENTPLANE_KEYS_DIR": KEYS_DIR},
     )
     result: dict[str, Any] = json.loads(out.stdout)
     return result
@@ -73,7 +77,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Start simulator and inference server, measure both paths, return the numbers."""
     import psutil
 
-    env = {**os.environ, "AGENTPLANE_SECRET": SECRET, "AGENTPLANE_LOG_LEVEL": "WARNING"}
+    init_keys(KEYS_DIR, SERVICE_NAMES)
+    env = {**os.environ, "AGENTPLANE_KEYS_DIR": KEYS_DIR, "AGENTPLANE_LOG_LEVEL": "WARNING"}
     sim_port, inf_port = free_port(), free_port()
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -212,8 +217,9 @@ async def _measure(mode: str, address: str, streams: int, concurrency: int) -> d
 
         from services.common.auth import mint_service_token
         from services.common.client import create_channel
+        from services.common.settings import Settings
 
-        channel = create_channel(address, token=mint_service_token(os.environ["AGENTPLANE_SECRET"], "chat"))
+        channel = create_channel(address, token=mint_service_token(Settings.from_env().keys, "chat"))
         stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
         request = inference_service_pb2.GenerateRequest(
             model_config_id="bench",

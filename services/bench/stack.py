@@ -25,10 +25,11 @@ import psycopg
 from agentplane.config.v1 import config_pb2
 
 from services.bench.stats import percentile
-from services.common import auth
+from services.common import auth, keys
 from services.common.client import wait_for_health
 from services.common.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, start_postgres, start_redis
 from services.common.migrations import migrate
+from services.common.settings import SERVICE_NAMES
 from services.config.testing import seed_provider_and_model
 
 __all__ = ["LocalStack", "StackOptions", "free_port", "percentile", "rss_mib"]
@@ -55,7 +56,8 @@ class LocalStack:
         self.options = options or StackOptions()
         self._tmp = tempfile.TemporaryDirectory(prefix="agentplane-bench-")
         self.data_dir = Path(self._tmp.name)
-        self.secret = "bench-secret-" + "x" * 32
+        # Every key under the data directory, where the children find them (as under `agentplane up`).
+        self.keys = keys.from_dir(self.data_dir / "keys", SERVICE_NAMES)
         self.env: dict[str, str] = {}
         self.addresses: dict[str, str] = {}
         self.processes: dict[str, asyncio.subprocess.Process] = {}
@@ -68,8 +70,8 @@ class LocalStack:
         self._sampler: asyncio.Task[None] | None = None
 
     def token(self, user: str = "bench-user", role: auth.Role = auth.Role.USER) -> str:
-        """A token for `user` signed with the stack's secret."""
-        return auth.mint_token(self.secret, user, role, 24 * 3600)
+        """A token for `user` signed with the stack's user issuer key."""
+        return auth.mint_token(self.keys, user, role, 24 * 3600)
 
     async def __aenter__(self) -> LocalStack:
         try:
@@ -85,7 +87,6 @@ class LocalStack:
     async def _start(self) -> None:
         opts = self.options
         env = {**os.environ, **opts.env}
-        env["AGENTPLANE_SECRET"] = self.secret
         env.setdefault("AGENTPLANE_ENCRYPTION_KEY", "bench:bench-encryption-key-" + "x" * 32)
         env["AGENTPLANE_DATA_DIR"] = str(self.data_dir)
         env["AGENTPLANE_HOST"] = "127.0.0.1"

@@ -41,8 +41,9 @@ from services.common.client import create_channel
 from services.common.db import with_database
 from services.common.embedded import start_postgres
 from services.common.errors import NotFound
+from services.common.keys import init_dir as init_keys
 from services.common.migrations import migrate
-from services.common.settings import Settings
+from services.common.settings import SERVICE_NAMES, Settings
 
 if TYPE_CHECKING:
     from services.toolexec.server import ToolexecServer
@@ -132,10 +133,11 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             await conn.execute(f'CREATE DATABASE "{dbname}"')  # type: ignore[arg-type]
         database_url = with_database(admin_url, dbname)
         await migrate(database_url)
-        secret = "bench-secret-0123456789abcdef-0123456789abcdef"
+        keys_dir = os.path.join(tmp, "keys")
+        init_keys(keys_dir, SERVICE_NAMES)
         settings = Settings.from_env(
             {
-                "AGENTPLANE_SECRET": secret,
+                "AGENTPLANE_KEYS_DIR": keys_dir,
                 "DATABASE_URL": database_url,
                 "AGENTPLANE_TOOLEXEC_HOST": "127.0.0.1",
                 "AGENTPLANE_TOOLEXEC_PORT": "0",
@@ -149,7 +151,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             settings, toolexec_settings=ToolexecSettings(workspaces_dir=workspaces), templates=_NoTemplates()
         )
         try:
-            return await _measure(args, server, auth.mint_token(secret, "bench", auth.Role.USER))
+            return await _measure(args, server, auth.mint_token(settings.keys, "bench", auth.Role.USER))
         finally:
             try:
                 await asyncio.to_thread(server.driver.kill_all_agents)

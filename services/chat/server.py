@@ -80,7 +80,7 @@ async def build_server(
     redis = db.create_redis(settings.redis_url) if settings.redis_url else None
     hub = EventHub(redis, buffer_size=cs.event_buffer_size, subscriber_queue_size=cs.subscriber_queue_size)
     notifier = Notifier(database_url, [PENDING_CHANNEL, INTERRUPT_CHANNEL, WATCH_CHANNEL])
-    tokens = auth.ServiceTokenProvider(settings.secret, SERVICE_NAME)
+    tokens = auth.ServiceTokenProvider(settings.keys, SERVICE_NAME)
     config = ConfigClient(settings.address("config"), tokens, redis_url=settings.redis_url, registry=registry)
     inference_channel = create_channel(settings.address("inference"), token_provider=tokens)
     toolexec_channel = create_channel(settings.address("toolexec"), token_provider=tokens)

@@ -2,7 +2,7 @@
 service as an admin.
 
 Connection and identity: see `services.cli.configrpc` (``--address``, ``AGENTPLANE_TOKEN`` or a
-token minted with ``AGENTPLANE_SECRET`` for the admin ``--as-user``, default ``admin``).
+token minted with the user issuer key for the admin ``--as-user``, default ``admin``).
 Every command takes ``--output json``.
 """
 

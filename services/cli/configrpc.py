@@ -2,7 +2,7 @@
 
 Where: ``--address`` (default ``AGENTPLANE_CONFIG_ADDR``, else 127.0.0.1:50051).
 Who: ``AGENTPLANE_TOKEN`` when set; otherwise a short-lived token minted with the deployment
-secret (``AGENTPLANE_SECRET``, or the one `agentplane up` keeps) for ``--as-user`` (admin
+user issuer key (``AGENTPLANE_ISSUER_KEY_FILE``, or the one `agentplane up` keeps) for ``--as-user`` (admin
 commands: an admin named ``--as-user``, default ``admin``; ``prompt``: the user ``--as-user``).
 """
 
@@ -18,7 +18,7 @@ import grpc.aio
 from agentplane.config.v1 import config_service_pb2_grpc
 from google.protobuf import json_format
 
-from services.cli.connect import deployment_secret
+from services.cli.connect import mint_cli_token
 from services.cli.output import add_output_argument, emit
 from services.common import auth
 from services.common.client import create_channel
@@ -34,7 +34,7 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--as-user",
         default=None,
-        help="user id to mint a token for with AGENTPLANE_SECRET (ignored with AGENTPLANE_TOKEN)",
+        help="user id to mint a token for with the user issuer key (ignored with AGENTPLANE_TOKEN)",
     )
     add_output_argument(parser)
 
@@ -46,9 +46,9 @@ def token_for(args: argparse.Namespace, settings: Settings, *, admin: bool) -> s
         return token
     user = args.as_user or ("admin" if admin else None)
     if not user:
-        raise SystemExit("set AGENTPLANE_TOKEN or pass --as-user USER (with AGENTPLANE_SECRET set)")
+        raise SystemExit("set AGENTPLANE_TOKEN or pass --as-user USER (with the user issuer key at hand)")
     role = auth.Role.ADMIN if admin else auth.Role.USER
-    return auth.mint_token(deployment_secret(settings), user, role, ttl_seconds=300)
+    return mint_cli_token(settings, user, role, 300)
 
 
 async def call(args: argparse.Namespace, method: str, request: Any, *, admin: bool) -> Any | None:

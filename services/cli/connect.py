@@ -1,8 +1,8 @@
 """How client commands (`agentplane chat ...`, `agentplane admin ...`) reach a service and who they are.
 
 Identity, in order: `--token`, then `AGENTPLANE_TOKEN`, then a token minted for `--user`
-(default `$USER`, admin with `--admin`) from the deployment secret: `AGENTPLANE_SECRET`, or
-the secret `agentplane up` keeps in `<AGENTPLANE_DATA_DIR>/secret`. Address: `--address`, else
+(default `$USER`, admin with `--admin`) with the user issuer key: `AGENTPLANE_ISSUER_KEY_FILE`, or
+the one `agentplane up` keeps in `<AGENTPLANE_DATA_DIR>/keys/users.pem`. Address: `--address`, else
 the service's `AGENTPLANE_<SVC>_ADDR` (default 127.0.0.1 and the service's port).
 """
 
@@ -13,7 +13,6 @@ import getpass
 import os
 import sys
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -23,6 +22,7 @@ from google.protobuf.message import Message
 
 from services.common import auth, rpc_errors
 from services.common.client import create_channel
+from services.common.keys import KeyUnavailable
 from services.common.settings import Settings
 
 T = TypeVar("T")
@@ -37,16 +37,6 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--admin", action="store_true", help="mint an admin token")
 
 
-def deployment_secret(settings: Settings) -> str:
-    """AGENTPLANE_SECRET, or the secret `agentplane up` keeps in the data directory."""
-    if not settings.secret_is_dev_default:
-        return settings.secret
-    path = Path(settings.data_dir) / "secret"
-    if path.exists():
-        return path.read_text().strip()
-    return settings.secret
-
-
 def cli_token(args: argparse.Namespace, settings: Settings) -> str:
     """The bearer token this command sends."""
     token = getattr(args, "token", None) or os.environ.get("AGENTPLANE_TOKEN")
@@ -54,7 +44,18 @@ def cli_token(args: argparse.Namespace, settings: Settings) -> str:
         return token
     user = getattr(args, "user", None) or os.environ.get("USER") or getpass.getuser()
     role = auth.Role.ADMIN if getattr(args, "admin", False) else auth.Role.USER
-    return auth.mint_token(deployment_secret(settings), user, role, 3600)
+    return mint_cli_token(settings, user, role, 3600)
+
+
+def mint_cli_token(settings: Settings, user: str, role: auth.Role, ttl_seconds: float) -> str:
+    """A user token signed with the user issuer key (`AGENTPLANE_ISSUER_KEY_FILE`, or the key
+    directory `agentplane up` keeps in its data directory); a clear exit when there is none."""
+    try:
+        return auth.mint_token(settings.keys, user, role, ttl_seconds)
+    except KeyUnavailable as exc:
+        raise SystemExit(
+            f"cannot mint a token: {exc}. Pass --token (or set AGENTPLANE_TOKEN) instead."
+        ) from None
 
 
 def open_channel(args: argparse.Namespace, service: str) -> grpc.aio.Channel:

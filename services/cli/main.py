@@ -24,6 +24,7 @@ COMMAND_MODULES: list[str] = [
     "services.cli.serve",
     "services.cli.migrate",
     "services.cli.token",
+    "services.cli.keys",
     "services.cli.up",
     "services.cli.bench",
     "services.cli.admin",

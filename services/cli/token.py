@@ -1,4 +1,4 @@
-"""`agentplane token create`: mint a user, admin or service token with the deployment secret."""
+"""`agentplane token create|revoke|revoked`: mint a token with the key that may sign it; revocations."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from typing import Any
 import jwt
 from agentplane.config.v1 import token_service_pb2, token_service_pb2_grpc
 
-from services.cli.connect import add_connection_arguments, call, deployment_secret, open_channel, to_dict
+from services.cli.connect import add_connection_arguments, call, open_channel, to_dict
 from services.cli.output import add_output_argument, emit
 from services.common import auth
+from services.common.keys import KeyUnavailable
 from services.common.settings import Settings
 
 
@@ -19,7 +20,9 @@ def register(subparsers: Any) -> None:
     token = subparsers.add_parser("token", help="manage tokens")
     actions = token.add_subparsers(dest="token_action", required=True)
     create = actions.add_parser(
-        "create", help="mint a token signed with AGENTPLANE_SECRET (or the secret `agentplane up` keeps)"
+        "create",
+        help="mint a token: a user's with the user issuer key, a service's with that service's key "
+        "(from AGENTPLANE_KEYS_DIR, the *_KEY_FILE variables, or the keys `agentplane up` keeps)",
     )
     who = create.add_mutually_exclusive_group(required=True)
     who.add_argument("--user", help="user id (subject)")
@@ -56,9 +59,12 @@ def create_token(args: argparse.Namespace) -> int:
             f"--ttl {args.ttl:g} s is longer than this deployment accepts "
             f"({settings.max_token_lifetime_seconds:g} s, AGENTPLANE_MAX_TOKEN_LIFETIME_SECONDS)"
         )
-    # The secret `agentplane up` keeps in its data directory when AGENTPLANE_SECRET is unset, so
-    # the token works against the running stack (it used to be signed with the development secret).
-    token = auth.mint_token(deployment_secret(settings), subject, role, args.ttl)
+    # The keys `agentplane up` keeps in its data directory are found by default, so the token works
+    # against the running stack.
+    try:
+        token = auth.mint_token(settings.keys, subject, role, args.ttl)
+    except KeyUnavailable as exc:
+        raise SystemExit(f"cannot mint the token: {exc}") from None
     claims = jwt.decode(token, options={"verify_signature": False})
     emit(
         args,

@@ -23,7 +23,7 @@ from typing import Any
 
 from services.cli import bootstrap
 from services.cli.output import add_output_argument, emit
-from services.common import auth
+from services.common import auth, keys
 from services.common.client import wait_for_health
 from services.common.embedded import EmbeddedPostgres, EmbeddedRedis, start_postgres, start_redis
 from services.common.migrations import migrate
@@ -48,19 +48,6 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
-def local_secret(data_dir: Path) -> str:
-    """The secret kept in ``<data_dir>/secret`` (created on first use), so tokens survive restarts."""
-    path = data_dir / "secret"
-    if path.exists():
-        return path.read_text().strip()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    value = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(value)
-    return value
-
-
 def local_encryption_key(data_dir: Path) -> str:
     """The config service's API-key encryption key kept in ``<data_dir>/encryption-key`` (created on
     first use, mode 0600), so stored provider keys stay readable across restarts. The file holds an
@@ -82,8 +69,10 @@ def run(args: argparse.Namespace) -> Coroutine[Any, Any, int]:
     env = dict(os.environ)
     data_dir = Path(Settings.from_env(env).data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    if "AGENTPLANE_SECRET" not in env:
-        env["AGENTPLANE_SECRET"] = local_secret(data_dir)
+    if not (env.get("AGENTPLANE_JWKS") or env.get("AGENTPLANE_KEYS_DIR")):
+        # Every key under the data directory: the user issuer key (for the admin token and every
+        # CLI command) and one signing key per service.
+        keys.init_dir(data_dir / "keys", SERVICE_NAMES)
     if "AGENTPLANE_ENCRYPTION_KEY" not in env:
         env["AGENTPLANE_ENCRYPTION_KEY"] = local_encryption_key(data_dir)
     env.setdefault("AGENTPLANE_HOST", "127.0.0.1")
@@ -135,7 +124,7 @@ async def _run(args: argparse.Namespace, env: dict[str, str], data_dir: Path) ->
             children[name] = await asyncio.create_subprocess_exec(
                 *_agentplane("serve", name), env=service_environment(env, name)
             )
-        token = auth.mint_token(settings.secret, args.admin_user, auth.Role.ADMIN, 7 * 24 * 3600)
+        token = auth.mint_token(settings.keys, args.admin_user, auth.Role.ADMIN, 7 * 24 * 3600)
         addresses = {n: settings.address(n) for n in args.services}
         for name in args.services:
             proc = children[name]
@@ -177,11 +166,20 @@ def service_environment(env: dict[str, str], name: str = "") -> dict[str, str]:
     """What service `name`'s process gets: `up`'s environment without the provider keys, which only
     the bootstrap reads (they reach inference encrypted, through config) — no service needs them —
     and without the encryption key except for config, the only service that holds it."""
-    return {
+    out = {
         k: v
         for k, v in env.items()
         if k not in PROVIDER_KEY_VARIABLES and (k != "AGENTPLANE_ENCRYPTION_KEY" or name == "config")
     }
+    if (
+        name
+        and "AGENTPLANE_JWKS" not in env
+        and "AGENTPLANE_KEYS_DIR" not in env
+        and "AGENTPLANE_DATA_DIR" in env
+    ):
+        # The public key set and this service's own key, nothing else of the key directory.
+        out.update(keys.service_environment(Path(env["AGENTPLANE_DATA_DIR"]) / "keys", name))
+    return out
 
 
 def _agentplane(*argv: str) -> list[str]:

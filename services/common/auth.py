@@ -1,4 +1,4 @@
-"""Identity and tokens: JWTs (HS256) signed with the deployment secret.
+"""Identity and tokens: JWTs (EdDSA) signed with per-service keys and the user issuer key.
 
 User tokens carry ``sub`` = user id and ``role`` = ``user`` | ``admin``; service tokens carry
 ``sub`` = ``service:<name>`` and ``role`` = ``service``. A service acting for a user sends its
@@ -18,13 +18,15 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import jwt
 
 from services.common.errors import PermissionDenied, Unauthenticated
+from services.common.keys import USERS_SCOPE, Keys, KeySet
 from services.common.oidc import OidcVerifier
 
-ALGORITHM = "HS256"
+ALGORITHM = "EdDSA"
 ISSUER = "agentplane"
 SERVICE_PREFIX = "service:"
 AUTHORIZATION_METADATA_KEY = "authorization"
@@ -81,8 +83,12 @@ def service_subject(name: str) -> str:
     return f"{SERVICE_PREFIX}{name}"
 
 
-def mint_token(secret: str, subject: str, role: Role | str, ttl_seconds: float | None = None) -> str:
-    """Sign a token for `subject` with `role`, valid for `ttl_seconds`."""
+def mint_token(keys: Keys, subject: str, role: Role | str, ttl_seconds: float | None = None) -> str:
+    """Sign a token for `subject` with `role`, valid for `ttl_seconds`.
+
+    A service's token is signed with that service's own key, a user's with the user issuer key;
+    `keys` must hold the one needed (`KeyUnavailable` otherwise).
+    """
     role = Role(role)
     _check_subject(subject, role)
     if ttl_seconds is None:
@@ -96,42 +102,44 @@ def mint_token(secret: str, subject: str, role: Role | str, ttl_seconds: float |
         "exp": now + int(ttl_seconds),
         "jti": uuid.uuid4().hex,
     }
-    return jwt.encode(claims, secret, algorithm=ALGORITHM)
+    signer = keys.signer_for(subject)
+    return jwt.encode(claims, signer.key, algorithm=ALGORITHM, headers={"kid": signer.kid})
 
 
-def mint_service_token(secret: str, service: str, ttl_seconds: float | None = None) -> str:
-    """Sign a token for service `service` (subject ``service:<service>``)."""
-    return mint_token(secret, service_subject(service), Role.SERVICE, ttl_seconds)
+def mint_service_token(keys: Keys, service: str, ttl_seconds: float | None = None) -> str:
+    """Sign a token for service `service` (subject ``service:<service>``) with its own key."""
+    return mint_token(keys, service_subject(service), Role.SERVICE, ttl_seconds)
 
 
 # Verified tokens, so a client's every call does not pay for HMAC and JSON decoding again. A
 # hit is only trusted until the token's own expiry; the cache is bounded (oldest out first).
-# Values: (identity, expiry, token id).
-_VERIFIED: collections.OrderedDict[tuple[str, str, float], tuple[Identity, float, str]] = (
-    collections.OrderedDict()
-)
+# Keys: (key set, its version, token, max lifetime); values: (identity, expiry, token id). A key
+# removed from the set (a new version) is not trusted through the cache either.
+_VERIFIED: collections.OrderedDict[tuple[Any, ...], tuple[Identity, float, str]] = collections.OrderedDict()
 VERIFIED_CACHE_SIZE = 4096
 
 
 def verify_token(
-    secret: str, token: str, max_lifetime_seconds: float = DEFAULT_MAX_TOKEN_LIFETIME_SECONDS
+    keys: Keys, token: str, max_lifetime_seconds: float = DEFAULT_MAX_TOKEN_LIFETIME_SECONDS
 ) -> Identity:
     """Verify `token` and return its identity; raises `Unauthenticated` saying what is wrong.
 
     A token living longer than `max_lifetime_seconds` (from `iat` to `exp`) is refused.
     """
-    return _verified(secret, token, max_lifetime_seconds)[0]
+    return _verified(keys, token, max_lifetime_seconds)[0]
 
 
-def _verified(secret: str, token: str, max_lifetime_seconds: float) -> tuple[Identity, str]:
+def _verified(keys: Keys, token: str, max_lifetime_seconds: float) -> tuple[Identity, str]:
     """The token's identity and id (jti), from the cache while the token is valid."""
-    key = (secret, token, max_lifetime_seconds)
+    keyset = keys.keyset
+    keyset.refresh_if_due()
+    key = (id(keyset), keyset.version, token, max_lifetime_seconds)
     hit = _VERIFIED.get(key)
     if hit is not None:
         if time.time() < hit[1]:
             return hit[0], hit[2]
         _VERIFIED.pop(key, None)
-    identity, expires, token_id = _verify(secret, token, max_lifetime_seconds)
+    identity, expires, token_id = _verify(keyset, token, max_lifetime_seconds)
     while len(_VERIFIED) >= VERIFIED_CACHE_SIZE:
         _VERIFIED.popitem(last=False)
     _VERIFIED[key] = (identity, expires, token_id)
@@ -152,11 +160,21 @@ def _verified_oidc(oidc: OidcVerifier, token: str, max_lifetime_seconds: float) 
     return identity, token_id
 
 
-def _verify(secret: str, token: str, max_lifetime_seconds: float) -> tuple[Identity, float, str]:
+def _verify(keyset: KeySet, token: str, max_lifetime_seconds: float) -> tuple[Identity, float, str]:
+    try:
+        kid = str(jwt.get_unverified_header(token).get("kid", ""))
+    except jwt.InvalidTokenError:
+        raise Unauthenticated("token is malformed", reason="TOKEN_MALFORMED") from None
+    entry = keyset.get(kid)
+    if entry is None:
+        raise Unauthenticated(
+            "token is signed with a key this deployment does not publish (unknown or removed key id)",
+            reason="TOKEN_INVALID",
+        )
     try:
         claims = jwt.decode(
             token,
-            secret,
+            entry.key,
             algorithms=[ALGORITHM],
             issuer=ISSUER,
             options={"require": ["sub", "exp", "iat"]},
@@ -185,6 +203,13 @@ def _verify(secret: str, token: str, max_lifetime_seconds: float) -> tuple[Ident
         _check_subject(subject, role)
     except ValueError as exc:
         raise Unauthenticated(str(exc), reason="TOKEN_INVALID") from None
+    # Each key signs for one scope: a service only its own identity, the issuer only users.
+    allowed = subject == entry.scope if entry.scope != USERS_SCOPE else role is not Role.SERVICE
+    if not allowed:
+        raise Unauthenticated(
+            f"token for {subject!r} is signed by the key of {entry.scope!r}, which may not sign it",
+            reason="TOKEN_WRONG_SIGNER",
+        )
     return Identity(subject=subject, role=role), float(claims["exp"]), str(claims.get("jti") or "")
 
 
@@ -201,7 +226,7 @@ def parse_authorization(value: str | None) -> str:
 
 
 def authenticate(
-    secret: str,
+    keys: Keys,
     authorization: str | None,
     on_behalf_of: str | None,
     max_lifetime_seconds: float = DEFAULT_MAX_TOKEN_LIFETIME_SECONDS,
@@ -217,7 +242,7 @@ def authenticate(
     if oidc is not None and oidc.issues(token):
         identity, token_id = _verified_oidc(oidc, token, max_lifetime_seconds)
     else:
-        identity, token_id = _verified(secret, token, max_lifetime_seconds)
+        identity, token_id = _verified(keys, token, max_lifetime_seconds)
     if is_revoked is not None and token_id and is_revoked(token_id):
         raise Unauthenticated(f"token {token_id} was revoked by an admin", reason="TOKEN_REVOKED")
     if on_behalf_of:
@@ -325,8 +350,8 @@ def outgoing_on_behalf_of() -> str | None:
 class ServiceTokenProvider:
     """Mints this service's token and re-mints it shortly before it expires (a `client.TokenProvider`)."""
 
-    def __init__(self, secret: str, service: str, ttl_seconds: float = DEFAULT_SERVICE_TTL_SECONDS) -> None:
-        self._secret = secret
+    def __init__(self, keys: Keys, service: str, ttl_seconds: float = DEFAULT_SERVICE_TTL_SECONDS) -> None:
+        self._keys = keys
         self._service = service
         self._ttl = ttl_seconds
         self._token = ""
@@ -335,6 +360,6 @@ class ServiceTokenProvider:
     def __call__(self) -> str:
         now = time.time()
         if now >= self._refresh_at:
-            self._token = mint_service_token(self._secret, self._service, self._ttl)
+            self._token = mint_service_token(self._keys, self._service, self._ttl)
             self._refresh_at = now + self._ttl * 0.8
         return self._token

@@ -22,6 +22,7 @@ import grpc.aio
 
 from services.common import auth, logs
 from services.common.errors import AgentplaneError, PermissionDenied, Unauthenticated
+from services.common.keys import Keys
 from services.common.oidc import OidcVerifier
 from services.common.rpc_errors import to_status
 
@@ -146,13 +147,13 @@ class AuthInterceptor(ScopeInterceptor):
 
     def __init__(
         self,
-        secret: str,
+        keys: Keys,
         exempt_prefixes: tuple[str, ...] = AUTH_EXEMPT_PREFIXES,
         max_lifetime_seconds: float = auth.DEFAULT_MAX_TOKEN_LIFETIME_SECONDS,
         is_revoked: Callable[[str], bool] | None = None,
         oidc: OidcVerifier | None = None,
     ) -> None:
-        self._secret = secret
+        self._keys = keys
         self._oidc = oidc
         self._exempt = exempt_prefixes
         self._max_lifetime = max_lifetime_seconds
@@ -169,7 +170,7 @@ class AuthInterceptor(ScopeInterceptor):
             if authorization and self._oidc.issues(authorization.partition(" ")[2].strip()):
                 await self._oidc.prepare(authorization.partition(" ")[2].strip())
         identity = auth.authenticate(
-            self._secret,
+            self._keys,
             metadata_value(context, auth.AUTHORIZATION_METADATA_KEY),
             metadata_value(context, auth.ON_BEHALF_OF_METADATA_KEY),
             self._max_lifetime,

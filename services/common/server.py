@@ -28,9 +28,10 @@ from services.common.interceptors import (
     ErrorInterceptor,
     RequestContextInterceptor,
 )
+from services.common.keys import Keys, KeyUnavailable
 from services.common.metrics import MetricsInterceptor, RpcMetrics
 from services.common.oidc import OidcSettings, OidcVerifier, verifier_for
-from services.common.settings import Settings
+from services.common.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
 def default_interceptors(
-    secret: str,
+    keys: Keys,
     metrics: RpcMetrics | None = None,
     *,
     exempt_prefixes: tuple[str, ...] = AUTH_EXEMPT_PREFIXES,
@@ -62,9 +63,7 @@ def default_interceptors(
         MetricsInterceptor(metrics or RpcMetrics.for_registry()),
         RequestContextInterceptor(),
         ErrorInterceptor(),
-        AuthInterceptor(
-            secret, exempt_prefixes, max_token_lifetime_seconds, is_revoked, _oidc_verifier(oidc)
-        ),
+        AuthInterceptor(keys, exempt_prefixes, max_token_lifetime_seconds, is_revoked, _oidc_verifier(oidc)),
     ]
 
 
@@ -139,7 +138,7 @@ def create_server(
     `register(server)` adds the service's servicers; `full_service_names` (for example
     ``["agentplane.chat.v1.ChatService"]``) get health SERVING and reflection. The port comes
     from ``settings.service(service_name)``; 0 binds an ephemeral port, returned in the handle.
-    `interceptors` default to `default_interceptors(settings.secret, metrics)`.
+    `interceptors` default to `default_interceptors(settings.keys, metrics)`.
     It serves TLS or plaintext as `tls_settings` (default `tls.current()`, from the environment)
     say; plaintext off loopback without `AGENTPLANE_TLS=off` raises `SettingsError`.
     """
@@ -148,7 +147,7 @@ def create_server(
         list(interceptors)
         if interceptors is not None
         else default_interceptors(
-            settings.secret,
+            settings.keys,
             metrics,
             max_token_lifetime_seconds=settings.max_token_lifetime_seconds,
             is_revoked=is_revoked,
@@ -212,9 +211,12 @@ async def run_service(
     from services.common.metrics import start_metrics_server
 
     configure_logging(service_name, settings.log_level)
-    if settings.secret_is_dev_default:
-        log.warning("AGENTPLANE_SECRET is not set; using the insecure development secret")
-    register_secret(settings.secret)
+    try:
+        # Fail at start, saying which key is missing, rather than on the first call.
+        settings.keys.keyset.get("")
+        settings.keys.signer_for(f"service:{service_name}")
+    except KeyUnavailable as exc:
+        raise SettingsError(str(exc)) from None
     register_secret(settings.encryption_key)
     svc = settings.service(service_name)
     metrics_server = start_metrics_server(svc.metrics_port, svc.host) if svc.metrics_port else None

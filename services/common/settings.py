@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from services.common.keys import ISSUER_KEY_FILENAME, JWKS_FILENAME, Keys
 from services.common.oidc import OidcSettings, OidcSettingsError
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,6 @@ DEFAULT_PORTS: dict[str, tuple[int, int]] = {
     "toolexec": (50053, 9103),
     "chat": (50054, 9104),
 }
-DEV_SECRET = "agentplane-dev-secret-do-not-use-in-production"
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -53,13 +53,13 @@ class Settings:
 
     database_url: str | None
     redis_url: str | None
-    secret: str
+    # The public key set and the private keys this process holds (services.common.keys).
+    keys: Keys
     encryption_key: str | None
     log_level: str
     data_dir: str
     shutdown_grace_seconds: float
     services: Mapping[str, ServiceSettings] = field(default_factory=dict)
-    secret_is_dev_default: bool = False
     # Tokens whose lifetime (exp - iat) is longer are refused (AGENTPLANE_MAX_TOKEN_LIFETIME_SECONDS).
     max_token_lifetime_seconds: float = 30 * 24 * 3600
     # How often each service refreshes its copy of the revoked tokens (AGENTPLANE_REVOCATION_REFRESH_SECONDS).
@@ -71,12 +71,6 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Parse settings from `environ` (default `os.environ`)."""
         env = os.environ if environ is None else environ
-        secret = _str(env, "AGENTPLANE_SECRET")
-        is_dev = secret is None
-        if secret is None:
-            secret = DEV_SECRET
-        elif len(secret) < 32:
-            raise SettingsError("AGENTPLANE_SECRET must be at least 32 characters long")
         log_level = (_str(env, "AGENTPLANE_LOG_LEVEL") or "INFO").upper()
         if log_level not in _LOG_LEVELS:
             raise SettingsError(
@@ -85,6 +79,7 @@ class Settings:
         grace = _float(env, "AGENTPLANE_SHUTDOWN_GRACE_SECONDS", 10.0)
         if grace < 0:
             raise SettingsError("AGENTPLANE_SHUTDOWN_GRACE_SECONDS must not be negative")
+        data_dir = _str(env, "AGENTPLANE_DATA_DIR") or ".agentplane"
         default_host = _str(env, "AGENTPLANE_HOST") or "0.0.0.0"
         services = {}
         for name in SERVICE_NAMES:
@@ -104,13 +99,12 @@ class Settings:
         return cls(
             database_url=_str(env, "DATABASE_URL"),
             redis_url=_str(env, "REDIS_URL"),
-            secret=secret,
+            keys=_keys(env, data_dir),
             encryption_key=_str(env, "AGENTPLANE_ENCRYPTION_KEY"),
             log_level=log_level,
-            data_dir=_str(env, "AGENTPLANE_DATA_DIR") or ".agentplane",
+            data_dir=data_dir,
             shutdown_grace_seconds=grace,
             services=services,
-            secret_is_dev_default=is_dev,
             max_token_lifetime_seconds=_max_lifetime(env),
             oidc=_oidc(env),
             revocation_refresh_seconds=env_seconds(env, "AGENTPLANE_REVOCATION_REFRESH_SECONDS", 5.0) or 5.0,
@@ -158,6 +152,24 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         return float(raw)
     except ValueError:
         raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+
+
+def _keys(env: Mapping[str, str], data_dir: str) -> Keys:
+    """Where the public key set and this process's private keys are (default: `<data dir>/keys`)."""
+    directory = _str(env, "AGENTPLANE_KEYS_DIR") or os.path.join(data_dir, "keys")
+    common = _str(env, "AGENTPLANE_SIGNING_KEY_FILE")
+    signing = {}
+    for name in SERVICE_NAMES:
+        path = _str(env, f"AGENTPLANE_{name.upper()}_SIGNING_KEY_FILE") or common
+        if path is None and not _str(env, "AGENTPLANE_JWKS"):
+            path = os.path.join(directory, f"{name}.pem")  # a key directory made by `agentplane keys init`
+        if path is not None:
+            signing[name] = path
+    issuer = _str(env, "AGENTPLANE_ISSUER_KEY_FILE")
+    if issuer is None and not _str(env, "AGENTPLANE_JWKS"):
+        issuer = os.path.join(directory, ISSUER_KEY_FILENAME)
+    jwks = _str(env, "AGENTPLANE_JWKS") or os.path.join(directory, JWKS_FILENAME)
+    return Keys(jwks, signing, issuer)
 
 
 def _oidc(env: Mapping[str, str]) -> OidcSettings | None:

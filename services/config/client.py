@@ -12,7 +12,7 @@ cache: treat them as read-only (copy before mutating).
 
 Typical use::
 
-    client = ConfigClient(settings.address("config"), ServiceTokenProvider(settings.secret, "chat"),
+    client = ConfigClient(settings.address("config"), ServiceTokenProvider(settings.keys, "chat"),
                           redis_url=settings.redis_url)
     await client.start()
     resolved = await client.resolve_model(chat.model_config_id)

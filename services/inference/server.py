@@ -42,7 +42,7 @@ async def build(
         is_revoked = revocations.is_revoked
         config_client = ConfigClient(
             settings.address("config"),
-            auth.ServiceTokenProvider(settings.secret, SERVICE_NAME),
+            auth.ServiceTokenProvider(settings.keys, SERVICE_NAME),
             redis_url=settings.redis_url,
         )
         await config_client.start()

@@ -62,9 +62,7 @@ async def follow_config(settings: Settings, service_name: str) -> tuple[Revocati
     """A RevocationList kept fresh from the config service, and the coroutine that stops it."""
     from services.common.auth import ServiceTokenProvider
 
-    channel = channel_to_config(
-        settings.address("config"), ServiceTokenProvider(settings.secret, service_name)
-    )
+    channel = channel_to_config(settings.address("config"), ServiceTokenProvider(settings.keys, service_name))
     revocations = RevocationList()
     poller = RevocationPoller(revocations, from_config(channel), settings.revocation_refresh_seconds)
     poller.start()

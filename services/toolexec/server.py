@@ -165,7 +165,7 @@ async def build_server(
 
         client = ConfigClient(
             settings.address("config"),
-            ServiceTokenProvider(settings.secret, SERVICE_NAME),
+            ServiceTokenProvider(settings.keys, SERVICE_NAME),
             redis_url=settings.redis_url,
         )
         await client.start()
@@ -188,7 +188,7 @@ async def build_server(
         hub,
         agents,
         workspaces,
-        ServiceTokenProvider(settings.secret, SERVICE_NAME),
+        ServiceTokenProvider(settings.keys, SERVICE_NAME),
         offline_wait_seconds=tx.offline_wait_seconds,
         reconnect_grace_seconds=tx.reconnect_grace_seconds,
         stale_after_seconds=tx.heartbeat_seconds * 3,
@@ -218,7 +218,7 @@ async def build_server(
         )
 
     interceptors = default_interceptors(
-        settings.secret,
+        settings.keys,
         exempt_prefixes=(*AUTH_EXEMPT_PREFIXES, AGENT_SERVICE_PREFIX),
         max_token_lifetime_seconds=settings.max_token_lifetime_seconds,
         is_revoked=is_revoked,

@@ -17,6 +17,7 @@ from agentplane.chat.v1 import chat_pb2, chat_service_pb2
 from services.common.settings import Settings
 from services.simulator.script import Script
 from tests.chat.conftest import FAST_CHAT, eventually, read_file, start_stack, stop_stack, text
+from tests.helpers import deployment_keys_dir
 
 CHATS = 6
 SCRIPT = Script.from_data(
@@ -41,7 +42,7 @@ def _replica_env(settings: Settings, worker_id: str) -> dict[str, str]:
         {
             "DATABASE_URL": settings.require_database_url(),
             "REDIS_URL": settings.redis_url or "",
-            "AGENTPLANE_SECRET": settings.secret,
+            "AGENTPLANE_KEYS_DIR": deployment_keys_dir(),
             "AGENTPLANE_HOST": "127.0.0.1",
             "AGENTPLANE_CHAT_PORT": "0",
             "AGENTPLANE_CHAT_METRICS_PORT": "0",

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import tempfile
 import urllib.request
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -18,12 +19,13 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.common import auth, logs
+from services.common import auth, keys, logs
 from services.common.client import create_channel
 from services.common.errors import InvalidArgument, NotFound
 from services.common.metrics import RpcMetrics, start_metrics_server
 from services.common.rpc_errors import error_info, from_rpc_error
 from services.common.server import ServerHandle, create_server, run_until_signal
+from services.common.settings import SERVICE_NAMES
 from tests.common.testsvc import SERVICE, TestServicer, method
 from tests.helpers import RunningService, make_test_settings, running_server
 
@@ -98,7 +100,7 @@ async def test_bad_tokens_are_unauthenticated(
     token = {
         "none": None,
         "expired": make_token("alice", "user", ttl=-30),
-        "forged": auth.mint_token("another-secret-of-enough-length-0123456789", "alice", "admin"),
+        "forged": auth.mint_token(keys.from_dir(tempfile.mkdtemp(), SERVICE_NAMES), "alice", "admin"),
         "junk": "not-a-jwt",
     }[token_kind]
     channel = create_channel(svc.address, token=token)

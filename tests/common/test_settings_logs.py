@@ -11,12 +11,13 @@ import redis.asyncio as aioredis
 
 from services.common import logs
 from services.common.db import create_pool, create_redis
-from services.common.settings import DEV_SECRET, Settings, SettingsError
+from services.common.settings import Settings, SettingsError
 
 
 def test_defaults() -> None:
     s = Settings.from_env({})
-    assert s.secret == DEV_SECRET and s.secret_is_dev_default
+    # Keys default to `agentplane up`'s key directory under the data directory.
+    assert s.keys.jwks_source == ".agentplane/keys/jwks.json"
     assert s.database_url is None and s.redis_url is None and s.data_dir == ".agentplane"
     assert [
         (s.service(n).port, s.service(n).metrics_port) for n in ("config", "inference", "toolexec", "chat")
@@ -54,7 +55,7 @@ def test_overrides_and_disabled_metrics() -> None:
         ("AGENTPLANE_TOOLEXEC_METRICS_PORT", "x"),
         ("AGENTPLANE_SHUTDOWN_GRACE_SECONDS", "soon"),
         ("AGENTPLANE_LOG_LEVEL", "LOUD"),
-        ("AGENTPLANE_SECRET", "short"),
+        ("AGENTPLANE_MAX_TOKEN_LIFETIME_SECONDS", "5"),
         ("AGENTPLANE_CONFIG_ADDR", "nohostport"),
     ],
 )

@@ -19,9 +19,9 @@ async def _cli(env: dict[str, str], *argv: str) -> tuple[int, str, str]:
     return proc.returncode or 0, out.decode(), err.decode()
 
 
-async def test_admin_and_prompt_commands(config: ConfigServer, secret: str) -> None:
+async def test_admin_and_prompt_commands(config: ConfigServer, keys_dir: str) -> None:
     env = {k: v for k, v in os.environ.items() if k != "AGENTPLANE_TOKEN"}
-    env.update(AGENTPLANE_SECRET=secret, AGENTPLANE_CONFIG_ADDR=config.address, SIM_KEY="sk-cli-key-123")
+    env.update(AGENTPLANE_KEYS_DIR=keys_dir, AGENTPLANE_CONFIG_ADDR=config.address, SIM_KEY="sk-cli-key-123")
     code, out, err = await _cli(
         env, "admin", "provider", "add", "--type", "openai-compatible", "--name", "sim",
         "--base-url", "http://127.0.0.1:9/v1", "--api-key-env", "SIM_KEY", "--output", "json",
@@ -68,20 +68,21 @@ async def test_admin_and_prompt_commands(config: ConfigServer, secret: str) -> N
     code, out, err = await _cli(env, "prompt", "get", "--as-user", "bob", "--output", "json")
     assert code == 0 and json.loads(out)["text"] == "I like tests"
     # A user token may not write the system prompt.
-    user_env = {**env, "AGENTPLANE_TOKEN": _user_token(secret)}
+    user_env = {**env, "AGENTPLANE_TOKEN": _user_token()}
     code, out, err = await _cli(user_env, "admin", "prompt", "set", "hijack")
     assert code == 1 and "PERMISSION_DENIED" in err
 
 
-def _user_token(secret: str) -> str:
+def _user_token() -> str:
     from services.common import auth
+    from tests.helpers import deployment_keys
 
-    return auth.mint_token(secret, "mallory", auth.Role.USER)
+    return auth.mint_token(deployment_keys(), "mallory", auth.Role.USER)
 
 
-async def test_rotate_encryption_key_and_base_url_commands(config: ConfigServer, secret: str) -> None:
+async def test_rotate_encryption_key_and_base_url_commands(config: ConfigServer, keys_dir: str) -> None:
     env = {k: v for k, v in os.environ.items() if k != "AGENTPLANE_TOKEN"}
-    env.update(AGENTPLANE_SECRET=secret, AGENTPLANE_CONFIG_ADDR=config.address, SIM_KEY="sk-cli-key-456")
+    env.update(AGENTPLANE_KEYS_DIR=keys_dir, AGENTPLANE_CONFIG_ADDR=config.address, SIM_KEY="sk-cli-key-456")
     code, out, err = await _cli(
         env, "admin", "provider", "add", "--type", "openai-compatible", "--name", "sim",
         "--base-url", "http://127.0.0.1:9/v1", "--api-key-env", "SIM_KEY", "--output", "json",
@@ -110,6 +111,6 @@ async def test_rotate_encryption_key_and_base_url_commands(config: ConfigServer,
     assert code == 0 and json.loads(out)["api_key_set"] is True, err
     assert "API key" not in err
     # Users may not rotate.
-    user_env = {**env, "AGENTPLANE_TOKEN": _user_token(secret)}
+    user_env = {**env, "AGENTPLANE_TOKEN": _user_token()}
     code, out, err = await _cli(user_env, "admin", "rotate-encryption-key")
     assert code == 1 and "PERMISSION_DENIED" in err

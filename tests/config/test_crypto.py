@@ -14,7 +14,11 @@ import pytest
 from services.common.errors import FailedPrecondition
 from services.common.settings import Settings, SettingsError
 from services.config.crypto import KeyRing
-from tests.helpers import TEST_SECRET
+from tests.helpers import deployment_keys_dir
+
+# The token secret of deployments from before per-service keys: provider keys stored then were
+# encrypted with a key derived from it (the `from-secret` entry opens them).
+TEST_SECRET = "agentplane-test-secret-0123456789abcdef"
 
 
 def test_round_trip_and_ciphertext_hides_the_key() -> None:
@@ -65,7 +69,7 @@ def test_an_encryption_key_is_required_and_the_error_says_how_to_make_one(settin
 async def test_serve_config_refuses_to_start_without_an_encryption_key(database_url: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTPLANE_")}
     env.update(
-        AGENTPLANE_SECRET=TEST_SECRET,
+        AGENTPLANE_KEYS_DIR=deployment_keys_dir(),
         DATABASE_URL=database_url,
         AGENTPLANE_CONFIG_HOST="127.0.0.1",
         AGENTPLANE_CONFIG_PORT="0",
@@ -95,7 +99,7 @@ def test_up_keeps_an_encryption_key_in_its_data_directory_for_config_only(tmp_pa
     ring = KeyRing.parse(value)
     assert ring.open(ring.seal("sk-1", "p"), "p") == "sk-1"
     assert local_encryption_key(tmp_path / "other") != value
-    env = {"AGENTPLANE_ENCRYPTION_KEY": value, "AGENTPLANE_SECRET": TEST_SECRET, "PATH": "/bin"}
+    env = {"AGENTPLANE_ENCRYPTION_KEY": value, "AGENTPLANE_KEYS_DIR": "/keys", "PATH": "/bin"}
     assert service_environment(env, "config")["AGENTPLANE_ENCRYPTION_KEY"] == value
     for name in ("chat", "inference", "toolexec", "simulator"):
         assert "AGENTPLANE_ENCRYPTION_KEY" not in service_environment(env, name)

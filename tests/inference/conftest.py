@@ -83,9 +83,7 @@ class Stack:
 
 
 @pytest.fixture
-async def stack(
-    settings: Settings, admin_token: str, secret: str, make_token: Callable[..., str]
-) -> AsyncIterator[Stack]:
+async def stack(settings: Settings, admin_token: str, make_token: Callable[..., str]) -> AsyncIterator[Stack]:
     """Simulator (expecting SIM_KEY) + config server + inference server using the real ConfigClient."""
     channel = f"test:config:{uuid.uuid4().hex}"
     sim = await start_simulator(expected_api_key=SIM_KEY)
@@ -93,7 +91,7 @@ async def stack(
     wired = settings.with_service("config", address=config.address)
     client = ConfigClient(
         config.address,
-        auth.ServiceTokenProvider(secret, "inference"),
+        auth.ServiceTokenProvider(settings.keys, "inference"),
         redis_url=settings.redis_url,
         channel=channel,
         registry=CollectorRegistry(),

@@ -38,7 +38,6 @@ async def test_unreachable_toolexec_is_an_unknown_outcome() -> None:
 async def test_call_is_retried_until_toolexec_is_back(
     database_url: str,
     redis_url: str,
-    secret: str,
     tx_settings: ToolexecSettings,
     make_token: Callable[..., str],
 ) -> None:
@@ -46,7 +45,6 @@ async def test_call_is_retried_until_toolexec_is_back(
     fixed = make_test_settings(
         database_url=database_url,
         redis_url=redis_url,
-        secret=secret,
         extra_env={"AGENTPLANE_TOOLEXEC_PORT": str(port)},
     )
     templates = StaticTemplates()
@@ -84,13 +82,12 @@ async def test_call_is_retried_until_toolexec_is_back(
 
 
 async def test_listing_tools_waits_for_toolexec_within_the_bound(
-    database_url: str, redis_url: str, secret: str, tx_settings: ToolexecSettings
+    database_url: str, redis_url: str, tx_settings: ToolexecSettings
 ) -> None:
     port = free_port()
     fixed = make_test_settings(
         database_url=database_url,
         redis_url=redis_url,
-        secret=secret,
         extra_env={"AGENTPLANE_TOOLEXEC_PORT": str(port)},
     )
     channel = create_channel(f"127.0.0.1:{port}", token="unused-by-list-tools")

@@ -51,7 +51,7 @@ def _read(path: str) -> str:
 
 @pytest.fixture
 def spawn(
-    database_url: str, secret: str, workspaces_dir: str
+    database_url: str, keys_dir: str, workspaces_dir: str
 ) -> Iterator[Callable[[int], subprocess.Popen[bytes]]]:
     """Start `agentplane serve toolexec` on a port; every started server is killed at teardown."""
     started: list[subprocess.Popen[bytes]] = []
@@ -59,7 +59,7 @@ def spawn(
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": os.environ.get("HOME", "/tmp"),
         "DATABASE_URL": database_url,
-        "AGENTPLANE_SECRET": secret,
+        "AGENTPLANE_KEYS_DIR": keys_dir,
         "AGENTPLANE_HOST": "127.0.0.1",
         "AGENTPLANE_TOOLEXEC_METRICS_PORT": "0",
         "AGENTPLANE_WORKSPACES_DIR": workspaces_dir,

@@ -50,11 +50,11 @@ def test_auto_picks_bubblewrap_here() -> None:
     assert sandbox.choose("auto").mode == "bwrap"
 
 
-def test_serve_refuses_without_a_sandbox(database_url: str, secret: str, tmp_path: Path) -> None:
+def test_serve_refuses_without_a_sandbox(database_url: str, keys_dir: str, tmp_path: Path) -> None:
     env = {
         "PATH": str(tmp_path),  # no bwrap on it
         "DATABASE_URL": database_url,
-        "AGENTPLANE_SECRET": secret,
+        "AGENTPLANE_KEYS_DIR": keys_dir,
         "AGENTPLANE_TOOLEXEC_PORT": "0",
         "AGENTPLANE_TOOLEXEC_METRICS_PORT": "0",
         "AGENTPLANE_WORKSPACES_DIR": str(tmp_path / "ws"),
