@@ -28,8 +28,10 @@ from services.common.rpc_errors import to_status
 
 log = logging.getLogger(__name__)
 
-# Health checks and reflection answer without a token (probes and grpcurl need them).
-AUTH_EXEMPT_PREFIXES: tuple[str, ...] = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# Health checks answer without a token (probes need them); reflection, like every other RPC, needs
+# one (`grpcurl -H "authorization: Bearer $TOKEN" ...`): nothing is unauthenticated on a service's
+# gRPC port but health.
+AUTH_EXEMPT_PREFIXES: tuple[str, ...] = ("/grpc.health.v1.Health/",)
 
 
 def metadata_value(context: grpc.aio.ServicerContext[Any, Any], key: str) -> str | None:

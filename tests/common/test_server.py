@@ -53,23 +53,32 @@ async def call(channel: grpc.aio.Channel, name: str, request: bytes = b"", **kwa
     return result
 
 
-async def test_health_and_reflection_without_token(svc: RunningService) -> None:
-    channel = create_channel(svc.address)  # no token: these are exempt
+async def _reflected_services(channel: grpc.aio.Channel) -> set[str]:
+    refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+    responses = refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names: set[str] = set()
+    async for response in responses:
+        names = {s.name for s in response.list_services_response.service}
+    return names
+
+
+async def test_health_without_token_reflection_with_one(svc: RunningService, user_token: str) -> None:
+    channel = create_channel(svc.address)  # no token: health is exempt, nothing else
     try:
         stub = health_pb2_grpc.HealthStub(channel)
         for name in ("", SERVICE):
             reply = await stub.Check(health_pb2.HealthCheckRequest(service=name))
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
-        refl = reflection_pb2_grpc.ServerReflectionStub(channel)
-        responses = refl.ServerReflectionInfo(
-            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
-        )
-        names = set()
-        async for response in responses:
-            names = {s.name for s in response.list_services_response.service}
-        assert {SERVICE, "grpc.health.v1.Health"} <= names
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await _reflected_services(channel)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
     finally:
         await channel.close()
+    authed = create_channel(svc.address, token=user_token)
+    try:
+        assert {SERVICE, "grpc.health.v1.Health"} <= await _reflected_services(authed)
+    finally:
+        await authed.close()
 
 
 async def test_identity_reaches_servicer(svc: RunningService) -> None:
