@@ -175,12 +175,23 @@ class KeySet:
         interval = URL_REFRESH_SECONDS if self._is_url and not unknown_kid else FILE_CHECK_SECONDS
         if now - self._checked <= interval:
             return
-        with self._lock:
-            self._checked = now
-            try:
-                self._load()
-            except (OSError, ValueError, KeyUnavailable) as exc:
-                log.warning("could not re-read the public key set %s: %s", self.source, exc)
+        self._checked = now
+        if self._is_url:
+            # Never an HTTP fetch on the caller's thread (the event loop): fetch in the background;
+            # a token naming a key not fetched yet is refused until the new set has arrived.
+            threading.Thread(target=self._reload, daemon=True, name="jwks-refresh").start()
+        else:
+            self._reload()
+
+    def _reload(self) -> None:
+        if not self._lock.acquire(blocking=False):
+            return  # a reload is already running
+        try:
+            self._load()
+        except (OSError, ValueError, KeyUnavailable) as exc:
+            log.warning("could not re-read the public key set %s: %s", self.source, exc)
+        finally:
+            self._lock.release()
 
     def get(self, kid: str) -> VerificationKey | None:
         """The key `kid` (the set re-read first when a refresh is due)."""

@@ -169,3 +169,49 @@ def test_a_token_living_longer_than_the_deployment_allows_is_refused(
     with pytest.raises(Unauthenticated) as strict:
         auth.verify_token(deployment, week, max_lifetime_seconds=86400)
     assert strict.value.reason == "TOKEN_LIFETIME_TOO_LONG"
+
+
+async def test_a_key_set_from_a_url_is_fetched_and_refreshed_off_the_caller(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import http.server
+    import threading
+
+    from tests.helpers import wait_until
+
+    first, second = keys.generate(), keys.generate()
+    served = {"keys": [keys.public_jwk(first.public_key(), "service:chat")]}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps(served).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/jwks.json"
+        monkeypatch.setattr(keys, "FILE_CHECK_SECONDS", 0.0)
+        verifier = keys.Keys(url, {}, None)
+        keys.write_private_key(tmp_path / "chat.pem", first)
+        signer = keys.Keys(url, {"chat": str(tmp_path / "chat.pem")}, None)
+        assert auth.verify_token(verifier, auth.mint_service_token(signer, "chat")).subject == "service:chat"
+        # The provider publishes a second key; a token with it is refused until the set is re-fetched
+        # (in the background), then accepted.
+        served["keys"].append(keys.public_jwk(second.public_key(), "service:chat"))
+        keys.write_private_key(tmp_path / "chat2.pem", second)
+        new = auth.mint_service_token(keys.Keys(url, {"chat": str(tmp_path / "chat2.pem")}, None), "chat")
+        with pytest.raises(Unauthenticated):
+            auth.verify_token(verifier, new)
+        await wait_until(
+            lambda: verifier.keyset.get(keys.key_id(second.public_key())) is not None, 10, "the refresh"
+        )
+        assert auth.verify_token(verifier, new).subject == "service:chat"
+    finally:
+        server.shutdown()
