@@ -164,3 +164,36 @@ def test_services_started_by_up_do_not_get_the_provider_keys() -> None:
         "PATH": "/bin",
     }
     assert service_environment(env) == {"DATABASE_URL": "postgresql://x", "PATH": "/bin"}
+
+
+def test_each_service_started_by_up_gets_only_its_own_key() -> None:
+    from services.cli.up import service_environment
+
+    env = {
+        "AGENTPLANE_KEYS_DIR": "/data/keys",
+        "AGENTPLANE_ISSUER_KEY_FILE": "/data/keys/users.pem",
+        "AGENTPLANE_CONFIG_SIGNING_KEY_FILE": "/data/keys/config.pem",
+        "PATH": "/bin",
+    }
+    child = service_environment(env, "toolexec")
+    keys_env = {k: v for k, v in child.items() if k != "PATH"}
+    assert keys_env == {
+        "AGENTPLANE_JWKS": "/data/keys/jwks.json",
+        "AGENTPLANE_TOOLEXEC_SIGNING_KEY_FILE": "/data/keys/toolexec.pem",
+    }
+    # And what the child parses from it: the public keys and its own signing key, nothing else.
+    from services.common.settings import Settings
+
+    held = Settings.from_env(child).keys
+    assert held.signing_file("toolexec") == "/data/keys/toolexec.pem"
+    assert held.signing_file("config") is None and "issuer=False" in repr(held)
+
+
+def test_a_served_process_keeps_only_its_own_key() -> None:
+    from services.common.settings import Settings
+
+    everything = Settings.from_env({"AGENTPLANE_KEYS_DIR": "/data/keys"}).keys
+    assert everything.signing_file("chat") and "issuer=True" in repr(everything)
+    only = everything.only("toolexec")
+    assert only.signing_file("toolexec") == "/data/keys/toolexec.pem"
+    assert only.signing_file("chat") is None and "issuer=False" in repr(only)

@@ -30,6 +30,7 @@ from services.common.migrations import migrate
 from services.common.settings import SERVICE_NAMES, Settings
 
 PROVIDER_KEY_VARIABLES = frozenset({"OPENAI_API_KEY", "ANTHROPIC_API_KEY"})
+KEY_VARIABLES = frozenset({"AGENTPLANE_KEYS_DIR", "AGENTPLANE_JWKS", "AGENTPLANE_ISSUER_KEY_FILE"})
 
 
 def register(subparsers: Any) -> None:
@@ -124,7 +125,8 @@ async def _run(args: argparse.Namespace, env: dict[str, str], data_dir: Path) ->
             children[name] = await asyncio.create_subprocess_exec(
                 *_agentplane("serve", name), env=service_environment(env, name)
             )
-        token = auth.mint_token(settings.keys, args.admin_user, auth.Role.ADMIN, 7 * 24 * 3600)
+        ttl = min(7 * 24 * 3600, settings.max_token_lifetime_seconds)
+        token = auth.mint_token(settings.keys, args.admin_user, auth.Role.ADMIN, ttl)
         addresses = {n: settings.address(n) for n in args.services}
         for name in args.services:
             proc = children[name]
@@ -171,14 +173,17 @@ def service_environment(env: dict[str, str], name: str = "") -> dict[str, str]:
         for k, v in env.items()
         if k not in PROVIDER_KEY_VARIABLES and (k != "AGENTPLANE_ENCRYPTION_KEY" or name == "config")
     }
-    if (
-        name
-        and "AGENTPLANE_JWKS" not in env
-        and "AGENTPLANE_KEYS_DIR" not in env
-        and "AGENTPLANE_DATA_DIR" in env
-    ):
-        # The public key set and this service's own key, nothing else of the key directory.
-        out.update(keys.service_environment(Path(env["AGENTPLANE_DATA_DIR"]) / "keys", name))
+    if name and name != "simulator":
+        # The public key set and this service's own key, nothing else (no other service's key,
+        # no user issuer key), whatever `up` itself was given.
+        for key in list(out):
+            if key in KEY_VARIABLES or key.endswith("_SIGNING_KEY_FILE"):
+                del out[key]
+        held = Settings.from_env(env).keys
+        out["AGENTPLANE_JWKS"] = held.jwks_source
+        own = held.signing_file(name)
+        if own:
+            out[f"AGENTPLANE_{name.upper()}_SIGNING_KEY_FILE"] = own
     return out
 
 

@@ -111,7 +111,7 @@ def mint_service_token(keys: Keys, service: str, ttl_seconds: float | None = Non
     return mint_token(keys, service_subject(service), Role.SERVICE, ttl_seconds)
 
 
-# Verified tokens, so a client's every call does not pay for HMAC and JSON decoding again. A
+# Verified tokens, so a client's every call does not pay for a signature check and JSON again. A
 # hit is only trusted until the token's own expiry; the cache is bounded (oldest out first).
 # Keys: (key set, its version, token, max lifetime); values: (identity, expiry, token id). A key
 # removed from the set (a new version) is not trusted through the cache either.
@@ -133,7 +133,7 @@ def _verified(keys: Keys, token: str, max_lifetime_seconds: float) -> tuple[Iden
     """The token's identity and id (jti), from the cache while the token is valid."""
     keyset = keys.keyset
     keyset.refresh_if_due()
-    key = (id(keyset), keyset.version, token, max_lifetime_seconds)
+    key = (keyset.instance, keyset.version, token, max_lifetime_seconds)
     hit = _VERIFIED.get(key)
     if hit is not None:
         if time.time() < hit[1]:
@@ -148,7 +148,7 @@ def _verified(keys: Keys, token: str, max_lifetime_seconds: float) -> tuple[Iden
 
 def _verified_oidc(oidc: OidcVerifier, token: str, max_lifetime_seconds: float) -> tuple[Identity, str]:
     """An identity provider's token: its user and id, cached like the deployment's own tokens."""
-    key = ("oidc:" + oidc.settings.issuer, token, max_lifetime_seconds)
+    key = ("oidc:" + oidc.settings.issuer, oidc.version, token, max_lifetime_seconds)
     hit = _VERIFIED.get(key)
     if hit is not None and time.time() < hit[1]:
         return hit[0], hit[2]
@@ -177,7 +177,7 @@ def _verify(keyset: KeySet, token: str, max_lifetime_seconds: float) -> tuple[Id
             entry.key,
             algorithms=[ALGORITHM],
             issuer=ISSUER,
-            options={"require": ["sub", "exp", "iat"]},
+            options={"require": ["sub", "exp", "iat", "jti"]},
         )
     except jwt.ExpiredSignatureError:
         raise Unauthenticated("token has expired", reason="TOKEN_EXPIRED") from None

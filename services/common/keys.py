@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -121,19 +122,40 @@ class VerificationKey:
 
 
 def parse_jwks(data: Mapping[str, Any]) -> dict[str, VerificationKey]:
-    """The usable entries of a JWKS: Ed25519 keys with a kid and an agentplane scope."""
+    """The usable entries of a JWKS: Ed25519 keys with an agentplane scope whose kid is their own
+    thumbprint. A malformed entry is skipped (and logged), never the whole set."""
     out: dict[str, VerificationKey] = {}
     for entry in data.get("keys", []):
-        if entry.get("kty") != "OKP" or entry.get("crv") != "Ed25519" or "kid" not in entry:
+        try:
+            parsed = _parse_entry(entry)
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("skipping a malformed public key entry: %s", exc)
             continue
-        scope = str(entry.get("agentplane_scope", ""))
-        if scope != USERS_SCOPE and not (
-            scope.startswith(SERVICE_PREFIX) and len(scope) > len(SERVICE_PREFIX)
-        ):
-            continue
-        raw = base64.urlsafe_b64decode(str(entry["x"]) + "=" * (-len(str(entry["x"])) % 4))
-        out[str(entry["kid"])] = VerificationKey(Ed25519PublicKey.from_public_bytes(raw), scope)
+        if parsed is not None:
+            kid, key = parsed
+            if kid in out:
+                log.warning("skipping a duplicate public key id %s", kid)
+                continue
+            out[kid] = key
     return out
+
+
+def _parse_entry(entry: Any) -> tuple[str, VerificationKey] | None:
+    if not isinstance(entry, dict):
+        raise TypeError("an entry is not an object")
+    if entry.get("kty") != "OKP" or entry.get("crv") != "Ed25519" or "kid" not in entry:
+        return None
+    scope = str(entry.get("agentplane_scope", ""))
+    if scope != USERS_SCOPE and not (scope.startswith(SERVICE_PREFIX) and len(scope) > len(SERVICE_PREFIX)):
+        return None
+    raw = base64.urlsafe_b64decode(str(entry["x"]) + "=" * (-len(str(entry["x"])) % 4))
+    public = Ed25519PublicKey.from_public_bytes(raw)
+    if key_id(public) != str(entry["kid"]):
+        raise ValueError(f"key id {entry['kid']!r} is not the key's thumbprint")
+    return str(entry["kid"]), VerificationKey(public, scope)
+
+
+_KEYSET_IDS = itertools.count(1)
 
 
 class KeySet:
@@ -142,8 +164,9 @@ class KeySet:
     def __init__(self, source: str) -> None:
         self.source = source
         self.version = 0
+        self.instance = next(_KEYSET_IDS)  # never reused (unlike id()): caches key on it
         self._keys: dict[str, VerificationKey] = {}
-        self._stamp: tuple[float, int] | None = None
+        self._stamp: tuple[int, int, int, int] | None = None
         self._checked = 0.0
         self._lock = threading.Lock()
         self._is_url = source.startswith(("http://", "https://"))
@@ -160,11 +183,16 @@ class KeySet:
                 raise KeyUnavailable(
                     f"no public key set at {self.source}: run `agentplane keys init` (or set AGENTPLANE_JWKS)"
                 ) from None
-            stamp = (st.st_mtime, st.st_size)
+            stamp = (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)
             if stamp == self._stamp:
                 return
             data = json.loads(Path(self.source).read_text())
-            self._stamp = stamp
+            if not isinstance(data, dict):
+                raise ValueError("the public key set is not a JSON object")
+            self._keys = parse_jwks(data)
+            self._stamp = stamp  # only once the new set is in place
+            self.version += 1
+            return
         self._keys = parse_jwks(data)
         self.version += 1
 
@@ -262,6 +290,16 @@ class Keys:
             self._signers[name] = signer
         return signer
 
+    def signing_file(self, service: str) -> str | None:
+        """Where service `service`'s private key is, if this process was given it."""
+        return self._signing_files.get(service)
+
+    def only(self, service: str) -> Keys:
+        """What a process serving `service` keeps: the public key set and that service's key — never
+        another service's key or the user issuer key, whatever the environment offered."""
+        own = self._signing_files.get(service)
+        return Keys(self.jwks_source, {service: own} if own else {}, None)
+
     def __repr__(self) -> str:  # never the key material
         signs = sorted(self._signing_files)
         return f"Keys(jwks={self.jwks_source!r}, signs={signs}, issuer={bool(self._issuer_file)})"
@@ -273,12 +311,3 @@ def from_dir(directory: str | Path, services: Iterable[str]) -> Keys:
     names = list(services)
     jwks = init_dir(root, names)
     return Keys(str(jwks), {s: str(root / f"{s}.pem") for s in names}, str(root / ISSUER_KEY_FILENAME))
-
-
-def service_environment(directory: str | Path, service: str) -> dict[str, str]:
-    """The environment that gives one service process the public key set and its own key only."""
-    root = Path(directory)
-    return {
-        "AGENTPLANE_JWKS": str(root / JWKS_FILENAME),
-        f"AGENTPLANE_{service.upper()}_SIGNING_KEY_FILE": str(root / f"{service}.pem"),
-    }

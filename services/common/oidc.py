@@ -12,6 +12,7 @@ token lifetime applies as to every token.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Mapping
@@ -27,6 +28,8 @@ ALGORITHMS = ["RS256", "RS384", "RS512", "ES256", "ES384", "PS256", "EdDSA"]
 FETCH_TIMEOUT_SECONDS = 5.0
 # A token naming an unknown key id refreshes the key set at most this often (key rotation).
 MIN_REFRESH_SECONDS = 30.0
+# Known keys are re-fetched this often too (withdrawn keys stop working).
+PERIODIC_REFRESH_SECONDS = 600.0
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +51,7 @@ class OidcSettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> OidcSettings | None:
         """None unless ``AGENTPLANE_OIDC_ISSUER`` is set; then the audience is required too."""
-        issuer = (env.get("AGENTPLANE_OIDC_ISSUER") or "").strip().rstrip("/")
+        issuer = (env.get("AGENTPLANE_OIDC_ISSUER") or "").strip()
         if not issuer:
             return None
         audience = (env.get("AGENTPLANE_OIDC_AUDIENCE") or "").strip()
@@ -78,6 +81,7 @@ class OidcVerifier:
     def __init__(self, settings: OidcSettings) -> None:
         self.settings = settings
         self._keys: dict[str, Any] = {}
+        self.version = 0
         self._fetched = False
         self._attempted_at = -MIN_REFRESH_SECONDS
         self._lock = asyncio.Lock()
@@ -88,24 +92,26 @@ class OidcVerifier:
             claims = jwt.decode(token, options={"verify_signature": False})
         except jwt.InvalidTokenError:
             return False
-        return str(claims.get("iss", "")).rstrip("/") == self.settings.issuer
+        return str(claims.get("iss", "")).rstrip("/") == self.settings.issuer.rstrip("/")
 
     async def refresh(self) -> None:
         """Fetch discovery and the key set now (without blocking the event loop)."""
         self._attempted_at = time.monotonic()
         timeout = aiohttp.ClientTimeout(total=FETCH_TIMEOUT_SECONDS)
         async with aiohttp.ClientSession(timeout=timeout) as session:
-            discovery = await _fetch_json(session, f"{self.settings.issuer}/.well-known/openid-configuration")
-            if str(discovery.get("issuer", "")).rstrip("/") != self.settings.issuer:
+            base = self.settings.issuer.rstrip("/")
+            discovery = await _fetch_json(session, f"{base}/.well-known/openid-configuration")
+            if str(discovery.get("issuer", "")).rstrip("/") != base:
                 raise ValueError("the discovery document names another issuer")
             jwks = await _fetch_json(session, str(discovery["jwks_uri"]))
         keys = {}
         for entry in jwks.get("keys", []):
             if entry.get("use", "sig") != "sig" or "kid" not in entry:
                 continue
-            keys[str(entry["kid"])] = jwt.PyJWK(entry).key
+            keys[str(entry["kid"])] = jwt.PyJWK(entry)
         self._keys = keys
         self._fetched = True
+        self.version += 1
 
     async def prepare(self, token: str) -> None:
         """Fetch the provider's keys when `token` names one not seen yet (at most every 30 s)."""
@@ -113,7 +119,9 @@ class OidcVerifier:
             kid = str(jwt.get_unverified_header(token).get("kid", ""))
         except jwt.InvalidTokenError:
             return
-        if kid in self._keys or time.monotonic() - self._attempted_at < MIN_REFRESH_SECONDS:
+        since = time.monotonic() - self._attempted_at
+        # A known key still triggers a refresh now and then: a key the provider withdrew stops working.
+        if since < MIN_REFRESH_SECONDS or (kid in self._keys and since < PERIODIC_REFRESH_SECONDS):
             return
         async with self._lock:
             if kid in self._keys:
@@ -142,12 +150,18 @@ class OidcVerifier:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError:
             raise Unauthenticated("token is malformed", reason="TOKEN_MALFORMED") from None
-        key = self._key(str(header.get("kid", "")))
+        jwk = self._key(str(header.get("kid", "")))
+        # Only the algorithm of the key the provider published (no confusion between key types).
+        algorithm = jwk.algorithm_name if jwk.algorithm_name in ALGORITHMS else None
+        if algorithm is None or header.get("alg") != algorithm:
+            raise Unauthenticated(
+                f"token algorithm {header.get('alg')!r} does not match its key's", reason="TOKEN_INVALID"
+            )
         try:
             claims = jwt.decode(
                 token,
-                key,
-                algorithms=ALGORITHMS,
+                jwk.key,
+                algorithms=[algorithm],
                 audience=self.settings.audience,
                 issuer=self.settings.issuer,
                 options={"require": ["exp", "iat", "iss", "aud"]},
@@ -161,7 +175,7 @@ class OidcVerifier:
             ) from None
         except jwt.InvalidIssuerError:
             raise Unauthenticated("token is from another issuer", reason="TOKEN_WRONG_ISSUER") from None
-        except jwt.InvalidTokenError as exc:
+        except (jwt.PyJWTError, TypeError, ValueError) as exc:
             raise Unauthenticated(f"token is invalid: {exc}", reason="TOKEN_INVALID") from None
         lifetime = float(claims["exp"]) - float(claims["iat"])
         if lifetime > max_lifetime_seconds:
@@ -183,7 +197,10 @@ class OidcVerifier:
             admin = value == self.settings.admin_value or (
                 isinstance(value, list) and self.settings.admin_value in value
             )
-        return user, admin, float(claims["exp"]), str(claims.get("jti") or "")
+        # Providers without `jti` (some put it elsewhere, some leave it out) still get an id, so an
+        # admin can revoke the token: a hash of the token itself.
+        token_id = str(claims.get("jti") or "") or "sha256:" + hashlib.sha256(token.encode()).hexdigest()[:32]
+        return user, admin, float(claims["exp"]), token_id
 
 
 _VERIFIERS: dict[OidcSettings, OidcVerifier] = {}

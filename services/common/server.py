@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
@@ -211,6 +212,8 @@ async def run_service(
     from services.common.metrics import start_metrics_server
 
     configure_logging(service_name, settings.log_level)
+    # This process keeps its own key and the public key set, nothing else the environment offered.
+    settings = dataclasses.replace(settings, keys=settings.keys.only(service_name))
     try:
         # Fail at start, saying which key is missing, rather than on the first call.
         settings.keys.keyset.get("")

@@ -61,6 +61,7 @@ def test_each_key_signs_only_its_own_scope(deployment: keys.Keys, tmp_path: Path
         "iss": auth.ISSUER,
         "iat": now,
         "exp": now + 60,
+        "jti": "forged",
     }
     forged = jwt.encode(forged_claims, signer.key, algorithm="EdDSA", headers={"kid": signer.kid})
     with pytest.raises(Unauthenticated) as err:

@@ -132,6 +132,11 @@ async def test_tokens_of_the_identity_provider(
             assert (code, got) == (grpc.StatusCode.UNAUTHENTICATED, reason), details
         code, got, _ = await _call(server.address, provider.token(sub="service:inference"), prompt)
         assert (code, got) == (grpc.StatusCode.UNAUTHENTICATED, "TOKEN_INVALID")
+        # Algorithm confusion: the provider's kid, an HMAC signature (over the public key, say).
+        claims = jwt.decode(provider.token(), options={"verify_signature": False})
+        confused = jwt.encode(claims, "x" * 32, algorithm="HS256", headers={"kid": "k1"})
+        code, got, _ = await _call(server.address, confused, prompt)
+        assert (code, got) == (grpc.StatusCode.UNAUTHENTICATED, "TOKEN_INVALID")
         # A token from another issuer is not the provider's, and not the deployment's either.
         other = Provider("http://127.0.0.1:1")
         other.add_key("k1")
