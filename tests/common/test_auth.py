@@ -182,9 +182,13 @@ async def test_a_key_set_from_a_url_is_fetched_and_refreshed_off_the_caller(
 
     first, second = keys.generate(), keys.generate()
     served = {"keys": [keys.public_jwk(first.public_key(), "service:chat")]}
+    # A gate the test opens: while it is shut, the JWKS server does not answer.
+    gate = threading.Event()
+    gate.set()
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
+            gate.wait(30)
             body = json.dumps(served).encode()
             self.send_response(200)
             self.send_header("content-type", "application/json")
@@ -203,16 +207,19 @@ async def test_a_key_set_from_a_url_is_fetched_and_refreshed_off_the_caller(
         keys.write_private_key(tmp_path / "chat.pem", first)
         signer = keys.Keys(url, {"chat": str(tmp_path / "chat.pem")}, None)
         assert auth.verify_token(verifier, auth.mint_service_token(signer, "chat")).subject == "service:chat"
-        # The provider publishes a second key; a token with it is refused until the set is re-fetched
-        # (in the background), then accepted.
+        # The set gains a second key; a token with it is refused while the re-fetch (in the
+        # background, the server held shut) is pending — the caller is not blocked — then accepted.
+        gate.clear()
         served["keys"].append(keys.public_jwk(second.public_key(), "service:chat"))
         keys.write_private_key(tmp_path / "chat2.pem", second)
         new = auth.mint_service_token(keys.Keys(url, {"chat": str(tmp_path / "chat2.pem")}, None), "chat")
         with pytest.raises(Unauthenticated):
             auth.verify_token(verifier, new)
+        gate.set()
         await wait_until(
             lambda: verifier.keyset.get(keys.key_id(second.public_key())) is not None, 10, "the refresh"
         )
         assert auth.verify_token(verifier, new).subject == "service:chat"
     finally:
+        gate.set()
         server.shutdown()
