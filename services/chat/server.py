@@ -104,8 +104,12 @@ async def build_server(
     async def check_workspace(workspace_id: str) -> None:
         # On behalf of the caller (the RPC's effective user): toolexec checks the owner.
         try:
+            # The basic view: existence and owner, from toolexec's cache (no database read).
             await toolexec_stub.GetWorkspace(
-                toolexec_service_pb2.GetWorkspaceRequest(workspace_id=workspace_id), timeout=10
+                toolexec_service_pb2.GetWorkspaceRequest(
+                    workspace_id=workspace_id, view=toolexec_service_pb2.WORKSPACE_VIEW_BASIC
+                ),
+                timeout=10,
             )
         except grpc.aio.AioRpcError as exc:
             err: AgentplaneError = rpc_errors.from_rpc_error(exc)

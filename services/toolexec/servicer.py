@@ -131,6 +131,9 @@ class ToolExecServicer(toolexec_service_pb2_grpc.ToolExecServiceServicer):
     async def GetWorkspace(
         self, request: toolexec_service_pb2.GetWorkspaceRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> toolexec_service_pb2.GetWorkspaceResponse:
+        if request.view == toolexec_service_pb2.WORKSPACE_VIEW_BASIC:
+            record = await self._workspaces.get(current_identity(), request.workspace_id, cached=True)
+            return toolexec_service_pb2.GetWorkspaceResponse(workspace=workspace_to_proto(record))
         record = await self._workspaces.get(current_identity(), request.workspace_id)
         [workspace] = await self._with_agents([record])
         return toolexec_service_pb2.GetWorkspaceResponse(workspace=workspace)

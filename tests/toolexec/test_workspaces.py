@@ -256,3 +256,23 @@ async def test_git_template_with_parameters(toolexec: Toolexec, tmp_path: Path) 
         stub.CallTool(call_request(failed.workspace.id, "execute", {"command": "ls"})),
     )
     assert error_info(err)[0] == "WORKSPACE_NOT_READY"  # type: ignore[index]
+
+
+async def test_basic_view_is_the_record_without_agent_state(toolexec: Toolexec) -> None:
+    ws = await toolexec.create()
+    basic = (
+        await toolexec.stub().GetWorkspace(
+            Req.GetWorkspaceRequest(workspace_id=ws, view=Req.WORKSPACE_VIEW_BASIC)
+        )
+    ).workspace
+    assert basic.id == ws and basic.owner_id == "alice" and not basic.HasField("agent")
+    full = (await toolexec.stub().GetWorkspace(Req.GetWorkspaceRequest(workspace_id=ws))).workspace
+    assert full.HasField("agent")
+    # The owner check is the same in either view.
+    err = await _expect(
+        grpc.StatusCode.NOT_FOUND,
+        toolexec.stub("bob").GetWorkspace(
+            Req.GetWorkspaceRequest(workspace_id=ws, view=Req.WORKSPACE_VIEW_BASIC)
+        ),
+    )
+    assert error_info(err)[0] == "WORKSPACE_NOT_FOUND"  # type: ignore[index]

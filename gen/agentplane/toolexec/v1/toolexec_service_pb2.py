@@ -26,7 +26,7 @@ from agentplane.toolexec.v1 import toolexec_pb2 as agentplane_dot_toolexec_dot_v
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-agentplane/toolexec/v1/toolexec_service.proto\x12\x16\x61gentplane.toolexec.v1\x1a%agentplane/toolexec/v1/toolexec.proto\x1a\x1egoogle/protobuf/duration.proto\"\xf8\x01\n\x16\x43reateWorkspaceRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08owner_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x13\n\x0btemplate_id\x18\x04 \x01(\t\x12R\n\nparameters\x18\x05 \x03(\x0b\x32>.agentplane.toolexec.v1.CreateWorkspaceRequest.ParametersEntry\x12\x0e\n\x06\x64river\x18\x06 \x01(\t\x1a\x31\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"{\n\x17\x43reateWorkspaceResponse\x12\x34\n\tworkspace\x18\x01 \x01(\x0b\x32!.agentplane.toolexec.v1.Workspace\x12\x13\n\x0b\x61gent_token\x18\x02 \x01(\t\x12\x15\n\ragent_command\x18\x03 \x01(\t\"+\n\x13GetWorkspaceRequest\x12\x14\n\x0cworkspace_id\x18\x01 \x01(\t\"L\n\x14GetWorkspaceResponse\x12\x34\n\tworkspace\x18\x01 \x01(\x0b\x32!.agentplane.toolexec.v1.Workspace\"P\n\x15ListWorkspacesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x10\n\x08owner_id\x18\x03 \x01(\t\"h\n\x16ListWorkspacesResponse\x12\x35\n\nworkspaces\x18\x01 \x03(\x0b\x32!.agentplane.toolexec.v1.Workspace\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\".\n\x16\x44\x65leteWorkspaceRequest\x12\x14\n\x0cworkspace_id\x18\x01 \x01(\t\"\x19\n\x17\x44\x65leteWorkspaceResponse\"9\n\x10ListToolsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"c\n\x11ListToolsResponse\x12\x35\n\x05tools\x18\x01 \x03(\x0b\x32&.agentplane.toolexec.v1.ToolDefinition\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x8f\x01\n\x0f\x43\x61llToolRequest\x12\x14\n\x0cworkspace_id\x18\x01 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x04 \x01(\t\x12*\n\x07timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x8d\x01\n\x10\x43\x61llToolResponse\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\t\x12\x17\n\x0fstructured_json\x18\x02 \x01(\t\x12\x10\n\x08is_error\x18\x03 \x01(\x08\x12\x10\n\x08replayed\x18\x04 \x01(\x08\x12+\n\x08\x64uration\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"8\n RotateWorkspaceAgentTokenRequest\x12\x14\n\x0cworkspace_id\x18\x01 \x01(\t\"O\n!RotateWorkspaceAgentTokenResponse\x12\x13\n\x0b\x61gent_token\x18\x01 \x01(\t\x12\x15\n\ragent_command\x18\x02 \x01(\t2\xa9\x06\n\x0fToolExecService\x12r\n\x0f\x43reateWorkspace\x12..agentplane.toolexec.v1.CreateWorkspaceRequest\x1a/.agentplane.toolexec.v1.CreateWorkspaceResponse\x12i\n\x0cGetWorkspace\x12+.agentplane.toolexec.v1.GetWorkspaceRequest\x1a,.agentplane.toolexec.v1.GetWorkspaceResponse\x12o\n\x0eListWorkspaces\x12-.agentplane.toolexec.v1.ListWorkspacesRequest\x1a..agentplane.toolexec.v1.ListWorkspacesResponse\x12r\n\x0f\x44\x65leteWorkspace\x12..agentplane.toolexec.v1.DeleteWorkspaceRequest\x1a/.agentplane.toolexec.v1.DeleteWorkspaceResponse\x12`\n\tListTools\x12(.agentplane.toolexec.v1.ListToolsRequest\x1a).agentplane.toolexec.v1.ListToolsResponse\x12]\n\x08\x43\x61llTool\x12\'.agentplane.toolexec.v1.CallToolRequest\x1a(.agentplane.toolexec.v1.CallToolResponse\x12\x90\x01\n\x19RotateWorkspaceAgentToken\x12\x38.agentplane.toolexec.v1.RotateWorkspaceAgentTokenRequest\x1a\x39.agentplane.toolexec.v1.RotateWorkspaceAgentTokenResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-agentplane/toolexec/v1/toolexec_service.proto\x12\x16\x61gentplane.toolexec.v1\x1a%agentplane/toolexec/v1/toolexec.proto\x1a\x1egoogle/protobuf/duration.proto\"\xf8\x01\n\x16\x43reateWorkspaceRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08owner_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x13\n\x0btemplate_id\x18\x04 \x01(\t\x12R\n\nparameters\x18\x05 \x03(\x0b\x32>.agentplane.toolexec.v1.CreateWorkspaceRequest.ParametersEntry\x12\x0e\n\x06\x64river\x18\x06 \x01(\t\x1a\x31\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"{\n\x17\x43reateWorkspaceResponse\x12\x34\n\tworkspace\x18\x01 \x01(\x0b\x32!.agentplane.toolexec.v1.Workspace\x12\x13\n\x0b\x61gent_token\x18\x02 \x01(\t\x12\x15\n\ragent_command\x18\x03 \x01(\t\"`\n\x13GetWorkspaceRequest\x12\x14\n\x0cworkspace_id\x18\x01 \x01(\t\x12\x33\n\x04view\x18\x02 \x01(\x0e\x32%.agentplane.toolexec.v1.WorkspaceView\"L\n\x14GetWorkspaceResponse\x12\x34\n\tworkspace\x18\x01 \x01(\x0b\x32!.agentplane.toolexec.v1.Workspace\"P\n\x15ListWorkspacesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x10\n\x08owner_id\x18\x03 \x01(\t\"h\n\x16ListWorkspacesResponse\x12\x35\n\nworkspaces\x18\x01 \x03(\x0b\x32!.agentplane.toolexec.v1.Workspace\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\".\n\x16\x44\x65leteWorkspaceRequest\x12\x14\n\x0cworkspace_id\x18\x01 \x01(\t\"\x19\n\x17\x44\x65leteWorkspaceResponse\"9\n\x10ListToolsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"c\n\x11ListToolsResponse\x12\x35\n\x05tools\x18\x01 \x03(\x0b\x32&.agentplane.toolexec.v1.ToolDefinition\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x8f\x01\n\x0f\x43\x61llToolRequest\x12\x14\n\x0cworkspace_id\x18\x01 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x04 \x01(\t\x12*\n\x07timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x8d\x01\n\x10\x43\x61llToolResponse\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\t\x12\x17\n\x0fstructured_json\x18\x02 \x01(\t\x12\x10\n\x08is_error\x18\x03 \x01(\x08\x12\x10\n\x08replayed\x18\x04 \x01(\x08\x12+\n\x08\x64uration\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"8\n RotateWorkspaceAgentTokenRequest\x12\x14\n\x0cworkspace_id\x18\x01 \x01(\t\"O\n!RotateWorkspaceAgentTokenResponse\x12\x13\n\x0b\x61gent_token\x18\x01 \x01(\t\x12\x15\n\ragent_command\x18\x02 \x01(\t*b\n\rWorkspaceView\x12\x1e\n\x1aWORKSPACE_VIEW_UNSPECIFIED\x10\x00\x12\x18\n\x14WORKSPACE_VIEW_BASIC\x10\x01\x12\x17\n\x13WORKSPACE_VIEW_FULL\x10\x02\x32\xa9\x06\n\x0fToolExecService\x12r\n\x0f\x43reateWorkspace\x12..agentplane.toolexec.v1.CreateWorkspaceRequest\x1a/.agentplane.toolexec.v1.CreateWorkspaceResponse\x12i\n\x0cGetWorkspace\x12+.agentplane.toolexec.v1.GetWorkspaceRequest\x1a,.agentplane.toolexec.v1.GetWorkspaceResponse\x12o\n\x0eListWorkspaces\x12-.agentplane.toolexec.v1.ListWorkspacesRequest\x1a..agentplane.toolexec.v1.ListWorkspacesResponse\x12r\n\x0f\x44\x65leteWorkspace\x12..agentplane.toolexec.v1.DeleteWorkspaceRequest\x1a/.agentplane.toolexec.v1.DeleteWorkspaceResponse\x12`\n\tListTools\x12(.agentplane.toolexec.v1.ListToolsRequest\x1a).agentplane.toolexec.v1.ListToolsResponse\x12]\n\x08\x43\x61llTool\x12\'.agentplane.toolexec.v1.CallToolRequest\x1a(.agentplane.toolexec.v1.CallToolResponse\x12\x90\x01\n\x19RotateWorkspaceAgentToken\x12\x38.agentplane.toolexec.v1.RotateWorkspaceAgentTokenRequest\x1a\x39.agentplane.toolexec.v1.RotateWorkspaceAgentTokenResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,6 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CREATEWORKSPACEREQUEST_PARAMETERSENTRY']._loaded_options = None
   _globals['_CREATEWORKSPACEREQUEST_PARAMETERSENTRY']._serialized_options = b'8\001'
+  _globals['_WORKSPACEVIEW']._serialized_start=1548
+  _globals['_WORKSPACEVIEW']._serialized_end=1646
   _globals['_CREATEWORKSPACEREQUEST']._serialized_start=145
   _globals['_CREATEWORKSPACEREQUEST']._serialized_end=393
   _globals['_CREATEWORKSPACEREQUEST_PARAMETERSENTRY']._serialized_start=344
@@ -42,29 +44,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATEWORKSPACERESPONSE']._serialized_start=395
   _globals['_CREATEWORKSPACERESPONSE']._serialized_end=518
   _globals['_GETWORKSPACEREQUEST']._serialized_start=520
-  _globals['_GETWORKSPACEREQUEST']._serialized_end=563
-  _globals['_GETWORKSPACERESPONSE']._serialized_start=565
-  _globals['_GETWORKSPACERESPONSE']._serialized_end=641
-  _globals['_LISTWORKSPACESREQUEST']._serialized_start=643
-  _globals['_LISTWORKSPACESREQUEST']._serialized_end=723
-  _globals['_LISTWORKSPACESRESPONSE']._serialized_start=725
-  _globals['_LISTWORKSPACESRESPONSE']._serialized_end=829
-  _globals['_DELETEWORKSPACEREQUEST']._serialized_start=831
-  _globals['_DELETEWORKSPACEREQUEST']._serialized_end=877
-  _globals['_DELETEWORKSPACERESPONSE']._serialized_start=879
-  _globals['_DELETEWORKSPACERESPONSE']._serialized_end=904
-  _globals['_LISTTOOLSREQUEST']._serialized_start=906
-  _globals['_LISTTOOLSREQUEST']._serialized_end=963
-  _globals['_LISTTOOLSRESPONSE']._serialized_start=965
-  _globals['_LISTTOOLSRESPONSE']._serialized_end=1064
-  _globals['_CALLTOOLREQUEST']._serialized_start=1067
-  _globals['_CALLTOOLREQUEST']._serialized_end=1210
-  _globals['_CALLTOOLRESPONSE']._serialized_start=1213
-  _globals['_CALLTOOLRESPONSE']._serialized_end=1354
-  _globals['_ROTATEWORKSPACEAGENTTOKENREQUEST']._serialized_start=1356
-  _globals['_ROTATEWORKSPACEAGENTTOKENREQUEST']._serialized_end=1412
-  _globals['_ROTATEWORKSPACEAGENTTOKENRESPONSE']._serialized_start=1414
-  _globals['_ROTATEWORKSPACEAGENTTOKENRESPONSE']._serialized_end=1493
-  _globals['_TOOLEXECSERVICE']._serialized_start=1496
-  _globals['_TOOLEXECSERVICE']._serialized_end=2305
+  _globals['_GETWORKSPACEREQUEST']._serialized_end=616
+  _globals['_GETWORKSPACERESPONSE']._serialized_start=618
+  _globals['_GETWORKSPACERESPONSE']._serialized_end=694
+  _globals['_LISTWORKSPACESREQUEST']._serialized_start=696
+  _globals['_LISTWORKSPACESREQUEST']._serialized_end=776
+  _globals['_LISTWORKSPACESRESPONSE']._serialized_start=778
+  _globals['_LISTWORKSPACESRESPONSE']._serialized_end=882
+  _globals['_DELETEWORKSPACEREQUEST']._serialized_start=884
+  _globals['_DELETEWORKSPACEREQUEST']._serialized_end=930
+  _globals['_DELETEWORKSPACERESPONSE']._serialized_start=932
+  _globals['_DELETEWORKSPACERESPONSE']._serialized_end=957
+  _globals['_LISTTOOLSREQUEST']._serialized_start=959
+  _globals['_LISTTOOLSREQUEST']._serialized_end=1016
+  _globals['_LISTTOOLSRESPONSE']._serialized_start=1018
+  _globals['_LISTTOOLSRESPONSE']._serialized_end=1117
+  _globals['_CALLTOOLREQUEST']._serialized_start=1120
+  _globals['_CALLTOOLREQUEST']._serialized_end=1263
+  _globals['_CALLTOOLRESPONSE']._serialized_start=1266
+  _globals['_CALLTOOLRESPONSE']._serialized_end=1407
+  _globals['_ROTATEWORKSPACEAGENTTOKENREQUEST']._serialized_start=1409
+  _globals['_ROTATEWORKSPACEAGENTTOKENREQUEST']._serialized_end=1465
+  _globals['_ROTATEWORKSPACEAGENTTOKENRESPONSE']._serialized_start=1467
+  _globals['_ROTATEWORKSPACEAGENTTOKENRESPONSE']._serialized_end=1546
+  _globals['_TOOLEXECSERVICE']._serialized_start=1649
+  _globals['_TOOLEXECSERVICE']._serialized_end=2458
 # @@protoc_insertion_point(module_scope)

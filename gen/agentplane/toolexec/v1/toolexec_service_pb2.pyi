@@ -9,6 +9,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -19,6 +20,36 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _WorkspaceView:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WorkspaceViewEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WorkspaceView.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WORKSPACE_VIEW_UNSPECIFIED: _WorkspaceView.ValueType  # 0
+    """Not set: the full view."""
+    WORKSPACE_VIEW_BASIC: _WorkspaceView.ValueType  # 1
+    """The record without its agent's state, possibly from the replica's cache of ready workspaces
+    (a workspace deleted through another replica a moment ago may still be found): enough to check
+    that a workspace exists and whom it belongs to, without a database read.
+    """
+    WORKSPACE_VIEW_FULL: _WorkspaceView.ValueType  # 2
+    """The record read now, with its agent's connection state."""
+
+class WorkspaceView(_WorkspaceView, metaclass=_WorkspaceViewEnumTypeWrapper):
+    """WorkspaceView says how much of a workspace GetWorkspace returns."""
+
+WORKSPACE_VIEW_UNSPECIFIED: WorkspaceView.ValueType  # 0
+"""Not set: the full view."""
+WORKSPACE_VIEW_BASIC: WorkspaceView.ValueType  # 1
+"""The record without its agent's state, possibly from the replica's cache of ready workspaces
+(a workspace deleted through another replica a moment ago may still be found): enough to check
+that a workspace exists and whom it belongs to, without a database read.
+"""
+WORKSPACE_VIEW_FULL: WorkspaceView.ValueType  # 2
+"""The record read now, with its agent's connection state."""
+Global___WorkspaceView: _TypeAlias = WorkspaceView  # noqa: Y015
 
 @_typing.final
 class CreateWorkspaceRequest(_message.Message):
@@ -130,16 +161,20 @@ class GetWorkspaceRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     WORKSPACE_ID_FIELD_NUMBER: _builtins.int
+    VIEW_FIELD_NUMBER: _builtins.int
     workspace_id: _builtins.str
     """The workspace's id."""
+    view: Global___WorkspaceView.ValueType
+    """How much to return; unset means WORKSPACE_VIEW_FULL."""
     def __init__(
         self,
         *,
         workspace_id: _builtins.str = ...,
+        view: Global___WorkspaceView.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["workspace_id", b"workspace_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["view", b"view", "workspace_id", b"workspace_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
