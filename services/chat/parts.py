@@ -14,31 +14,72 @@ from services.common.errors import InvalidArgument
 MAX_IMAGE_BYTES = 10 * 1024 * 1024
 MAX_TEXT_CHARS = 1_000_000
 IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
+ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth")
+KIND_NAMES = {"reasoning": "a reasoning part", "tool_call": "a tool call", "tool_result": "a tool result"}
+
+
+def _invalid(field: str, message: str) -> InvalidArgument:
+    """InvalidArgument worded for people; the field path (``content[1].image.data``) stays machine-readable.
+
+    The message speaks of "the message" and its parts, which is what a user typed; clients that
+    want the exact path read it from the error's metadata (``field``), as for every InvalidArgument.
+    """
+    err = InvalidArgument(field, message)
+    err.message = message
+    err.args = (message,)
+    return err
+
+
+def _part_name(index: int, count: int) -> str:
+    """How an error names part `index` of a message of `count` parts."""
+    if count == 1:
+        return "the message"
+    if index < len(ORDINALS):
+        return f"the message's {ORDINALS[index]} part"
+    return f"part {index + 1} of the message"
 
 
 def validate_user_content(field: str, parts: Sequence[chat_pb2.ContentPart]) -> None:
-    """User messages carry text and images only, with at least some text or an image."""
+    """User messages carry text and images only, with at least some text or an image.
+
+    Errors name the message and its part in words (``the message's second part: ...``); the
+    request field path (``content[1].text.text``) is in the error's ``field`` metadata.
+    """
     if not parts:
-        raise InvalidArgument(field, "must contain at least one text or image part")
+        raise _invalid(field, "the message is empty: give it some text or an image")
     for i, part in enumerate(parts):
         kind = part.WhichOneof("part")
         where = f"{field}[{i}]"
+        name = _part_name(i, len(parts))
         if kind == "text":
             if not part.text.text.strip():
-                raise InvalidArgument(f"{where}.text.text", "must not be empty")
+                raise _invalid(f"{where}.text.text", f"{name}: text must not be empty")
             if len(part.text.text) > MAX_TEXT_CHARS:
-                raise InvalidArgument(f"{where}.text.text", f"must be at most {MAX_TEXT_CHARS} characters")
+                raise _invalid(
+                    f"{where}.text.text",
+                    f"{name}: text is {len(part.text.text):,} characters; the limit is {MAX_TEXT_CHARS:,}",
+                )
         elif kind == "image":
             if part.image.mime_type not in IMAGE_TYPES:
-                raise InvalidArgument(
-                    f"{where}.image.mime_type", f"must be one of {', '.join(sorted(IMAGE_TYPES))}"
+                got = repr(part.image.mime_type) if part.image.mime_type else "not given"
+                raise _invalid(
+                    f"{where}.image.mime_type",
+                    f"{name}: the image type is {got}; use one of {', '.join(sorted(IMAGE_TYPES))}",
                 )
-            if not part.image.data or len(part.image.data) > MAX_IMAGE_BYTES:
-                raise InvalidArgument(f"{where}.image.data", "must hold 1 byte to 10 MB of image data")
+            if not part.image.data:
+                raise _invalid(f"{where}.image.data", f"{name}: the image is empty")
+            if len(part.image.data) > MAX_IMAGE_BYTES:
+                raise _invalid(
+                    f"{where}.image.data",
+                    f"{name}: the image is {len(part.image.data):,} bytes; the limit is 10 MB",
+                )
         elif kind is None:
-            raise InvalidArgument(where, "must set one of text or image")
+            raise _invalid(where, f"{name} is empty: give it text or an image")
         else:
-            raise InvalidArgument(where, f"a user message may hold text and image parts only, not {kind}")
+            raise _invalid(
+                where,
+                f"{name} is {KIND_NAMES.get(kind, kind)}; a user message may hold text and images only",
+            )
 
 
 def to_json(parts: Sequence[chat_pb2.ContentPart]) -> list[dict[str, Any]]:

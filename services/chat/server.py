@@ -113,8 +113,18 @@ async def build_server(
             )
         except grpc.aio.AioRpcError as exc:
             err: AgentplaneError = rpc_errors.from_rpc_error(exc)
-            if isinstance(err, (NotFound, InvalidArgument)):
-                raise InvalidArgument("workspace_id", f"workspace {workspace_id} not found") from None
+            if isinstance(err, NotFound):
+                # Absent, deleted, or another user's (toolexec does not tell these apart).
+                raise NotFound(
+                    f"workspace {workspace_id} not found: it does not exist, was deleted, or belongs "
+                    "to another user (`agentplane workspace list` shows yours)",
+                    reason="WORKSPACE_NOT_FOUND",
+                    metadata={"workspace_id": workspace_id},
+                ) from None
+            if isinstance(err, InvalidArgument):
+                # A malformed id: toolexec's message says what a workspace id looks like.
+                detail = err.message.removeprefix(f"{err.field}: ") if err.field else err.message
+                raise InvalidArgument("workspace_id", detail) from None
             raise err from None
 
     api = ChatAPI(
@@ -164,6 +174,7 @@ async def build_server(
             await redis.aclose()
         await pool.close()
 
+    handle.watch_health(db.probe(pool))
     handle.on_stop(shutdown)
     return ChatServer(handle=handle, api=api, store=store, worker=worker)
 

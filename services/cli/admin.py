@@ -1,16 +1,15 @@
 """`agentplane admin provider|model|template|prompt|rotate-encryption-key ...`: manage the config
 service as an admin.
 
-Connection and identity: see `services.cli.configrpc` (``--address``, ``AGENTPLANE_TOKEN`` or a
-token minted with the user issuer key for the admin ``--as-user``, default ``admin``).
-Every command takes ``--output json``.
+Connection and identity: those of every client command (``--address``, ``--token``, ``--user``,
+``--admin``; see `services.cli.connect`); a minted token is always an admin's. Every command takes
+``--output json``. Model configs are named by id or by name (display name or provider model name).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Any
 
 from agentplane.config.v1 import config_pb2
@@ -21,11 +20,14 @@ from services.cli.configrpc import (
     add_connection_arguments,
     add_text_arguments,
     call,
+    list_model_configs,
     read_text,
+    resolve_model,
     show,
     to_dict,
 )
-from services.cli.output import emit
+from services.cli.connect import open_channel
+from services.cli.output import CliError, emit, notice, table
 
 PROVIDER_TYPES = {
     "openai": config_pb2.PROVIDER_TYPE_OPENAI,
@@ -88,9 +90,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--provider", default="", help="only this provider's models")
     p.add_argument("--all", action="store_true", help="include disabled models")
     p = _command(model, "set-default", "make a model the default", model_set_default)
-    p.add_argument("id")
+    p.add_argument("id", help="model config id or name")
     p = _command(model, "update", "change a model config", model_update)
-    p.add_argument("id")
+    p.add_argument("id", help="model config id or name")
     p.add_argument("--provider")
     p.add_argument("--model")
     p.add_argument("--context-limit", type=int)
@@ -98,7 +100,7 @@ def register(subparsers: Any) -> None:
     _model_arguments(p)
     _enable_arguments(p)
     p = _command(model, "delete", "delete a model config (not the default)", model_delete)
-    p.add_argument("id")
+    p.add_argument("id", help="model config id or name")
 
     template = groups.add_parser("template", help="workspace templates").add_subparsers(
         dest="action", required=True
@@ -198,14 +200,17 @@ def _api_key(args: argparse.Namespace) -> str | None:
     if args.api_key_env:
         value = os.environ.get(args.api_key_env)
         if value is None:
-            raise SystemExit(f"environment variable {args.api_key_env} is not set")
+            raise CliError(f"environment variable {args.api_key_env} is not set")
         return value
     return str(args.api_key) if args.api_key is not None else None
 
 
 def _print_list(args: argparse.Namespace, key: str, items: Any, columns: list[str]) -> int:
+    """`{key: [...]}` with ``--output json``; else a table with a header row (the last column's
+    free text shortened to its first line)."""
     rows = [to_dict(item) for item in items]
-    text = "\n".join("  ".join(str(row.get(c, "")) for c in columns) for row in rows) or "(none)"
+    headers = [c.upper() for c in columns]
+    text = table(headers, [[row.get(c, "") for c in columns] for row in rows], "(none)")
     emit(args, {key: rows}, text)
     return 0
 
@@ -242,7 +247,7 @@ async def provider_list(args: argparse.Namespace) -> int:
         token = response.next_page_token
         if not token:
             return _print_list(
-                args, "providers", items, ["id", "type", "display_name", "base_url", "enabled"]
+                args, "providers", items, ["id", "type", "enabled", "base_url", "display_name"]
             )
 
 
@@ -269,10 +274,10 @@ async def provider_update(args: argparse.Namespace) -> int:
     if response is None:
         return 1
     if "base_url" in paths and key is None and not response.provider.api_key_set:
-        print(
+        notice(
+            args,
             "note: the provider has no API key now (a new base URL drops the stored key); "
             "set one with --api-key-env VAR, in the same command as --base-url",
-            file=sys.stderr,
         )
     return show(args, response.provider, f"updated {args.id}")
 
@@ -348,47 +353,56 @@ async def model_add(args: argparse.Namespace) -> int:
 
 async def model_list(args: argparse.Namespace) -> int:
     """List model configs (all pages)."""
-    items: list[Any] = []
-    token = ""
-    while True:
-        request = pb.ListModelConfigsRequest(
-            page_size=500, page_token=token, provider_id=args.provider, include_disabled=args.all
-        )
-        response = await call(args, "ListModelConfigs", request, admin=True)
-        if response is None:
-            return 1
-        items += response.model_configs
-        token = response.next_page_token
-        if not token:
-            columns = ["id", "model_name", "display_name", "enabled", "is_default", "context_limit"]
-            return _print_list(args, "model_configs", items, columns)
+    channel = open_channel(args, "config", admin=True)
+    try:
+        items = await list_model_configs(args, channel, include_disabled=args.all, provider_id=args.provider)
+    finally:
+        await channel.close()
+    if items is None:
+        return 1
+    columns = ["id", "model_name", "enabled", "is_default", "context_limit", "display_name"]
+    return _print_list(args, "model_configs", items, columns)
+
+
+async def _model_id(args: argparse.Namespace) -> str | None:
+    """`args.id` as a model config id (a name is looked up; disabled models included)."""
+    return await resolve_model(args, args.id, admin=True)
 
 
 async def model_set_default(args: argparse.Namespace) -> int:
     """Make a model the default."""
-    request = pb.SetDefaultModelConfigRequest(model_config_id=args.id)
+    model_id = await _model_id(args)
+    if model_id is None:
+        return 1
+    request = pb.SetDefaultModelConfigRequest(model_config_id=model_id)
     response = await call(args, "SetDefaultModelConfig", request, admin=True)
-    return 1 if response is None else show(args, response.model_config, f"default model is now {args.id}")
+    return 1 if response is None else show(args, response.model_config, f"default model is now {model_id}")
 
 
 async def model_update(args: argparse.Namespace) -> int:
     """Change the given fields of a model config (pricing and options are replaced whole)."""
-    model = config_pb2.ModelConfig(id=args.id)
+    model_id = await _model_id(args)
+    if model_id is None:
+        return 1
+    model = config_pb2.ModelConfig(id=model_id)
     paths: list[str] = []
     _apply_model_arguments(args, model, paths)
     request = pb.UpdateModelConfigRequest(
         model_config=model, update_mask=field_mask_pb2.FieldMask(paths=paths)
     )
     response = await call(args, "UpdateModelConfig", request, admin=True)
-    return 1 if response is None else show(args, response.model_config, f"updated {args.id}")
+    return 1 if response is None else show(args, response.model_config, f"updated {model_id}")
 
 
 async def model_delete(args: argparse.Namespace) -> int:
     """Delete a model config."""
+    model_id = await _model_id(args)
+    if model_id is None:
+        return 1
     response = await call(
-        args, "DeleteModelConfig", pb.DeleteModelConfigRequest(model_config_id=args.id), admin=True
+        args, "DeleteModelConfig", pb.DeleteModelConfigRequest(model_config_id=model_id), admin=True
     )
-    return 1 if response is None else show(args, response, f"deleted {args.id}")
+    return 1 if response is None else show(args, response, f"deleted {model_id}")
 
 
 # --- templates -------------------------------------------------------------------------
@@ -430,7 +444,7 @@ async def template_update(args: argparse.Namespace) -> int:
     template = config_pb2.WorkspaceTemplate(id=args.id)
     paths: list[str] = []
     if args.ref is not None and args.git is None:
-        raise SystemExit("--ref needs --git (the source is replaced whole)")
+        raise CliError("--ref needs --git (the source is replaced whole)")
     if args.name is not None:
         template.name = args.name
         paths.append("name")

@@ -1,8 +1,13 @@
 """`agentplane chat new|send|watch|list|show|interrupt`: talk to agents from a terminal.
 
-`watch` follows a chat live (streaming text, tool calls with a one-line summary of their
-arguments, results, status) and reconnects by itself from the last sequence number it saw.
-Every command takes `--output json` (`watch` then prints one JSON event per line).
+`new` and `send` take the message as an argument, from stdin (`-`) or from a file (`--file PATH`);
+`--model` takes a model config id or name. `watch` follows a chat live (streaming text, tool calls
+with a one-line summary of their arguments, results, status) and reconnects by itself from the last
+sequence number it saw: after `--retries` failed attempts in a row (default 10, backoff 0.2 s
+doubling to 5 s, each announced on stderr with its cause) it gives up with an error, exit 1.
+`watch --until-idle` on a chat that is not running prints its state and exits at once (0 when
+waiting, 1 when its last turn failed). Every command takes `--output json` (`watch` then prints
+one JSON event per line).
 """
 
 from __future__ import annotations
@@ -19,11 +24,24 @@ import grpc
 import grpc.aio
 from agentplane.chat.v1 import chat_pb2, chat_service_pb2, chat_service_pb2_grpc
 
-from services.cli.connect import add_connection_arguments, call, describe, open_channel, to_dict
-from services.cli.output import add_output_argument, emit
+from services.cli.configrpc import read_input, resolve_model
+from services.cli.connect import (
+    add_connection_arguments,
+    call,
+    describe,
+    open_channel,
+    report_rpc_error,
+    service_address,
+    to_dict,
+)
+from services.cli.output import CliError, add_output_argument, emit, notice, table
+from services.common.settings import Settings
 
 IDLE = (chat_pb2.CHAT_STATUS_WAITING, chat_pb2.CHAT_STATUS_ERROR)
 RECONNECT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL)
+DEFAULT_RETRIES = 10
+FIRST_BACKOFF_SECONDS = 0.2
+MAX_BACKOFF_SECONDS = 5.0
 
 
 def register(subparsers: Any) -> None:
@@ -32,8 +50,13 @@ def register(subparsers: Any) -> None:
     actions = chat.add_subparsers(dest="chat_action", required=True)
 
     new = actions.add_parser("new", help="start a chat with a prompt")
-    new.add_argument("prompt")
-    new.add_argument("--model", default="", help="model config id (default: the deployment default)")
+    new.add_argument("prompt", nargs="?", help="the first message ('-' reads it from stdin)")
+    new.add_argument("--file", help="read the first message from this file ('-' for stdin)")
+    new.add_argument("--model", default="", help="model config id or name (default: the deployment default)")
+    new.add_argument(
+        "--config-address",
+        help="config service host:port, to look up a model name (default AGENTPLANE_CONFIG_ADDR)",
+    )
     new.add_argument("--workspace", default="", help="workspace id the agent's tools act in")
     new.add_argument("--title", default="")
     new.add_argument("--wait", action="store_true", help="follow the chat until the turn ends")
@@ -41,7 +64,8 @@ def register(subparsers: Any) -> None:
 
     send = actions.add_parser("send", help="send a message (queued while the chat runs)")
     send.add_argument("chat_id")
-    send.add_argument("text")
+    send.add_argument("text", nargs="?", help="the message ('-' reads it from stdin)")
+    send.add_argument("--file", help="read the message from this file ('-' for stdin)")
     send.add_argument("--interrupt", action="store_true", help="interrupt the current turn, run this next")
     send.add_argument("--wait", action="store_true", help="follow the chat until the turn ends")
     send.set_defaults(func=cmd_send)
@@ -66,6 +90,13 @@ def register(subparsers: Any) -> None:
     interrupt.add_argument("chat_id")
     interrupt.set_defaults(func=cmd_interrupt)
 
+    for parser in (new, send, watch):
+        parser.add_argument(
+            "--retries",
+            type=int,
+            default=DEFAULT_RETRIES,
+            help=f"give up after this many failed reconnection attempts in a row (default {DEFAULT_RETRIES})",
+        )
     for parser in (new, send, watch, lst, show, interrupt):
         add_output_argument(parser)
         add_connection_arguments(parser)
@@ -75,18 +106,32 @@ def _text(text: str) -> list[chat_pb2.ContentPart]:
     return [chat_pb2.ContentPart(text=chat_pb2.TextPart(text=text))]
 
 
+def message_text(given: str | None, file: str | None) -> str:
+    """The message of `new`/`send`: the argument, stdin for ``-``, or the file; exactly one."""
+    if (given is None) == (file is None):
+        raise CliError("give the message as TEXT, as '-' (read from stdin) or with --file PATH; exactly one")
+    text = read_input(file) if file is not None else read_input("-") if given == "-" else str(given)
+    if not text.strip():
+        raise CliError("the message is empty")
+    return text
+
+
 async def cmd_new(args: argparse.Namespace) -> int:
     """CreateChat, optionally following it."""
+    text = message_text(args.prompt, args.file)
+    model_id = await resolve_model(args, args.model, admin=False, address=_config_address(args))
+    if model_id is None:
+        return 1
     async with open_channel(args, "chat") as channel:
         stub = chat_service_pb2_grpc.ChatServiceStub(channel)
         request = chat_service_pb2.CreateChatRequest(
             request_id=str(uuid.uuid4()),
-            content=_text(args.prompt),
-            model_config_id=args.model,
+            content=_text(text),
+            model_config_id=model_id,
             workspace_id=args.workspace,
             title=args.title,
         )
-        reply = await call(lambda: stub.CreateChat(request))
+        reply = await call(args, lambda: stub.CreateChat(request))
         if reply is None:
             return 1
         if not args.wait:
@@ -97,18 +142,25 @@ async def cmd_new(args: argparse.Namespace) -> int:
         return await follow(stub, args, reply.chat.id, after_seq=0, idle_after=reply.message.seq)
 
 
+def _config_address(args: argparse.Namespace) -> str:
+    """Where to look a model name up: `--config-address`, else AGENTPLANE_CONFIG_ADDR (never the
+    chat service's `--address`)."""
+    return str(getattr(args, "config_address", None) or Settings.from_env().address("config"))
+
+
 async def cmd_send(args: argparse.Namespace) -> int:
     """SendMessage, optionally following the chat."""
+    text = message_text(args.text, args.file)
     async with open_channel(args, "chat") as channel:
         stub = chat_service_pb2_grpc.ChatServiceStub(channel)
         behavior = chat_pb2.BUSY_BEHAVIOR_INTERRUPT if args.interrupt else chat_pb2.BUSY_BEHAVIOR_QUEUE
         request = chat_service_pb2.SendMessageRequest(
             chat_id=args.chat_id,
             request_id=str(uuid.uuid4()),
-            content=_text(args.text),
+            content=_text(text),
             busy_behavior=behavior,
         )
-        reply = await call(lambda: stub.SendMessage(request))
+        reply = await call(args, lambda: stub.SendMessage(request))
         if reply is None:
             return 1
         if not args.wait:
@@ -126,14 +178,72 @@ async def cmd_watch(args: argparse.Namespace) -> int:
         stub = chat_service_pb2_grpc.ChatServiceStub(channel)
         idle_after: int | None = None
         if args.until_idle:
-            got = await call(lambda: stub.GetChat(chat_service_pb2.GetChatRequest(chat_id=args.chat_id)))
-            if got is None:
-                return 1
+            retry = _Retry(args)
+            request = chat_service_pb2.GetChatRequest(chat_id=args.chat_id)
+            while True:
+                try:
+                    got = await stub.GetChat(request, timeout=30)
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    if not await retry.after(exc, "looking the chat up"):
+                        return 1
             if got.chat.status in IDLE:
-                emit(args, to_dict(got.chat), f"chat is {_status(got.chat.status)}")
-                return 0
+                emit(args, to_dict(got.chat), _idle_state(got.chat))
+                return 0 if got.chat.status == chat_pb2.CHAT_STATUS_WAITING else 1
             idle_after = got.chat.last_seq
         return await follow(stub, args, args.chat_id, after_seq=args.after_seq, idle_after=idle_after)
+
+
+def _idle_state(chat: chat_pb2.Chat) -> str:
+    """What `watch --until-idle` says about a chat with no turn running."""
+    title = f" ({chat.title})" if chat.title else ""
+    if chat.status == chat_pb2.CHAT_STATUS_ERROR:
+        state = f"in error, its last turn failed: {chat.last_error.reason}: {chat.last_error.message}"
+    else:
+        state = "waiting for a message: no turn is running"
+    return f"chat {chat.id}{title} is {state} (last event seq {chat.last_seq}); nothing to wait for"
+
+
+class _Retry:
+    """Bounded reconnection: `after(exc)` sleeps and says so when another attempt is allowed,
+    else prints the final error; `succeeded()` starts the count again."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.limit = max(0, int(getattr(args, "retries", DEFAULT_RETRIES)))
+        self.failures = 0
+        self.address = service_address(args, "chat")
+
+    def succeeded(self) -> None:
+        self.failures = 0
+
+    def delay(self) -> float:
+        return float(min(FIRST_BACKOFF_SECONDS * 2 ** max(0, self.failures - 1), MAX_BACKOFF_SECONDS))
+
+    async def after(self, exc: grpc.aio.AioRpcError, doing: str) -> bool:
+        """True after waiting out the backoff when `exc` is worth another attempt."""
+        address = self.address
+        if exc.code() not in RECONNECT_CODES:
+            report_rpc_error(self.args, exc)
+            return False
+        self.failures += 1
+        if self.failures > self.limit:
+            report_rpc_error(
+                self.args,
+                exc,
+                prefix=f"giving up: the chat service at {address} failed {self.failures} times in a row "
+                f"while {doing}; last error: ",
+            )
+            return False
+        delay = self.delay()
+        how = "unreachable" if exc.code() == grpc.StatusCode.UNAVAILABLE else "failed"
+        notice(
+            self.args,
+            f"[chat service at {address} {how} while {doing} ({describe(exc)}); "
+            f"retrying in {delay:.1f} s, attempt {self.failures} of {self.limit}]",
+        )
+        await asyncio.sleep(delay)
+        return True
 
 
 async def cmd_list(args: argparse.Namespace) -> int:
@@ -144,11 +254,15 @@ async def cmd_list(args: argparse.Namespace) -> int:
         request = chat_service_pb2.ListChatsRequest(
             page_size=args.limit, status=status, archived=args.archived
         )
-        reply = await call(lambda: stub.ListChats(request))
+        reply = await call(args, lambda: stub.ListChats(request))
         if reply is None:
             return 1
-        lines = [f"{c.id}  {_status(c.status):<8} {c.title}" for c in reply.chats]
-        emit(args, [to_dict(c) for c in reply.chats], "\n".join(lines) or "no chats")
+        rows = [
+            [c.id, _status(c.status), c.update_time.ToDatetime().isoformat(timespec="seconds") + "Z", c.title]
+            for c in reply.chats
+        ]
+        text = table(["ID", "STATUS", "UPDATED", "TITLE"], rows, "no chats")
+        emit(args, [to_dict(c) for c in reply.chats], text)
         return 0
 
 
@@ -156,7 +270,7 @@ async def cmd_show(args: argparse.Namespace) -> int:
     """GetChat plus every message."""
     async with open_channel(args, "chat") as channel:
         stub = chat_service_pb2_grpc.ChatServiceStub(channel)
-        got = await call(lambda: stub.GetChat(chat_service_pb2.GetChatRequest(chat_id=args.chat_id)))
+        got = await call(args, lambda: stub.GetChat(chat_service_pb2.GetChatRequest(chat_id=args.chat_id)))
         if got is None:
             return 1
         messages: list[chat_pb2.Message] = []
@@ -165,7 +279,7 @@ async def cmd_show(args: argparse.Namespace) -> int:
             request = chat_service_pb2.ListMessagesRequest(
                 chat_id=args.chat_id, page_size=1000, page_token=token
             )
-            page = await call(lambda r=request: stub.ListMessages(r))  # type: ignore[misc]
+            page = await call(args, lambda r=request: stub.ListMessages(r))  # type: ignore[misc]
             if page is None:
                 return 1
             messages.extend(page.messages)
@@ -186,7 +300,7 @@ async def cmd_interrupt(args: argparse.Namespace) -> int:
     async with open_channel(args, "chat") as channel:
         stub = chat_service_pb2_grpc.ChatServiceStub(channel)
         request = chat_service_pb2.InterruptChatRequest(chat_id=args.chat_id)
-        reply = await call(lambda: stub.InterruptChat(request))
+        reply = await call(args, lambda: stub.InterruptChat(request))
         if reply is None:
             return 1
         emit(args, to_dict(reply.chat), f"chat is {_status(reply.chat.status)}")
@@ -208,17 +322,18 @@ async def follow(
     after_seq: int,
     idle_after: int | None,
 ) -> int:
-    """Stream events, reconnecting from the last seq; with `idle_after`, stop at the first idle
-    status after that seq. Returns 0, or 1 when the turn ended in ERROR or the stream failed."""
+    """Stream events, reconnecting from the last seq (bounded: `_Retry`); with `idle_after`, stop
+    at the first idle status after that seq. Returns 0, or 1 when the turn ended in ERROR or the
+    stream failed for good."""
     state = _Follow(last_seq=after_seq, idle_after=idle_after)
-    backoff = 0.2
+    retry = _Retry(args)
     while True:
         try:
             stream = stub.StreamChat(
                 chat_service_pb2.StreamChatRequest(chat_id=chat_id, after_seq=state.last_seq)
             )
             async for reply in stream:
-                backoff = 0.2
+                retry.succeeded()
                 event = reply.event
                 if event.seq <= state.last_seq:
                     continue  # never print an event twice, whatever the server resends
@@ -229,16 +344,14 @@ async def follow(
                     ok = event.status_changed.status != chat_pb2.CHAT_STATUS_ERROR
                     return 0 if ok else 1
             # The server ended the stream (shutting down): resume from where we are.
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() not in RECONNECT_CODES:
-                _end_line(state)
-                print(f"error: {describe(exc)}", file=sys.stderr)
-                return 1
-        if args.output != "json":
+            retry.succeeded()
             _end_line(state)
-            print(f"[reconnecting after seq {state.last_seq}]", file=sys.stderr)
-        await asyncio.sleep(backoff)
-        backoff = min(backoff * 2, 5.0)
+            notice(args, f"[the server ended the stream; reconnecting after seq {state.last_seq}]")
+            await asyncio.sleep(FIRST_BACKOFF_SECONDS)
+        except grpc.aio.AioRpcError as exc:
+            _end_line(state)
+            if not await retry.after(exc, f"following the chat after seq {state.last_seq}"):
+                return 1
 
 
 def _turn_done(state: _Follow, event: chat_pb2.ChatEvent) -> bool:

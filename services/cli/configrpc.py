@@ -1,72 +1,100 @@
 """Shared plumbing of the config CLI commands (`agentplane admin ...`, `agentplane prompt ...`).
 
-Where: ``--address`` (default ``AGENTPLANE_CONFIG_ADDR``, else 127.0.0.1:50051).
-Who: ``AGENTPLANE_TOKEN`` when set; otherwise a short-lived token minted with the deployment
-user issuer key (``AGENTPLANE_ISSUER_KEY_FILE``, or the one `agentplane up` keeps) for ``--as-user`` (admin
-commands: an admin named ``--as-user``, default ``admin``; ``prompt``: the user ``--as-user``).
+Connection and identity are those of every client command (`services.cli.connect`): ``--address``
+(default ``AGENTPLANE_CONFIG_ADDR``), ``--token``, ``--user``, ``--admin``. ``admin`` commands
+always send an admin token. ``--as-user`` is kept as a deprecated alias of ``--user``.
+
+Model configs are named by id or by name: `resolve_model` turns a name into the id.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import re
 import sys
 from typing import Any
 
-import grpc
 import grpc.aio
-from agentplane.config.v1 import config_service_pb2_grpc
+from agentplane.config.v1 import config_pb2, config_service_pb2_grpc
+from agentplane.config.v1 import config_service_pb2 as pb
 from google.protobuf import json_format
 
-from services.cli.connect import mint_cli_token
-from services.cli.output import add_output_argument, emit
-from services.common import auth
-from services.common.client import create_channel
-from services.common.rpc_errors import error_info
-from services.common.settings import Settings
+from services.cli import connect
+from services.cli.output import CliError, add_output_argument, emit
+
+UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 
 
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--address``, ``--as-user`` and ``--output``."""
-    parser.add_argument(
-        "--address", default=None, help="config service host:port (default AGENTPLANE_CONFIG_ADDR)"
-    )
-    parser.add_argument(
-        "--as-user",
-        default=None,
-        help="user id to mint a token for with the user issuer key (ignored with AGENTPLANE_TOKEN)",
-    )
+    """The connection flags of every client command, plus ``--output``."""
+    connect.add_connection_arguments(parser, deprecated_as_user=True)
     add_output_argument(parser)
 
 
-def token_for(args: argparse.Namespace, settings: Settings, *, admin: bool) -> str:
-    """AGENTPLANE_TOKEN, or a token minted for ``--as-user`` (admin role for admin commands)."""
-    token = os.environ.get("AGENTPLANE_TOKEN", "").strip()
-    if token:
-        return token
-    user = args.as_user or ("admin" if admin else None)
-    if not user:
-        raise SystemExit("set AGENTPLANE_TOKEN or pass --as-user USER (with the user issuer key at hand)")
-    role = auth.Role.ADMIN if admin else auth.Role.USER
-    return mint_cli_token(settings, user, role, 300)
-
-
 async def call(args: argparse.Namespace, method: str, request: Any, *, admin: bool) -> Any | None:
-    """Run one ConfigService RPC; on failure print the server's message and reason, return None."""
-    settings = Settings.from_env()
-    channel = create_channel(
-        args.address or settings.address("config"), token=token_for(args, settings, admin=admin)
-    )
+    """Run one ConfigService RPC; on failure print the error and return None."""
+    channel = connect.open_channel(args, "config", admin=admin)
     try:
         stub = config_service_pb2_grpc.ConfigServiceStub(channel)
-        return await getattr(stub, method)(request, timeout=30)
-    except grpc.aio.AioRpcError as exc:
-        info = error_info(exc)
-        reason = f" [{info[0]}]" if info else ""
-        print(f"error: {exc.code().name}: {exc.details()}{reason}", file=sys.stderr)
-        return None
+        return await connect.call(args, lambda: getattr(stub, method)(request, timeout=30))
     finally:
         await channel.close()
+
+
+async def list_model_configs(
+    args: argparse.Namespace, channel: grpc.aio.Channel, *, include_disabled: bool, provider_id: str = ""
+) -> list[config_pb2.ModelConfig] | None:
+    """Every model config the caller may see (all pages), or None after printing the error."""
+    stub = config_service_pb2_grpc.ConfigServiceStub(channel)
+    items: list[config_pb2.ModelConfig] = []
+    token = ""
+    while True:
+        request = pb.ListModelConfigsRequest(
+            page_size=500, page_token=token, provider_id=provider_id, include_disabled=include_disabled
+        )
+        response = await connect.call(args, lambda r=request: stub.ListModelConfigs(r, timeout=30))  # type: ignore[misc]
+        if response is None:
+            return None
+        items += response.model_configs
+        token = response.next_page_token
+        if not token:
+            return items
+
+
+async def resolve_model(
+    args: argparse.Namespace, value: str, *, admin: bool, address: str | None = None
+) -> str | None:
+    """The id of the model config `value` names: an id (anything shaped like a UUID is taken as
+    one, unchecked), else the display name or provider model name of exactly one model config the
+    caller can list (admins: disabled ones too). None after printing an RPC error; `CliError` for
+    an unknown or ambiguous name."""
+    if not value or UUID_RE.match(value):
+        return value
+    channel = connect.open_channel(args, "config", admin=admin, address=address)
+    try:
+        models = await list_model_configs(args, channel, include_disabled=admin)
+    finally:
+        await channel.close()
+    if models is None:
+        return None
+    matches = [m for m in models if value in (m.id, m.display_name, m.model_name)]
+    if len(matches) == 1:
+        return str(matches[0].id)
+    if not matches:
+        known = sorted({m.display_name or m.model_name for m in models})
+        listed = ", ".join(known) if known else "none"
+        raise CliError(
+            f"no model config named {value!r} (models: {listed}); give a model config id or name",
+            code="NOT_FOUND",
+            reason="MODEL_NOT_FOUND",
+        )
+    candidates = "; ".join(f"{m.id} ({m.display_name} / {m.model_name})" for m in matches)
+    raise CliError(
+        f"model name {value!r} is ambiguous: {len(matches)} model configs match ({candidates}); "
+        "give the id instead",
+        code="FAILED_PRECONDITION",
+        reason="MODEL_NAME_AMBIGUOUS",
+    )
 
 
 def to_dict(message: Any) -> dict[str, Any]:
@@ -88,17 +116,25 @@ def read_text(args: argparse.Namespace) -> str:
     if getattr(args, "clear", False):
         return ""
     if getattr(args, "file", None):
-        if args.file == "-":
-            return sys.stdin.read()
-        with open(args.file, encoding="utf-8") as f:
-            return f.read()
+        return read_input(args.file)
     if args.text is None:
-        raise SystemExit("give TEXT, --file PATH or --clear")
-    return str(args.text)
+        raise CliError("give TEXT, --file PATH or --clear")
+    return read_input(args.text) if args.text == "-" else str(args.text)
+
+
+def read_input(path: str) -> str:
+    """The text of a file, or of stdin for ``-``; `CliError` when it cannot be read."""
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CliError(f"cannot read {path}: {exc}", reason="UNREADABLE_FILE") from None
 
 
 def add_text_arguments(parser: argparse.ArgumentParser) -> None:
     """TEXT | --file PATH | --clear."""
-    parser.add_argument("text", nargs="?", default=None, help="the prompt text")
+    parser.add_argument("text", nargs="?", default=None, help="the prompt text ('-' for stdin)")
     parser.add_argument("--file", default=None, help="read the text from a file ('-' for stdin)")
     parser.add_argument("--clear", action="store_true", help="clear the prompt")

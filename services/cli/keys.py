@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from services.cli.output import add_output_argument, emit
+from services.cli.output import CliError, add_output_argument, emit, table
 from services.common import keys
 from services.common.settings import SERVICE_NAMES
 
@@ -44,7 +44,18 @@ def show_keys(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace, jwks: Path) -> int:
-    data = json.loads(jwks.read_text())
-    lines = [f"{k['agentplane_scope']}\t{k['kid']}" for k in data["keys"]]
-    emit(args, data, f"{jwks}\n" + "\n".join(lines))
+    try:
+        data = json.loads(jwks.read_text())
+    except FileNotFoundError:
+        raise CliError(
+            f"{jwks} does not exist: not a key directory (make one with `agentplane keys init DIR`)",
+            code="NOT_FOUND",
+            reason="NO_KEY_SET",
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise CliError(
+            f"cannot read {jwks}: {exc}", code="FAILED_PRECONDITION", reason="BAD_KEY_SET"
+        ) from None
+    rows = [[k.get("agentplane_scope", ""), k.get("kid", "")] for k in data.get("keys", [])]
+    emit(args, data, f"{jwks}\n" + table(["SCOPE", "KID"], rows, "(no keys)"))
     return 0

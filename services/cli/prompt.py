@@ -1,4 +1,9 @@
-"""`agentplane prompt get|set`: the calling user's own prompt; chats append it to the system prompt."""
+"""`agentplane prompt get|set`: the calling user's own prompt; chats append it to the system prompt.
+
+The user is the one of the token: ``--token``, a token minted for ``--user`` (default ``$USER``),
+or ``AGENTPLANE_TOKEN`` (see `services.cli.connect`). ``set`` takes TEXT, ``-`` or ``--file PATH``
+(stdin for ``-``), or ``--clear``.
+"""
 
 from __future__ import annotations
 

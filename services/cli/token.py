@@ -9,7 +9,7 @@ import jwt
 from agentplane.config.v1 import token_service_pb2, token_service_pb2_grpc
 
 from services.cli.connect import add_connection_arguments, call, open_channel, to_dict
-from services.cli.output import add_output_argument, emit
+from services.cli.output import CliError, add_output_argument, emit, table
 from services.common import auth
 from services.common.keys import KeyUnavailable
 from services.common.settings import Settings
@@ -50,21 +50,24 @@ def create_token(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     if args.service:
         if args.admin:
-            raise SystemExit("--admin applies to user tokens only")
+            raise CliError("--admin applies to user tokens only")
         subject, role = auth.service_subject(args.service), auth.Role.SERVICE
     else:
         subject, role = args.user, auth.Role.ADMIN if args.admin else auth.Role.USER
     if args.ttl is not None and args.ttl > settings.max_token_lifetime_seconds:
-        raise SystemExit(
+        raise CliError(
             f"--ttl {args.ttl:g} s is longer than this deployment accepts "
-            f"({settings.max_token_lifetime_seconds:g} s, AGENTPLANE_MAX_TOKEN_LIFETIME_SECONDS)"
+            f"({settings.max_token_lifetime_seconds:g} s, AGENTPLANE_MAX_TOKEN_LIFETIME_SECONDS)",
+            reason="TOKEN_LIFETIME_TOO_LONG",
         )
     # The keys `agentplane up` keeps in its data directory are found by default, so the token works
     # against the running stack.
     try:
         token = auth.mint_token(settings.keys, subject, role, args.ttl)
     except KeyUnavailable as exc:
-        raise SystemExit(f"cannot mint the token: {exc}") from None
+        raise CliError(
+            f"cannot mint the token: {exc}", code="FAILED_PRECONDITION", reason="KEY_UNAVAILABLE"
+        ) from None
     claims = jwt.decode(token, options={"verify_signature": False})
     emit(
         args,
@@ -86,7 +89,7 @@ async def revoke_token(args: argparse.Namespace) -> int:
     try:
         stub = token_service_pb2_grpc.TokenServiceStub(channel)
         request = token_service_pb2.RevokeTokenRequest(token_id=args.token_id, reason=args.reason)
-        resp = await call(lambda: stub.RevokeToken(request))
+        resp = await call(args, lambda: stub.RevokeToken(request))
         if resp is None:
             return 1
         r = resp.revoked_token
@@ -105,15 +108,16 @@ async def list_revoked(args: argparse.Namespace) -> int:
         page = ""
         while True:
             request = token_service_pb2.ListRevokedTokensRequest(page_token=page)
-            resp = await call(lambda request=request: stub.ListRevokedTokens(request))  # type: ignore[misc]
+            resp = await call(args, lambda request=request: stub.ListRevokedTokens(request))  # type: ignore[misc]
             if resp is None:
                 return 1
             found.extend(resp.revoked_tokens)
             page = resp.next_page_token
             if not page:
                 break
-        lines = [f"{r.token_id}\t{r.revoked_by}\t{r.reason}" for r in found]
-        emit(args, [to_dict(r) for r in found], "\n".join(lines) or "no revoked tokens")
+        rows = [[r.token_id, r.revoked_by, r.expire_time.ToJsonString(), r.reason] for r in found]
+        text = table(["TOKEN_ID", "REVOKED_BY", "EXPIRES", "REASON"], rows, "no revoked tokens")
+        emit(args, [to_dict(r) for r in found], text)
         return 0
     finally:
         await channel.close()

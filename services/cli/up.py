@@ -6,6 +6,10 @@ AGENTPLANE_DATA_DIR), applies migrations, runs every service as a child process
 on Ctrl-C / SIGTERM or when a service dies. On a deployment without providers it creates
 them from OPENAI_API_KEY / ANTHROPIC_API_KEY, or, with neither, runs the LLM simulator as
 the provider of a default model so the product works offline (`--simulator`).
+
+One `up` per data directory: it holds an flock on ``<data dir>/up.lock`` (`data_dir_lock`) for its
+whole life, and a second one names the holder's pid and exits 1 before touching anything. Progress
+goes to stderr as it starts (stdout keeps the banner, or the JSON of ``--output json``).
 """
 
 from __future__ import annotations
@@ -17,11 +21,12 @@ import os
 import secrets
 import signal
 import sys
+import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from services.cli import bootstrap
+from services.cli import bootstrap, data_dir_lock
 from services.cli.output import add_output_argument, emit
 from services.common import auth, keys
 from services.common.client import wait_for_health
@@ -65,21 +70,45 @@ def local_encryption_key(data_dir: Path) -> str:
     return value
 
 
-def run(args: argparse.Namespace) -> Coroutine[Any, Any, int]:
-    """Prepare the data directory and environment; the returned coroutine runs everything."""
+def run(args: argparse.Namespace) -> int | Coroutine[Any, Any, int]:
+    """Lock and prepare the data directory and environment; the returned coroutine runs everything.
+
+    Another `up` on the same data directory: say which process it is and return 1 at once, having
+    written nothing (no keys, no encryption key, no Postgres or Redis started or stopped)."""
     env = dict(os.environ)
     data_dir = Path(Settings.from_env(env).data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    if not (env.get("AGENTPLANE_JWKS") or env.get("AGENTPLANE_KEYS_DIR")):
-        # Every key under the data directory: the user issuer key (for the admin token and every
-        # CLI command) and one signing key per service.
-        keys.init_dir(data_dir / "keys", SERVICE_NAMES)
-    if "AGENTPLANE_ENCRYPTION_KEY" not in env:
-        env["AGENTPLANE_ENCRYPTION_KEY"] = local_encryption_key(data_dir)
-    env.setdefault("AGENTPLANE_HOST", "127.0.0.1")
-    env["AGENTPLANE_DATA_DIR"] = str(data_dir)
-    _choose_sandbox(env)
-    return _run(args, env, data_dir)
+    try:
+        lock = data_dir_lock.acquire(data_dir)
+    except data_dir_lock.DataDirInUse as exc:
+        print(f"agentplane up: {exc}", file=sys.stderr)
+        return 1
+    try:
+        if not (env.get("AGENTPLANE_JWKS") or env.get("AGENTPLANE_KEYS_DIR")):
+            # Every key under the data directory: the user issuer key (for the admin token and every
+            # CLI command) and one signing key per service.
+            keys.init_dir(data_dir / "keys", SERVICE_NAMES)
+        if "AGENTPLANE_ENCRYPTION_KEY" not in env:
+            env["AGENTPLANE_ENCRYPTION_KEY"] = local_encryption_key(data_dir)
+        env.setdefault("AGENTPLANE_HOST", "127.0.0.1")
+        env["AGENTPLANE_DATA_DIR"] = str(data_dir)
+        _choose_sandbox(env)
+    except BaseException:
+        lock.release()
+        raise
+    return _run(args, env, data_dir, lock)
+
+
+class Progress:
+    """What `up` is doing, one line each on stderr with the time since it began, so the first
+    start (initdb, every service's imports) is not a silent half-minute."""
+
+    def __init__(self) -> None:
+        self._began = time.monotonic()
+
+    def __call__(self, message: str) -> None:
+        elapsed = time.monotonic() - self._began
+        print(f"agentplane up [{elapsed:5.1f}s] {message}", file=sys.stderr, flush=True)
 
 
 def _choose_sandbox(env: dict[str, str]) -> None:
@@ -100,40 +129,54 @@ def _choose_sandbox(env: dict[str, str]) -> None:
         )
 
 
-async def _run(args: argparse.Namespace, env: dict[str, str], data_dir: Path) -> int:
+async def _run(
+    args: argparse.Namespace, env: dict[str, str], data_dir: Path, lock: data_dir_lock.DataDirLock
+) -> int:
     """Start dependencies and services, then wait for a signal or a dead child."""
     settings = Settings.from_env(env)
     postgres: EmbeddedPostgres | None = None
     redis: EmbeddedRedis | None = None
     children: dict[str, asyncio.subprocess.Process] = {}
+    progress = Progress()
     try:
         if not settings.database_url:
-            postgres = await asyncio.to_thread(start_postgres, data_dir / "postgres")
+            pgdata = data_dir / "postgres"
+            first = "" if (pgdata / "PG_VERSION").exists() else " (first start: initialising it)"
+            progress(f"starting embedded Postgres in {pgdata}{first}")
+            postgres = await asyncio.to_thread(start_postgres, pgdata)
             env["DATABASE_URL"] = postgres.url
         if not settings.redis_url:
+            progress("starting embedded Redis")
             redis = await asyncio.to_thread(start_redis, log_file=str(data_dir / "redis.log"))
             env["REDIS_URL"] = redis.url
         settings = Settings.from_env(env)
+        progress("applying database migrations")
         await migrate(settings.require_database_url())
         simulator_url = None
         if _want_simulator(args, env):
             simulator_url = f"http://127.0.0.1:{args.simulator_port}"
+            progress(f"starting the LLM simulator on {simulator_url}")
             children["simulator"] = await asyncio.create_subprocess_exec(
                 *_agentplane("simulator", "--port", str(args.simulator_port)), env=service_environment(env)
             )
+        addresses = {n: settings.address(n) for n in args.services}
         for name in args.services:
+            progress(f"starting {name} on {addresses[name]}")
             children[name] = await asyncio.create_subprocess_exec(
                 *_agentplane("serve", name), env=service_environment(env, name)
             )
         ttl = min(7 * 24 * 3600, settings.max_token_lifetime_seconds)
         token = auth.mint_token(settings.keys, args.admin_user, auth.Role.ADMIN, ttl)
-        addresses = {n: settings.address(n) for n in args.services}
         for name in args.services:
+            progress(f"waiting for {name} to answer its health check")
             proc = children[name]
             await wait_for_health(addresses[name], alive=lambda p=proc: p.returncode is None)  # type: ignore[misc]
+        progress("every service is serving")
         seeded: list[str] = []
         if "config" in args.services and not await bootstrap.has_providers(addresses["config"], token):
-            seeded = await bootstrap.seed(addresses["config"], token, bootstrap.plan(env, simulator_url))
+            plans = bootstrap.plan(env, simulator_url)
+            progress(f"seeding the first providers: {', '.join(p.label for p in plans) or 'none to create'}")
+            seeded = await bootstrap.seed(addresses["config"], token, plans)
         info = {
             "services": addresses,
             "database_url": settings.database_url,
@@ -151,6 +194,8 @@ async def _run(args: argparse.Namespace, env: dict[str, str], data_dir: Path) ->
         sys.stdout.flush()
         return await _wait(children)
     finally:
+        if children:
+            progress("stopping the services")
         await _stop_children(children, settings.shutdown_grace_seconds + 5)
         # Workspace agents outlive a toolexec restart by design; `up` owns the whole machine's
         # deployment, so they stop with it (their workspaces stay; agents start again on use).
@@ -161,7 +206,10 @@ async def _run(args: argparse.Namespace, env: dict[str, str], data_dir: Path) ->
         if redis is not None:
             redis.stop()
         if postgres is not None:
+            progress("stopping embedded Postgres")
             await asyncio.to_thread(postgres.stop)
+        # Last: the next `up` on this directory may start only once everything here has stopped.
+        lock.release()
 
 
 def service_environment(env: dict[str, str], name: str = "") -> dict[str, str]:

@@ -9,7 +9,7 @@ from typing import Any
 from agentplane.toolexec.v1 import toolexec_pb2, toolexec_service_pb2, toolexec_service_pb2_grpc
 
 from services.cli.connect import add_connection_arguments, call, open_channel, to_dict
-from services.cli.output import add_output_argument, emit
+from services.cli.output import CliError, add_output_argument, emit, table
 
 
 def register(subparsers: Any) -> None:
@@ -52,11 +52,17 @@ def register(subparsers: Any) -> None:
         add_output_argument(parser)
 
 
-def _summary(ws: toolexec_pb2.Workspace) -> str:
+HEADERS = ["ID", "STATE", "OWNER", "DRIVER", "AGENT", "NAME", "FAILURE"]
+
+
+def _row(ws: toolexec_pb2.Workspace) -> list[str]:
     state = toolexec_pb2.WorkspaceState.Name(ws.state).removeprefix("WORKSPACE_STATE_").lower()
-    agent = "agent connected" if ws.agent.connected else "agent offline"
-    line = f"{ws.id}\t{state}\t{ws.owner_id}\t{ws.name}\t{ws.driver or 'local'}\t{agent}"
-    return f"{line}\t{ws.failure_message}" if ws.failure_message else line
+    agent = "connected" if ws.agent.connected else "offline"
+    return [ws.id, state, ws.owner_id, ws.driver or "local", agent, ws.name, ws.failure_message]
+
+
+def _summary(ws: toolexec_pb2.Workspace) -> str:
+    return table(HEADERS, [_row(ws)], "")
 
 
 async def create_workspace(args: argparse.Namespace) -> int:
@@ -65,7 +71,7 @@ async def create_workspace(args: argparse.Namespace) -> int:
     for item in args.param:
         name, sep, value = item.partition("=")
         if not sep or not name:
-            raise SystemExit(f"--param must be NAME=VALUE, got {item!r}")
+            raise CliError(f"--param must be NAME=VALUE, got {item!r}")
         params[name] = value
     channel = open_channel(args, "toolexec")
     try:
@@ -78,7 +84,7 @@ async def create_workspace(args: argparse.Namespace) -> int:
             parameters=params,
             driver=args.driver,
         )
-        resp = await call(lambda: stub.CreateWorkspace(request))
+        resp = await call(args, lambda: stub.CreateWorkspace(request))
         if resp is None:
             return 1
         text = _summary(resp.workspace)
@@ -103,14 +109,14 @@ async def list_workspaces(args: argparse.Namespace) -> int:
             request = toolexec_service_pb2.ListWorkspacesRequest(
                 page_size=500, page_token=token, owner_id=args.owner
             )
-            resp = await call(lambda request=request: stub.ListWorkspaces(request))  # type: ignore[misc]
+            resp = await call(args, lambda request=request: stub.ListWorkspaces(request))  # type: ignore[misc]
             if resp is None:
                 return 1
             found.extend(resp.workspaces)
             token = resp.next_page_token
             if not token:
                 break
-        emit(args, [to_dict(w) for w in found], "\n".join(_summary(w) for w in found) or "no workspaces")
+        emit(args, [to_dict(w) for w in found], table(HEADERS, [_row(w) for w in found], "no workspaces"))
         return 0
     finally:
         await channel.close()
@@ -122,7 +128,7 @@ async def delete_workspace(args: argparse.Namespace) -> int:
     try:
         stub = toolexec_service_pb2_grpc.ToolExecServiceStub(channel)
         request = toolexec_service_pb2.DeleteWorkspaceRequest(workspace_id=args.workspace_id)
-        if await call(lambda: stub.DeleteWorkspace(request)) is None:
+        if await call(args, lambda: stub.DeleteWorkspace(request)) is None:
             return 1
         emit(args, {"deleted": args.workspace_id}, f"deleted {args.workspace_id}")
         return 0
@@ -136,7 +142,7 @@ async def rotate_token(args: argparse.Namespace) -> int:
     try:
         stub = toolexec_service_pb2_grpc.ToolExecServiceStub(channel)
         request = toolexec_service_pb2.RotateWorkspaceAgentTokenRequest(workspace_id=args.workspace_id)
-        resp = await call(lambda: stub.RotateWorkspaceAgentToken(request))
+        resp = await call(args, lambda: stub.RotateWorkspaceAgentToken(request))
         if resp is None:
             return 1
         emit(

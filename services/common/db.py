@@ -6,6 +6,7 @@ shutdown (`ServerHandle.on_stop`).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -52,6 +53,18 @@ async def create_pool(
     )
     await pool.open(wait=True, timeout=open_timeout)
     return pool
+
+
+def probe(pool: AsyncConnectionPool[Any]) -> Callable[[], Awaitable[None]]:
+    """A health probe (`ServerHandle.watch_health`): ``SELECT 1`` on a connection from `pool`. A
+    probe that draws a connection broken by a restart hands it back to be replaced, so the pool
+    heals without waiting for a real request to trip over it."""
+
+    async def check() -> None:
+        async with pool.connection() as conn:
+            await conn.execute("SELECT 1")
+
+    return check
 
 
 async def connect(url: str, *, autocommit: bool = False, **kwargs: Any) -> psycopg.AsyncConnection[Any]:

@@ -2,7 +2,8 @@
 
 `create_server` builds a grpc.aio server with the standard interceptors (metrics, request
 context, errors, auth), health and reflection, and binds it; tests pass port 0 and read
-the bound port from the returned `ServerHandle`.
+the bound port from the returned `ServerHandle`. `ServerHandle.watch_health(probe)` makes health
+follow a dependency (the database): NOT_SERVING while the probe fails, SERVING once it passes.
 """
 
 from __future__ import annotations
@@ -48,6 +49,15 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.so_reuseport", 0),
 ]
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+# Health name for liveness: SERVING while the process serves, whatever its dependencies do.
+LIVENESS_SERVICE = "liveness"
+# How often a started server runs its health probes, and how long one may take before it counts
+# as failed.
+HEALTH_PROBE_INTERVAL_SECONDS = 3.0
+HEALTH_PROBE_TIMEOUT_SECONDS = 2.0
+
+HealthProbe = Callable[[], Awaitable[object]]
+"""A dependency check: returns when the dependency works, raises (or times out) when it does not."""
 
 
 def default_interceptors(
@@ -82,8 +92,12 @@ class ServerHandle:
     health: health.aio.HealthServicer
     service_names: list[str]
     host: str = "127.0.0.1"
+    health_probe_interval: float = HEALTH_PROBE_INTERVAL_SECONDS
+    health_probe_timeout: float = HEALTH_PROBE_TIMEOUT_SECONDS
     _on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     _stopped: bool = False
+    _probes: list[tuple[str, HealthProbe]] = field(default_factory=list)
+    _prober: asyncio.Task[None] | None = None
 
     @property
     def address(self) -> str:
@@ -95,10 +109,23 @@ class ServerHandle:
         """Run `callback` after the server has stopped (close pools, cancel workers), last added first."""
         self._on_stop.append(callback)
 
+    def watch_health(self, probe: HealthProbe, name: str = "database") -> None:
+        """Make health follow `probe` once started: every `health_probe_interval` seconds each probe
+        runs (within `health_probe_timeout`); while any fails, every service (and "") answers
+        NOT_SERVING, and SERVING again once all pass. `name` is what the logs call the dependency."""
+        self._probes.append((name, probe))
+
     async def start(self) -> None:
-        """Start serving and mark every service (and the server, "") SERVING."""
+        """Start serving and mark every service (and the server, "") SERVING; start the health probes.
+
+        The health name ``liveness`` says only that the process serves: it stays SERVING while a
+        dependency is down (Kubernetes' liveness probe asks it, so an outage of the database takes
+        pods out of rotation without restarting them)."""
         await self.server.start()
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self.set_serving(True)
+        if self._probes and self._prober is None:
+            self._prober = asyncio.create_task(self._probe_forever(), name="health-probes")
 
     async def set_serving(self, serving: bool) -> None:
         """Set the health status of every service (and of the server, "") at once."""
@@ -113,13 +140,46 @@ class ServerHandle:
         if self._stopped:
             return
         self._stopped = True
+        if self._prober is not None:
+            self._prober.cancel()
+            # Bounded: a probe that ignores cancellation must not hold up the shutdown.
+            await asyncio.wait([self._prober], timeout=self.health_probe_timeout + 1)
         await self.set_serving(False)
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(grace)
         for callback in reversed(self._on_stop):
             try:
                 await callback()
             except Exception:
                 log.exception("shutdown callback failed")
+
+    async def _probe_forever(self) -> None:
+        healthy = True
+        while not self._stopped:
+            failed: list[str] = []
+            for name, probe in self._probes:
+                try:
+                    # Not asyncio.wait_for: on 3.11 it can swallow a cancellation that arrives as
+                    # the probe completes, and stop() would wait for a task that never ends.
+                    async with asyncio.timeout(self.health_probe_timeout):
+                        await probe()
+                except Exception as exc:  # TimeoutError included: a hung dependency is a failed one
+                    failed.append(name)
+                    if healthy:
+                        log.warning(
+                            "health probe failed: going NOT_SERVING",
+                            extra={"dependency": name, "error": str(exc) or type(exc).__name__},
+                        )
+            if self._stopped:
+                return
+            if failed and healthy:
+                healthy = False
+                await self.set_serving(False)
+            elif not failed and not healthy:
+                healthy = True
+                log.info("health probes pass again: SERVING")
+                await self.set_serving(True)
+            await asyncio.sleep(self.health_probe_interval)
 
 
 def create_server(

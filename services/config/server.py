@@ -99,6 +99,7 @@ async def build_server(
     )
     await bus.start()
     poller.start()
+    handle.watch_health(db.probe(pool))
     handle.on_stop(pool.close)
     handle.on_stop(bus.close)
     handle.on_stop(poller.stop)

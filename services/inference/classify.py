@@ -6,11 +6,16 @@ Reasons are the names of inference.proto's ErrorReason without the ERROR_REASON_
 from __future__ import annotations
 
 import email.utils
+import errno
 import json
+import socket
+import ssl
 import time
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import anthropic
 import httpx2
 import openai
@@ -59,8 +64,16 @@ class ProviderFailure:
     status_code: int | None = None
 
 
-def classify(exc: BaseException) -> ProviderFailure:
-    """Classify an exception raised by an SDK call or while reading its stream."""
+def classify(exc: BaseException, *, base_url: str = "") -> ProviderFailure:
+    """Classify an exception raised by an SDK call or while reading its stream.
+
+    `base_url` (the provider's, as configured) names the provider in network failures; without
+    it the origin of the failed request is used when the exception carries one.
+    """
+    if isinstance(exc, _NETWORK_ERRORS):
+        network = _classify_network(exc, _where(exc, base_url))
+        if network is not None:
+            return network
     if isinstance(exc, openai.APITimeoutError | anthropic.APITimeoutError):
         return ProviderFailure(PROVIDER_UNAVAILABLE, True, "the request timed out")
     if isinstance(exc, openai.APIConnectionError | anthropic.APIConnectionError):
@@ -79,6 +92,110 @@ def classify(exc: BaseException) -> ProviderFailure:
             PROVIDER_UNAVAILABLE, True, f"the provider sent a malformed stream ({type(exc).__name__})"
         )
     return ProviderFailure(PROVIDER_UNAVAILABLE, False, f"unexpected failure ({type(exc).__name__})")
+
+
+# What a failure to reach the provider, or to keep talking to it, is raised as.
+_NETWORK_ERRORS = (
+    openai.APIConnectionError,  # includes APITimeoutError
+    anthropic.APIConnectionError,
+    httpx2.TransportError,
+    aiohttp.ClientError,
+    OSError,  # includes ConnectionError, TimeoutError, socket.gaierror, ssl.SSLError
+)
+_UNREACHABLE = {
+    errno.ENETUNREACH: "the network is unreachable",
+    errno.EHOSTUNREACH: "the host is unreachable",
+}
+
+
+def _classify_network(exc: BaseException, where: str) -> ProviderFailure | None:
+    """Connection failures (refused, DNS, unreachable, TLS) told apart from timeouts, by root cause.
+
+    The SDK wrappers are not to be trusted here: the OpenAI SDK's aiohttp transport reports every
+    aiohttp connection error, a refused connection included, as ``ConnectTimeout`` and then
+    ``APITimeoutError``. So the chain of causes is read from the innermost (the socket's error) out.
+    """
+    chain = _chain(exc)
+    connect = f"could not connect to the provider at {where}"
+    for err in reversed(chain):
+        if isinstance(err, TimeoutError):  # asyncio's and aiohttp's timeouts are TimeoutErrors
+            if any(isinstance(e, aiohttp.ConnectionTimeoutError | httpx2.ConnectTimeout) for e in chain):
+                return ProviderFailure(PROVIDER_UNAVAILABLE, True, f"{connect}: timed out")
+            return ProviderFailure(
+                PROVIDER_UNAVAILABLE, True, f"the request to the provider at {where} timed out"
+            )
+        if isinstance(err, socket.gaierror):
+            # EAI_AGAIN is a resolver hiccup; any other answer (no such host) will not change by retrying.
+            temporary = err.errno == socket.EAI_AGAIN
+            why = err.strerror or str(err)
+            return ProviderFailure(
+                PROVIDER_UNAVAILABLE, temporary, f"{connect}: the host name could not be resolved ({why})"
+            )
+        if isinstance(err, ssl.SSLCertVerificationError):
+            why = err.verify_message or err.reason or str(err)
+            return ProviderFailure(
+                PROVIDER_UNAVAILABLE, False, f"{connect}: its TLS certificate was not accepted ({why})"
+            )
+        if isinstance(err, ssl.SSLError):
+            return ProviderFailure(
+                PROVIDER_UNAVAILABLE, False, f"{connect}: the TLS handshake failed ({err.reason or err})"
+            )
+        if isinstance(err, ConnectionRefusedError):
+            # Nothing listens there (yet): a wrong port, or a server still starting or restarting.
+            return ProviderFailure(PROVIDER_UNAVAILABLE, True, f"{connect}: connection refused")
+        if isinstance(err, OSError) and err.errno in _UNREACHABLE:
+            return ProviderFailure(PROVIDER_UNAVAILABLE, True, f"{connect}: {_UNREACHABLE[err.errno]}")
+        if isinstance(err, ConnectionResetError | ConnectionAbortedError | BrokenPipeError):
+            return ProviderFailure(
+                PROVIDER_UNAVAILABLE,
+                True,
+                f"the provider at {where} closed the connection ({err.strerror or err})",
+            )
+        if isinstance(err, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
+            return ProviderFailure(
+                PROVIDER_UNAVAILABLE, True, f"the provider at {where} closed the connection ({err})"
+            )
+    return None
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and its causes, outermost first (as a traceback shows them)."""
+    chain: list[BaseException] = []
+    err: BaseException | None = exc
+    while err is not None and all(err is not e for e in chain) and len(chain) < 20:
+        chain.append(err)
+        if err.__cause__ is not None:
+            err = err.__cause__
+        else:
+            err = None if err.__suppress_context__ else err.__context__
+    return chain
+
+
+def _where(exc: BaseException, base_url: str) -> str:
+    """The provider's base URL, else the origin of the request that failed; never credentials."""
+    if base_url:
+        return _public_url(base_url)
+    for err in _chain(exc):
+        try:  # httpx2's `request` property raises RuntimeError when none was attached
+            request = getattr(err, "request", None)
+            url = str(request.url) if request is not None else ""
+        except (AttributeError, RuntimeError):
+            continue
+        if url:
+            return _public_url(url, origin_only=True)
+    return "its API address"
+
+
+def _public_url(url: str, *, origin_only: bool = False) -> str:
+    """`url` without user info, query or fragment (and without its path when `origin_only`)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "its API address"
+    host = parts.netloc.rpartition("@")[2]
+    if not parts.scheme or not host:
+        return "its API address"
+    return urllib.parse.urlunsplit((parts.scheme, host, "" if origin_only else parts.path, "", ""))
 
 
 def _classify_status(status: int, body: Any, headers: Any, message: str) -> ProviderFailure:

@@ -151,7 +151,7 @@ class Generator:
                 self.metrics.requests.labels(*labels, "cancelled").inc()
                 raise
             except Exception as exc:
-                failure = classify.classify(exc)
+                failure = classify.classify(exc, base_url=target.provider.base_url)
                 output_started = run.output_started
                 if failure.reason == classify.PROVIDER_AUTH_FAILED:
                     # The key may have been rotated: fetch credentials afresh next time.

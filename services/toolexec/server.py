@@ -268,6 +268,7 @@ async def build_server(
         with contextlib.suppress(Exception):
             await agents.replica_gone(replica_id)
 
+    handle.watch_health(db.probe(pool))
     handle.on_stop(pool.close)
     for close in closers:
         handle.on_stop(close)

@@ -4,7 +4,7 @@ Every ChatService RPC works on the effective user (`auth.require_user_id`): a se
 alice is alice. Bob's chats are NOT_FOUND to it (as they are to alice), ListChats and WatchChats
 show only alice's, GetUsage naming bob is PERMISSION_DENIED (only admins may name another user),
 and CreateChat cannot attach bob's workspace (toolexec, asked on alice's behalf, says NOT_FOUND:
-INVALID_ARGUMENT workspace_id). A service acting for nobody is nobody here (USER_REQUIRED).
+NOT_FOUND WORKSPACE_NOT_FOUND). A service acting for nobody is nobody here (USER_REQUIRED).
 """
 
 from __future__ import annotations
@@ -101,9 +101,10 @@ async def test_service_acting_for_alice_cannot_reach_bobs_chats(stack: Stack) ->
     bobs_ws = await stack.workspace("bob")
     err = await _fails(
         svc.CreateChat(cs.CreateChatRequest(content=text("x"), workspace_id=bobs_ws), metadata=FOR_ALICE),
-        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        "WORKSPACE_NOT_FOUND",
     )
-    assert "workspace_id" in (err.details() or "")
+    assert bobs_ws in (err.details() or "")
     # Bob's chat is untouched.
     same = await stack.chat_of(chat.id, user="bob")
     assert same.title == chat.title and not same.archived

@@ -61,11 +61,13 @@ async def test_admin_and_prompt_commands(config: ConfigServer, keys_dir: str) ->
     assert code == 0, err
     assert json.loads(out)["network_access"] is False and json.loads(out)["description"] == "Python project"
     code, out, err = await _cli(env, "admin", "template", "list")
-    assert code == 0 and out.split()[:4] == [template["id"], "py", "True", "False"], out
+    header, row = out.splitlines()
+    assert code == 0 and header.split()[:4] == ["ID", "NAME", "ENABLED", "NETWORK_ACCESS"], out
+    assert row.split()[:4] == [template["id"], "py", "true", "false"], out
 
-    code, out, err = await _cli(env, "prompt", "set", "I like tests", "--as-user", "bob")
+    code, out, err = await _cli(env, "prompt", "set", "I like tests", "--user", "bob")
     assert code == 0, err
-    code, out, err = await _cli(env, "prompt", "get", "--as-user", "bob", "--output", "json")
+    code, out, err = await _cli(env, "prompt", "get", "--user", "bob", "--output", "json")
     assert code == 0 and json.loads(out)["text"] == "I like tests"
     # A user token may not write the system prompt.
     user_env = {**env, "AGENTPLANE_TOKEN": _user_token()}
