@@ -25,6 +25,7 @@ import jwt
 from services.common.errors import PermissionDenied, Unauthenticated
 from services.common.keys import USERS_SCOPE, Keys, KeySet
 from services.common.oidc import OidcVerifier
+from services.common.token_rules import check_lifetime
 
 ALGORITHM = "EdDSA"
 ISSUER = "agentplane"
@@ -187,13 +188,7 @@ def _verify(keyset: KeySet, token: str, max_lifetime_seconds: float) -> tuple[Id
         raise Unauthenticated("token is malformed", reason="TOKEN_MALFORMED") from None
     except jwt.InvalidTokenError as exc:
         raise Unauthenticated(f"token is invalid: {exc}", reason="TOKEN_INVALID") from None
-    lifetime = float(claims["exp"]) - float(claims["iat"])
-    if lifetime > max_lifetime_seconds:
-        raise Unauthenticated(
-            f"token lives {lifetime / 86400:.1f} days, longer than this deployment allows "
-            f"({max_lifetime_seconds / 86400:.1f} days); mint a shorter-lived one",
-            reason="TOKEN_LIFETIME_TOO_LONG",
-        )
+    check_lifetime(claims, max_lifetime_seconds)
     try:
         role = Role(str(claims.get("role")))
     except ValueError:

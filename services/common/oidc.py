@@ -23,6 +23,7 @@ import aiohttp
 import jwt
 
 from services.common.errors import Unauthenticated
+from services.common.token_rules import check_lifetime
 
 ALGORITHMS = ["RS256", "RS384", "RS512", "ES256", "ES384", "PS256", "EdDSA"]
 FETCH_TIMEOUT_SECONDS = 5.0
@@ -177,13 +178,7 @@ class OidcVerifier:
             raise Unauthenticated("token is from another issuer", reason="TOKEN_WRONG_ISSUER") from None
         except (jwt.PyJWTError, TypeError, ValueError) as exc:
             raise Unauthenticated(f"token is invalid: {exc}", reason="TOKEN_INVALID") from None
-        lifetime = float(claims["exp"]) - float(claims["iat"])
-        if lifetime > max_lifetime_seconds:
-            raise Unauthenticated(
-                f"token lives {lifetime / 86400:.1f} days, longer than this deployment allows "
-                f"({max_lifetime_seconds / 86400:.1f} days)",
-                reason="TOKEN_LIFETIME_TOO_LONG",
-            )
+        check_lifetime(claims, max_lifetime_seconds)
         user = claims.get(self.settings.user_claim)
         if not isinstance(user, str) or not user:
             raise Unauthenticated(
