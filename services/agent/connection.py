@@ -76,11 +76,6 @@ class AgentOptions:
     credentials: grpc.ChannelCredentials | None = None
 
 
-def backoff_delays(initial: float = INITIAL_BACKOFF_SECONDS, cap: float = MAX_BACKOFF_SECONDS) -> Backoff:
-    """Full-jitter exponential backoff (reset after each successful connection)."""
-    return Backoff(initial, cap)
-
-
 class Backoff:
     """Exponential backoff with full jitter: the n-th delay is uniform in [0, min(cap, initial * 2^n)]."""
 
@@ -136,7 +131,7 @@ class AgentConnection:
 
     async def run_forever(self) -> int:
         """Dial, serve, redial; returns the exit code when the agent must stop."""
-        backoff = backoff_delays()
+        backoff = Backoff(INITIAL_BACKOFF_SECONDS, MAX_BACKOFF_SECONDS)
         while True:
             try:
                 await self._serve_once(backoff)

@@ -141,10 +141,15 @@ def _verified(keys: Keys, token: str, max_lifetime_seconds: float) -> tuple[Iden
             return hit[0], hit[2]
         _VERIFIED.pop(key, None)
     identity, expires, token_id = _verify(keyset, token, max_lifetime_seconds)
+    _remember(key, identity, expires, token_id)
+    return identity, token_id
+
+
+def _remember(key: tuple[Any, ...], identity: Identity, expires: float, token_id: str) -> None:
+    """Cache a verified token (the oldest entries go first)."""
     while len(_VERIFIED) >= VERIFIED_CACHE_SIZE:
         _VERIFIED.popitem(last=False)
     _VERIFIED[key] = (identity, expires, token_id)
-    return identity, token_id
 
 
 def _verified_oidc(oidc: OidcVerifier, token: str, max_lifetime_seconds: float) -> tuple[Identity, str]:
@@ -155,9 +160,7 @@ def _verified_oidc(oidc: OidcVerifier, token: str, max_lifetime_seconds: float) 
         return hit[0], hit[2]
     user, admin, expires, token_id = oidc.verify(token, max_lifetime_seconds)
     identity = Identity(subject=user, role=Role.ADMIN if admin else Role.USER)
-    while len(_VERIFIED) >= VERIFIED_CACHE_SIZE:
-        _VERIFIED.popitem(last=False)
-    _VERIFIED[key] = (identity, expires, token_id)
+    _remember(key, identity, expires, token_id)
     return identity, token_id
 
 
@@ -230,11 +233,12 @@ def authenticate(
 ) -> Identity:
     """Turn request metadata into an identity, or raise Unauthenticated / PermissionDenied.
 
-    `is_revoked(token_id)` says whether an admin revoked the token (services.tokens); `oidc`
-    verifies tokens of the deployment's external identity provider (services.common.oidc).
+    `is_revoked(token_id)` says whether an admin revoked the token (services.tokens); `oidc` is
+    given when the token claims to be the external identity provider's (`OidcVerifier.issues`, which
+    the caller checked) and verifies it (services.common.oidc).
     """
     token = parse_authorization(authorization)
-    if oidc is not None and oidc.issues(token):
+    if oidc is not None:
         identity, token_id = _verified_oidc(oidc, token, max_lifetime_seconds)
     else:
         identity, token_id = _verified(keys, token, max_lifetime_seconds)

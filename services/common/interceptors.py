@@ -166,18 +166,21 @@ class AuthInterceptor(ScopeInterceptor):
         if method.startswith(self._exempt):
             yield
             return
-        if self._oidc is not None:
-            # Fetch the identity provider's keys (asynchronously) if this token needs new ones.
-            authorization = metadata_value(context, auth.AUTHORIZATION_METADATA_KEY)
-            if authorization and self._oidc.issues(authorization.partition(" ")[2].strip()):
-                await self._oidc.prepare(authorization.partition(" ")[2].strip())
+        authorization = metadata_value(context, auth.AUTHORIZATION_METADATA_KEY)
+        oidc = None
+        if self._oidc is not None and authorization:
+            token = authorization.partition(" ")[2].strip()
+            if self._oidc.issues(token):
+                # The provider's token: fetch its keys (asynchronously) if this one needs new ones.
+                await self._oidc.prepare(token)
+                oidc = self._oidc
         identity = auth.authenticate(
             self._keys,
-            metadata_value(context, auth.AUTHORIZATION_METADATA_KEY),
+            authorization,
             metadata_value(context, auth.ON_BEHALF_OF_METADATA_KEY),
             self._max_lifetime,
             self._is_revoked,
-            self._oidc,
+            oidc,
         )
         with auth.identity_scope(identity):
             yield

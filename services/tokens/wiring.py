@@ -8,6 +8,8 @@ import grpc.aio
 from agentplane.config.v1 import token_service_pb2 as pb
 from agentplane.config.v1 import token_service_pb2_grpc as pb_grpc
 
+from services.common.auth import ServiceTokenProvider
+from services.common.client import create_channel
 from services.common.settings import Settings
 from services.tokens.revocations import Fetch, RevocationList, RevocationPoller
 from services.tokens.store import RevocationStore
@@ -51,18 +53,10 @@ def from_config(channel: grpc.aio.Channel, timeout: float = 10.0) -> Fetch:
     return fetch
 
 
-def channel_to_config(address: str, token_provider: Callable[[], str]) -> grpc.aio.Channel:
-    """A channel to config authenticated as this service."""
-    from services.common.client import create_channel
-
-    return create_channel(address, token_provider=token_provider)
-
-
 async def follow_config(settings: Settings, service_name: str) -> tuple[RevocationList, Stop]:
     """A RevocationList kept fresh from the config service, and the coroutine that stops it."""
-    from services.common.auth import ServiceTokenProvider
-
-    channel = channel_to_config(settings.address("config"), ServiceTokenProvider(settings.keys, service_name))
+    tokens = ServiceTokenProvider(settings.keys, service_name)
+    channel = create_channel(settings.address("config"), token_provider=tokens)
     revocations = RevocationList()
     poller = RevocationPoller(revocations, from_config(channel), settings.revocation_refresh_seconds)
     poller.start()

@@ -180,11 +180,7 @@ class AgentRouter:
         self, info: AgentInfo, workspace_id: str, message: pb.AgentToolCall, deadline_seconds: float | None
     ) -> ToolResult | bool:
         """The result from the replica holding the agent, or whether the call may have been sent."""
-        channel = self._channels.get(info.replica_address)
-        if channel is None:
-            channel = create_channel(info.replica_address, token_provider=self._token)
-            self._channels[info.replica_address] = channel
-        stub = pb_grpc.AgentRelayServiceStub(channel)
+        stub = pb_grpc.AgentRelayServiceStub(self._channel(info.replica_address))
         deadline = (deadline_seconds or DEFAULT_RELAY_SECONDS) + RELAY_MARGIN_SECONDS
         try:
             response = await stub.RelayToolCall(
@@ -212,12 +208,8 @@ class AgentRouter:
         info = await self._agents.get(workspace_id)
         if info is None or not self._elsewhere(info):
             return False
-        channel = self._channels.get(info.replica_address) or create_channel(
-            info.replica_address, token_provider=self._token
-        )
-        self._channels[info.replica_address] = channel
         try:
-            response = await pb_grpc.AgentRelayServiceStub(channel).RelaySignal(
+            response = await pb_grpc.AgentRelayServiceStub(self._channel(info.replica_address)).RelaySignal(
                 pb.RelaySignalRequest(
                     workspace_id=workspace_id, signal=pb.AgentSignal(kind=kind, reason=reason)
                 ),
@@ -226,6 +218,13 @@ class AgentRouter:
         except grpc.aio.AioRpcError:
             return False
         return bool(response.delivered)
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        """The channel to another replica (one per address, kept), with toolexec's service token."""
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = create_channel(address, token_provider=self._token)
+        return channel
 
     async def close(self) -> None:
         """Close the relay channels."""

@@ -79,13 +79,12 @@ class WorkspaceManager:
         drivers: Mapping[str, WorkspaceDriver],
         templates: TemplateFetcher | None,
         default_driver: str = "local",
-        terminate_agent: Callable[[str], Awaitable[bool]] | None = None,
     ) -> None:
         self._store = store
         self._drivers = dict(drivers)
         self._templates = templates
         self.default_driver = default_driver
-        self._terminate_agent = terminate_agent
+        self._terminate_agent: Callable[[str], Awaitable[bool]] | None = None
         self._revoke_agent: Callable[[str], Awaitable[bool]] | None = None
         # Ready workspaces never change owner; caching them keeps CallTool to the ledger statements.
         self._ready: dict[str, WorkspaceRecord] = {}
