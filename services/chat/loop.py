@@ -23,7 +23,7 @@ from agentplane.chat.v1 import chat_pb2
 from agentplane.inference.v1 import inference_pb2, inference_service_pb2
 
 from services.chat import parts as parts_mod
-from services.chat.store import Fence, NewMessage, RunInfo
+from services.chat.domain import Fence, NewMessage, RunInfo
 from services.common import auth
 
 log = logging.getLogger(__name__)

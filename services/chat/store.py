@@ -17,7 +17,6 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 from agentplane.chat.v1 import chat_pb2
@@ -28,6 +27,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from services.chat import parts as parts_mod
 from services.chat.deltas import EventNumberer, Unnumbered
+from services.chat.domain import Claim, Fence, LeaseLost, NewMessage, RenewResult, RunInfo
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 
 PENDING_CHANNEL = "agentplane_chat_pending"
@@ -73,62 +73,6 @@ class _GeneralPath(Exception):
 
 
 Publisher = Callable[[str, Sequence[chat_pb2.ChatEvent]], Awaitable[None]]
-
-
-class LeaseLost(Exception):
-    """The run's fence no longer matches: another worker, an edit or a delete took the chat."""
-
-
-@dataclass(frozen=True)
-class Fence:
-    """Identifies one run of a chat: the worker that owns it and the run generation."""
-
-    worker_id: str
-    generation: int
-
-
-@dataclass(frozen=True)
-class Claim:
-    """A chat a worker just acquired; `info` is set when the claim also started the run."""
-
-    chat_id: str
-    fence: Fence
-    info: RunInfo | None = None
-
-
-@dataclass(frozen=True)
-class RenewResult:
-    """What one lease renewal learned about a worker's chats."""
-
-    held: dict[str, Fence]
-    interrupted: set[str]
-
-
-@dataclass
-class RunInfo:
-    """What a run needs to know about its chat."""
-
-    chat_id: str
-    owner_id: str
-    model_config_id: str
-    workspace_id: str
-    agents_md: str | None
-    # True when `agents_md` was read in this run and is not cached on the chat row yet: the
-    # run's next persisted message stores it in the same statement.
-    agents_md_unsaved: bool = False
-
-
-@dataclass(frozen=True)
-class NewMessage:
-    """A message a run is about to persist."""
-
-    role: str
-    parts: Sequence[chat_pb2.ContentPart]
-    sender_id: str
-    model_config_id: str = ""
-    usage: chat_pb2.Usage | None = None
-    runtime_ms: int = 0
-    visibility: int = chat_pb2.VISIBILITY_BOTH
 
 
 def now() -> dt.datetime:

@@ -16,10 +16,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from services.chat.domain import Claim, LeaseLost
 from services.chat.loop import LoopConfig, Model, Prompts, RunContext, Tools, run_chat
 from services.chat.notify import Notifier
 from services.chat.settings import ChatSettings
-from services.chat.store import INTERRUPT_CHANNEL, PENDING_CHANNEL, ChatStore, Claim, LeaseLost
+from services.chat.store import INTERRUPT_CHANNEL, PENDING_CHANNEL, ChatStore
 from services.common import logs
 
 log = logging.getLogger(__name__)

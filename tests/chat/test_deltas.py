@@ -10,7 +10,8 @@ import pytest
 from agentplane.chat.v1 import chat_pb2
 
 from services.chat.deltas import EventNumberer
-from services.chat.store import ChatStore, Claim, LeaseLost
+from services.chat.domain import Claim, LeaseLost
+from services.chat.store import ChatStore
 from services.common import db
 from tests.chat.conftest import text
 

@@ -12,7 +12,8 @@ import pytest
 from agentplane.chat.v1 import chat_pb2
 from psycopg.types.json import Jsonb
 
-from services.chat.store import ChatStore, LeaseLost, NewMessage
+from services.chat.domain import LeaseLost, NewMessage
+from services.chat.store import ChatStore
 from services.common import db
 from tests.chat.conftest import eventually, text
 
