@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 
-.PHONY: setup sandbox-deps gen gen-check lint typecheck buf-lint test check up demo clean
+.PHONY: setup sandbox-deps gen gen-check lint typecheck buf-lint buf-breaking test check up demo clean
 
 setup: sandbox-deps $(VENV)/.installed
 
@@ -36,10 +36,15 @@ typecheck: setup
 buf-lint: setup
 	$(BIN)/buf lint
 
+## Fail when proto/ breaks the API of the last release tag or of the commit this change starts
+## from (HEAD^ on main; BUF_BREAKING_AGAINST=<ref> to choose). See docs/api.md.
+buf-breaking: setup
+	BUF=$(BIN)/buf sh scripts/buf-breaking.sh
+
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-check: lint typecheck buf-lint gen-check test
+check: lint typecheck buf-lint buf-breaking gen-check test
 
 ## Run the whole product on this machine (embedded Postgres/Redis when no URLs are set).
 up: setup
@@ -47,3 +52,8 @@ up: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+## The product end to end in one command: stack up, an agent fixes a failing test in a sandboxed
+## workspace (offline: the simulator plays the model), the result is checked, everything stops.
+demo: setup
+	$(BIN)/agentplane demo

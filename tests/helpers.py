@@ -9,16 +9,21 @@ Typical use in a service's tests::
         async with serve_in_process(chat_server.build, settings, token=make_token("alice")) as svc:
             stub = chat_service_pb2_grpc.ChatServiceStub(svc.channel)
             ...
+
+Waiting for something to happen is `await wait_until(condition, what="...")`, the one polling
+helper of the test suite.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar, overload
 
 import grpc
 import grpc.aio
@@ -29,6 +34,9 @@ from services.common.server import ServerHandle
 from services.common.settings import SERVICE_NAMES, Settings
 
 _TEST_KEYS_DIR: str | None = None
+T = TypeVar("T")
+# How often `wait_until` looks again: short enough not to slow tests, long enough not to spin.
+POLL_INTERVAL_SECONDS = 0.02
 
 
 def deployment_keys_dir() -> str:
@@ -140,12 +148,54 @@ def kill_agents(workspaces_dir: str) -> None:
     kill(workspaces_dir)
 
 
+@overload
 async def wait_until(
-    predicate: Callable[[], bool], seconds: float = 10.0, what: str = "the condition"
-) -> None:
-    """Poll `predicate` (state the test can observe, not a guess at timing) until true or `seconds` pass."""
+    condition: Callable[[], Awaitable[T]],
+    *,
+    what: str,
+    timeout: float = 10.0,  # noqa: ASYNC109 (the poll knows its deadline to report it)
+    until: Callable[[T], bool] | None = None,
+) -> T: ...
+
+
+@overload
+async def wait_until(
+    condition: Callable[[], T],
+    *,
+    what: str,
+    timeout: float = 10.0,  # noqa: ASYNC109 (the poll knows its deadline to report it)
+    until: Callable[[T], bool] | None = None,
+) -> T: ...
+
+
+async def wait_until(
+    condition: Callable[[], Any],
+    *,
+    what: str,
+    timeout: float = 10.0,  # noqa: ASYNC109 (the poll knows its deadline to report it)
+    until: Callable[[Any], bool] | None = None,
+) -> Any:
+    """Poll `condition()` (sync or async: state the test can observe, never a guess at timing)
+    every 20 ms until its value is truthy, or until `until(value)` holds when `until` is given,
+    and return that value.
+
+    After `timeout` seconds the test fails with an AssertionError naming `what` was awaited and
+    the last value seen, so a probe that returns the observed state (a chat, a status, a list)
+    with `until` saying what it should be explains a timeout by itself. Exceptions raised by
+    `condition` fail the test at once; a probe that expects some (a server still starting)
+    catches them itself.
+    """
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
-    while not predicate():
-        assert loop.time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
+    deadline = loop.time() + timeout
+    while True:
+        value = condition()
+        if inspect.isawaitable(value):
+            value = await value
+        if until(value) if until is not None else value:
+            return value
+        if loop.time() >= deadline:
+            seen = repr(value)
+            if len(seen) > 500:
+                seen = seen[:500] + "..."
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}; last value seen: {seen}")
+        await asyncio.sleep(POLL_INTERVAL_SECONDS)

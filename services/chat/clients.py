@@ -1,7 +1,7 @@
 """Real implementations of the loop's interfaces over the other services' gRPC APIs.
 
-Calls carry the chat service's own token; the on-behalf-of user comes from
-`auth.acting_for(owner)` around the run (see worker.py).
+Calls carry the chat service's own token and name the user they act for from the loop's own
+arguments (the request's `user_id`, the tools' `user_id`), never from an identity set around the run.
 """
 
 from __future__ import annotations
@@ -17,8 +17,13 @@ from agentplane.toolexec.v1 import toolexec_service_pb2, toolexec_service_pb2_gr
 from google.protobuf import duration_pb2
 
 from services.chat.loop import ModelError, ModelLimits, ToolOutcome
-from services.common import rpc_errors
+from services.common import auth, rpc_errors
 from services.config.client import ConfigClient
+
+
+def _on_behalf_of(user_id: str) -> tuple[tuple[str, str], ...]:
+    """Call metadata naming the user a call acts for (it wins over any ambient identity)."""
+    return ((auth.ON_BEHALF_OF_METADATA_KEY, user_id),) if user_id else ()
 
 
 def _model_error(exc: grpc.aio.AioRpcError) -> ModelError:
@@ -37,7 +42,7 @@ class InferenceModel:
         self, request: inference_service_pb2.GenerateRequest
     ) -> AsyncIterator[inference_service_pb2.GenerateResponse]:
         """Stream Generate; the call is cancelled when the consumer stops early."""
-        call = self._stub.Generate(request)
+        call = self._stub.Generate(request, metadata=_on_behalf_of(request.user_id))
         try:
             async for event in call:
                 yield event
@@ -110,8 +115,11 @@ class ToolExecTools:
             self._tools, self._tools_at = tools, time.monotonic()
             return tools
 
-    async def call(self, workspace_id: str, tool_call_id: str, name: str, arguments_json: str) -> ToolOutcome:
-        """CallTool; transport failures become error results the model sees."""
+    async def call(
+        self, workspace_id: str, tool_call_id: str, name: str, arguments_json: str, *, user_id: str = ""
+    ) -> ToolOutcome:
+        """CallTool on behalf of `user_id` (none: as the channel's own identity); transport
+        failures become error results the model sees."""
         request = toolexec_service_pb2.CallToolRequest(
             workspace_id=workspace_id,
             tool_call_id=tool_call_id,
@@ -126,7 +134,9 @@ class ToolExecTools:
         delay = 0.1
         while True:
             try:
-                resp = await self._stub.CallTool(request, timeout=self._timeout + 30)
+                resp = await self._stub.CallTool(
+                    request, timeout=self._timeout + 30, metadata=_on_behalf_of(user_id)
+                )
                 break
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in _OUTCOME_UNKNOWN:
@@ -178,5 +188,6 @@ class ConfigPrompts:
         return await self._client.get_system_prompt()
 
     async def user_prompt(self, user_id: str) -> str:
-        """The user's prompt."""
-        return await self._client.get_user_prompt(user_id)
+        """The user's prompt, read acting for that user (the least the chat service needs)."""
+        with auth.acting_for(user_id):
+            return await self._client.get_user_prompt(user_id)

@@ -49,10 +49,20 @@ class RunInfo:
     owner_id: str
     model_config_id: str
     workspace_id: str
+    # The workspace's AGENTS.md as cached on the chat row (None: not read yet).
     agents_md: str | None
-    # True when `agents_md` was read in this run and is not cached on the chat row yet: the
-    # run's next persisted message stores it in the same statement.
-    agents_md_unsaved: bool = False
+
+
+@dataclass(frozen=True)
+class StartedRun:
+    """What starting a run returns: the chat's facts and when its first turn began.
+
+    `turn_began` is `time.monotonic()` taken right after the start was committed, before its
+    events were published: interrupt flags read after that moment are about this turn.
+    """
+
+    info: RunInfo
+    turn_began: float
 
 
 @dataclass(frozen=True)

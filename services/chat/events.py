@@ -7,6 +7,10 @@ buffered ones after its `after_seq`, then follows live events; a gap in the live
 is filled from Postgres (the seq allocation's row lock guarantees every lower durable
 event committed before a higher seq exists). A subscriber that falls behind its bounded
 queue is dropped with RESOURCE_EXHAUSTED instead of slowing the loop.
+
+While Redis is unreachable a replica stops calling it (one warning when it goes, one line when
+it is back, a probe in between) and relays what it publishes through Postgres NOTIFY
+(`services/chat/relay.py`), so subscribers on other replicas still get live events.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import struct
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
@@ -23,12 +26,12 @@ from typing import Any
 import redis.asyncio as aioredis
 from agentplane.chat.v1 import chat_pb2
 
+from services.chat.relay import PgRelay, is_stub, pack, unpack
 from services.common.errors import ResourceExhausted
 
 log = logging.getLogger(__name__)
 
 ORIGIN_BYTES = 8
-_LENGTH = struct.Struct(">I")
 
 DurableReader = Callable[[str, int, int | None], Awaitable[list[chat_pb2.ChatEvent]]]
 
@@ -62,6 +65,12 @@ class EventHub:
     channel, tagged with this replica's origin, for subscribers on other replicas. One pub/sub
     connection per replica follows the channel of every chat with local subscribers and skips
     its own messages; each delivery costs O(1) whatever the number of followed chats.
+
+    When a Redis call fails the hub marks Redis down (logged once): it stops calling it, hands
+    what it publishes to `relay` (Postgres NOTIFY) instead, and probes Redis every
+    `probe_seconds`. Once a probe succeeds (logged once) it follows its chats again, replays
+    what Redis buffered meanwhile, and keeps relaying for `overlap_seconds` more, so subscribers
+    of replicas that notice the return later miss nothing (duplicates are dropped by seq).
     """
 
     def __init__(
@@ -73,6 +82,9 @@ class EventHub:
         poll_seconds: float | None = None,
         key_prefix: str = "agentplane:chat:events:",
         confirm_timeout: float = 5.0,
+        relay: PgRelay | None = None,
+        probe_seconds: float = 1.0,
+        overlap_seconds: float = 5.0,
     ) -> None:
         self._redis = redis
         self._buffer_size = buffer_size
@@ -80,6 +92,8 @@ class EventHub:
         # The durable poll is how events of other replicas arrive without Redis; with Redis it
         # is only a safety net for a lost pub/sub message.
         self._poll = poll_seconds if poll_seconds is not None else (5.0 if redis is not None else 1.0)
+        # Without Redis (down), the poll is what brings durable events a relay could not.
+        self._degraded_poll = min(self._poll, 1.0)
         self._prefix = key_prefix
         self._channel_prefix = f"{key_prefix}live:".encode()
         self._subs: dict[str, set[_Subscriber]] = collections.defaultdict(set)
@@ -97,6 +111,14 @@ class EventHub:
         self._waiters: dict[bytes, list[tuple[int, asyncio.Future[None]]]] = {}
         self._resync = False
         self._closed = False
+        self._relay = relay
+        self._probe_seconds = probe_seconds
+        self._overlap_seconds = overlap_seconds
+        self._redis_up = True
+        self._up = asyncio.Event()
+        self._up.set()
+        self._prober: asyncio.Task[None] | None = None
+        self._relay_until = 0.0
 
     def _key(self, chat_id: str) -> str:
         return f"{self._prefix}{chat_id}"
@@ -121,15 +143,16 @@ class EventHub:
             self._offer(chat_id, events)
             return
         self._offer(chat_id, events)
-        try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                self._append(pipe, chat_id, events)
-                pipe.expire(self._key(chat_id), 24 * 3600)
-                await pipe.execute()
-        except Exception as exc:  # other replicas' subscribers fall back to Postgres
-            log.warning(
-                "publishing chat events to redis failed", extra={"chat_id": chat_id, "error": str(exc)}
-            )
+        if self._redis_up:
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    self._append(pipe, chat_id, events)
+                    pipe.expire(self._key(chat_id), 24 * 3600)
+                    await pipe.execute()
+            except Exception as exc:
+                self._redis_failed("publishing chat events", exc)
+        if self._relaying():
+            self._relay.send(chat_id, events)  # type: ignore[union-attr]
 
     async def publish_many(self, batch: Sequence[tuple[str, Sequence[chat_pb2.ChatEvent]]]) -> None:
         """Publish committed events of many chats at once (one Redis round trip); never raises."""
@@ -139,35 +162,99 @@ class EventHub:
             return
         for chat_id, events in batch:
             self._offer(chat_id, events)
-        try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for chat_id, events in batch:
-                    # Streaming events only come while a run is busy: the expiry set by the
-                    # run's durable events covers them, so no EXPIRE per batch.
-                    self._append(pipe, chat_id, events)
-                await pipe.execute()
-        except Exception as exc:  # streaming events: local subscribers already have them
-            log.warning("publishing chat events to redis failed", extra={"error": str(exc)})
+        if self._redis_up:
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for chat_id, events in batch:
+                        # Streaming events only come while a run is busy: the expiry set by the
+                        # run's durable events covers them, so no EXPIRE per batch.
+                        self._append(pipe, chat_id, events)
+                    await pipe.execute()
+            except Exception as exc:
+                self._redis_failed("publishing chat events", exc)
+        if self._relaying():
+            for chat_id, events in batch:
+                self._relay.send(chat_id, events)  # type: ignore[union-attr]
+
+    def _relaying(self) -> bool:
+        """Whether published events go through the Postgres relay too (Redis down, or just back)."""
+        if self._relay is None:
+            return False
+        return not self._redis_up or asyncio.get_running_loop().time() < self._relay_until
+
+    def relayed(self, payload: str) -> None:
+        """A notification on the relay channel (`Notifier` handler): offer another replica's events
+        to this replica's subscribers of that chat."""
+        if self._relay is None:
+            return
+        chat_id, events = self._relay.receive(payload, self._subs.__contains__)
+        if events:
+            self._offer(chat_id, events)
+
+    @property
+    def redis_up(self) -> bool:
+        """Whether this hub uses Redis now (False while it is unreachable)."""
+        return self._redis is not None and self._redis_up
+
+    def _redis_failed(self, doing: str, exc: BaseException) -> None:
+        """Mark Redis down (logged once per outage) and start probing for its return."""
+        if not self._redis_up or self._closed:
+            return
+        self._redis_up = False
+        self._up.clear()
+        log.warning(
+            "redis is unreachable (%s failed: %s); live chat events go through postgres until it is back",
+            doing,
+            exc,
+            extra={"error": str(exc)},
+        )
+        if self._prober is None or self._prober.done():
+            self._prober = asyncio.get_running_loop().create_task(
+                self._probe(), name="chat-events-redis-probe"
+            )
+
+    async def _probe(self) -> None:
+        """Until Redis answers a write: wait `probe_seconds`, try again. Then go back to it."""
+        assert self._redis is not None
+        while not self._closed:
+            await asyncio.sleep(self._probe_seconds)
+            try:
+                async with asyncio.timeout(max(self._probe_seconds, 1.0)):
+                    # A write, as publishing is: a Redis that answers PING but refuses writes
+                    # (out of memory, a read-only replica) is still down for us.
+                    await self._redis.set(f"{self._prefix}probe", b"1", ex=60)
+            except Exception:
+                continue
+            break
+        if self._closed:
+            return
+        self._relay_until = asyncio.get_running_loop().time() + self._overlap_seconds
+        self._redis_up = True
+        self._up.set()
+        log.warning("redis is reachable again; live chat events go through it again")
+        # Follow the chats subscribed to during the outage; the reader replays what the
+        # buffers got meanwhile.
+        for chat_id in list(self._subs):
+            await self._follow(chat_id)
+        self._resync = True
 
     def _append(self, pipe: Any, chat_id: str, events: Sequence[chat_pb2.ChatEvent]) -> None:
         """Queue on `pipe` the stream entries and the one pub/sub message for `events`."""
         key = self._key(chat_id)
-        frames = [self._origin]
         for ev in events:
-            data = ev.SerializeToString()
-            pipe.xadd(key, {"e": data}, maxlen=self._buffer_size, approximate=True)
-            frames.append(_LENGTH.pack(len(data)))
-            frames.append(data)
-        pipe.publish(self._channel(chat_id), b"".join(frames))
+            pipe.xadd(key, {"e": ev.SerializeToString()}, maxlen=self._buffer_size, approximate=True)
+        pipe.publish(self._channel(chat_id), self._origin + pack(events))
 
     async def _buffered(self, chat_id: str, after_seq: int) -> list[chat_pb2.ChatEvent]:
         """Buffered events after `after_seq`."""
         if self._redis is None:
             return [ev for ev in self._local.get(chat_id, ()) if ev.seq > after_seq]
+        if not self._redis_up:
+            return []
         try:
             entries: Any = await self._redis.xrange(self._key(chat_id), "-", "+")
         except Exception as exc:
-            log.warning("reading chat events from redis failed", extra={"error": str(exc)})
+            self._redis_failed("reading chat events", exc)
             return []
         out = []
         for _, fields in entries:
@@ -178,8 +265,8 @@ class EventHub:
 
     async def _follow(self, chat_id: str) -> None:
         """Have this replica's pub/sub connection follow `chat_id`; returns once Redis confirmed."""
-        if self._redis is None:
-            return
+        if self._redis is None or not self._redis_up:
+            return  # (down: the relay brings live events; the probe follows the chat on return)
         channel = self._channel(chat_id)
         waiter: asyncio.Future[None]
         if channel in self._followed:
@@ -211,8 +298,8 @@ class EventHub:
                     self._pubsub.connection.register_connect_callback(self._reconnected)
                 else:
                     await self._pubsub.subscribe(channel)
-            except Exception as exc:  # live events of other replicas then come from the poll
-                log.warning("subscribing to chat events failed", extra={"error": str(exc)})
+            except Exception as exc:  # live events of other replicas then come from the relay
+                self._redis_failed("subscribing to chat events", exc)
                 # Not followed after all: nobody waits for this SUBSCRIBE (others waiting for it
                 # go on without it) and the next subscription tries again.
                 self._followed.discard(channel)
@@ -227,7 +314,8 @@ class EventHub:
             async with asyncio.timeout(self._confirm_timeout):
                 await asyncio.shield(waiter)
         except TimeoutError:
-            log.warning("redis did not confirm a chat event subscription", extra={"chat_id": chat_id})
+            if self._redis_up:  # (down meanwhile: that was logged, and the relay takes over)
+                log.warning("redis did not confirm a chat event subscription", extra={"chat_id": chat_id})
 
     def _unfollow(self, chat_id: str) -> None:
         channel = self._channel(chat_id)
@@ -260,9 +348,10 @@ class EventHub:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the connection resubscribes; replay what we may have missed
-                log.warning("reading chat events from redis failed", extra={"error": str(exc)})
+                self._redis_failed("reading chat events", exc)
                 self._resync = True
-                await asyncio.sleep(0.5)
+                # Quiet until the probe sees Redis again (a reconnect per message would spin).
+                await self._up.wait()
                 continue
             if message is None:
                 continue
@@ -274,7 +363,7 @@ class EventHub:
                     continue  # published here: already offered to the local subscribers
                 chat_id = channel[prefix_len:].decode()
                 if chat_id in self._subs:
-                    self._offer(chat_id, _frames(data))
+                    self._offer(chat_id, unpack(data, ORIGIN_BYTES))
             elif kind == "subscribe":
                 self._confirm(channel)
             elif kind == "unsubscribe" and channel not in self._followed:
@@ -339,7 +428,7 @@ class EventHub:
                 if sub.queue.empty():
                     sub.wake.clear()
                     try:
-                        async with asyncio.timeout(self._poll):
+                        async with asyncio.timeout(self._poll if self._redis_up else self._degraded_poll):
                             await sub.wake.wait()
                     except TimeoutError:
                         # Fallback for events published elsewhere without Redis: poll Postgres.
@@ -349,6 +438,12 @@ class EventHub:
                     continue
                 live = _coalesce(sub.queue, sub.last)
                 if live is None:
+                    continue
+                if is_stub(live):
+                    # A relayed event too large for a notification: durable, so in Postgres.
+                    for ev in await durable(chat_id, sub.last, live.seq + 1):
+                        yield ev
+                        sub.last = ev.seq
                     continue
                 if live.seq > sub.last + 1:
                     for missing in await durable(chat_id, sub.last, live.seq):
@@ -364,6 +459,10 @@ class EventHub:
                     del self._subs[chat_id]
                     self._unfollow(chat_id)
 
+    def subscribers(self, chat_id: str) -> int:
+        """How many StreamChat calls of this replica follow `chat_id`."""
+        return len(self._subs.get(chat_id, ()))
+
     def follows(self, chat_id: str) -> bool:
         """Whether this replica's pub/sub connection follows `chat_id` (confirmed by Redis)."""
         channel = self._channel(chat_id)
@@ -373,6 +472,14 @@ class EventHub:
         """Stop the reader and drop the pub/sub connection."""
         self._closed = True
         self._followed.clear()
+        self._up.set()  # releases a reader waiting for Redis
+        prober, self._prober = self._prober, None
+        if prober is not None:
+            prober.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await prober
+        if self._relay is not None:
+            await self._relay.close()
         reader, self._reader = self._reader, None
         if reader is not None:
             reader.cancel()
@@ -384,19 +491,6 @@ class EventHub:
             with contextlib.suppress(Exception):
                 await self._pubsub.aclose()
             self._pubsub = None
-
-
-def _frames(data: bytes) -> list[chat_pb2.ChatEvent]:
-    """The events of one pub/sub message: origin, then (length, serialized event) frames."""
-    out = []
-    pos = ORIGIN_BYTES
-    size = len(data)
-    while pos < size:
-        (length,) = _LENGTH.unpack_from(data, pos)
-        pos += _LENGTH.size
-        out.append(chat_pb2.ChatEvent.FromString(data[pos : pos + length]))
-        pos += length
-    return out
 
 
 def _coalesce(queue: asyncio.Queue[chat_pb2.ChatEvent], last: int) -> chat_pb2.ChatEvent | None:

@@ -15,7 +15,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -23,8 +23,9 @@ from agentplane.chat.v1 import chat_pb2
 from agentplane.inference.v1 import inference_pb2, inference_service_pb2
 
 from services.chat import parts as parts_mod
-from services.chat.domain import Fence, NewMessage, RunInfo
-from services.common import auth
+from services.chat.domain import Fence, NewMessage, RunInfo, StartedRun
+from services.chat.loop_coalesce import Coalescer
+from services.chat.loop_messages import interrupted_result, to_model_messages, tool_calls
 
 log = logging.getLogger(__name__)
 # One JSON line per finished step (`duration_ms`) at DEBUG, enabled by AGENTPLANE_CHAT_STEP_LOG:
@@ -84,8 +85,10 @@ class Tools(Protocol):
         """Tool definitions, passed to the model unchanged."""
         ...
 
-    async def call(self, workspace_id: str, tool_call_id: str, name: str, arguments_json: str) -> ToolOutcome:
-        """Run one call (idempotent by tool_call_id)."""
+    async def call(
+        self, workspace_id: str, tool_call_id: str, name: str, arguments_json: str, *, user_id: str
+    ) -> ToolOutcome:
+        """Run one call (idempotent by tool_call_id) on behalf of `user_id`, the chat's owner."""
         ...
 
 
@@ -106,11 +109,14 @@ class Prompts(Protocol):
 
 
 class Store(Protocol):
-    """The fenced writes a run makes (implemented by ChatStore)."""
+    """The fenced writes a run makes (implemented by ChatStore; tests/chat/loopkit.py has a fake).
 
-    async def start_run(
-        self, chat_id: str, fence: Fence, *, committed: Callable[[], None] | None = None
-    ) -> RunInfo: ...
+    `start_run` and `finish_turn` say when a turn's start was committed: the loop counts an
+    interrupt for that turn only when the renewal that saw it began after that moment (see
+    `RunContext.interrupt`).
+    """
+
+    async def start_run(self, chat_id: str, fence: Fence) -> StartedRun: ...
     async def history(self, chat_id: str) -> list[chat_pb2.Message]: ...
     async def emit(self, chat_id: str, fence: Fence | None, events: Sequence[chat_pb2.ChatEvent]) -> None: ...
     async def persist(
@@ -125,9 +131,11 @@ class Store(Protocol):
         guard_idle: bool = False,
         agents_md: str | None = None,
     ) -> chat_pb2.Message: ...
-    async def finish_turn(
-        self, chat_id: str, fence: Fence, *, committed: Callable[[], None] | None = None
-    ) -> bool: ...
+    async def finish_turn(self, chat_id: str, fence: Fence) -> float | None:
+        """End the turn: None when the chat now waits; else a queued message began the next turn,
+        and the answer is when that was committed (`time.monotonic()`, as `StartedRun.turn_began`)."""
+        ...
+
     async def fail_run(self, chat_id: str, fence: Fence, reason: str, message: str) -> None: ...
 
 
@@ -153,10 +161,37 @@ class RunContext:
     config: LoopConfig = field(default_factory=LoopConfig)
     interrupted: asyncio.Event = field(default_factory=asyncio.Event)
     steps_run: int = 0
+    # When the current turn's start was committed (time.monotonic()); see `interrupt`.
     turn_started: float = 0.0
+    # When the latest renewal that reported the chat's interrupt flag began.
+    interrupt_seen_at: float = float("-inf")
     # Set when the claim already started the run (see ChatStore.claim): no start_run needed.
     started: RunInfo | None = None
     step_seconds: list[float] = field(default_factory=list)
+    # The workspace's AGENTS.md once this run read it (see `_agents_md`), and the same text while
+    # the chat row does not have it yet: the run's next persisted message stores it.
+    agents_md: str | None = None
+    agents_md_unsaved: str | None = None
+
+    def interrupt(self, seen_at: float) -> None:
+        """A renewal that began at `seen_at` (time.monotonic()) read the chat's interrupt flag.
+
+        A renewal that began before the turn's start was committed may have read a flag that
+        start consumed (an interrupt of the previous turn): that one is not this turn's.
+        """
+        self.interrupt_seen_at = max(self.interrupt_seen_at, seen_at)
+        if seen_at > self.turn_started:
+            self.interrupted.set()
+
+    def begin_turn(self, committed_at: float) -> None:
+        """A turn's start was committed at `committed_at`: interrupts seen before it are spent.
+
+        The store answers after it published the turn's events, and clients may have reacted
+        with an interrupt meanwhile: one seen by a renewal begun after the commit stays set.
+        """
+        self.turn_started = committed_at
+        if self.interrupt_seen_at <= committed_at:
+            self.interrupted.clear()
 
 
 class TurnEnd(enum.Enum):
@@ -169,27 +204,22 @@ class TurnEnd(enum.Enum):
 
 async def run_chat(ctx: RunContext) -> None:
     """Run turns until the chat waits for the user (or errors); LeaseLost propagates."""
-
-    def begin_turn() -> None:
-        # Called the moment the transaction that consumed the chat's interrupt flag commits,
-        # before its events are published (clients may react to them at once). A renewal that
-        # began after this point reads the committed flag, so an interrupt sent from here on is
-        # honoured; resetting any later (as we once did, after publishing) could swallow one.
-        ctx.turn_started = time.monotonic()
-        ctx.interrupted.clear()
-
     if ctx.started is not None:
         info = ctx.started  # the claim's statement started it; the worker set turn_started
     else:
-        info = await ctx.store.start_run(ctx.chat_id, ctx.fence, committed=begin_turn)
-    # Background work: every call to another service acts for the chat's owner explicitly.
-    with auth.acting_for(info.owner_id):
-        while True:
-            end = await run_turn(ctx, info)
-            if end is TurnEnd.FAILED:
-                return
-            if not await ctx.store.finish_turn(ctx.chat_id, ctx.fence, committed=begin_turn):
-                return
+        started = await ctx.store.start_run(ctx.chat_id, ctx.fence)
+        ctx.begin_turn(started.turn_began)
+        info = started.info
+    # Every call to another service names the chat's owner itself (the request's user_id, the
+    # tools' user_id): nothing depends on an identity set around the run.
+    while True:
+        end = await run_turn(ctx, info)
+        if end is TurnEnd.FAILED:
+            return
+        next_turn = await ctx.store.finish_turn(ctx.chat_id, ctx.fence)
+        if next_turn is None:
+            return
+        ctx.begin_turn(next_turn)
 
 
 async def run_turn(ctx: RunContext, info: RunInfo) -> TurnEnd:
@@ -201,7 +231,7 @@ async def run_turn(ctx: RunContext, info: RunInfo) -> TurnEnd:
         visible = [m for m in history if m.visibility != chat_pb2.VISIBILITY_USER]
         last = visible[-1] if visible else None
         if last is not None and last.role == chat_pb2.MESSAGE_ROLE_ASSISTANT:
-            calls = [p.tool_call for p in last.parts if p.WhichOneof("part") == "tool_call"]
+            calls = tool_calls(last)
             if not calls:
                 return TurnEnd.DONE
             # Also the recovery path: a run that died after persisting calls runs them now;
@@ -218,9 +248,8 @@ async def run_turn(ctx: RunContext, info: RunInfo) -> TurnEnd:
                 f"Stopped after {ctx.config.step_limit} model steps, the step limit of one turn. "
                 "Send a message to continue."
             )
-            msg = await ctx.store.persist(
-                ctx.chat_id,
-                ctx.fence,
+            msg = await _persist(
+                ctx,
                 NewMessage(
                     role="assistant",
                     parts=[parts_mod.text_part(text)],
@@ -232,14 +261,20 @@ async def run_turn(ctx: RunContext, info: RunInfo) -> TurnEnd:
             return TurnEnd.DONE
         limits = await ctx.prompts.model(info.model_config_id)
         if _over_threshold(history, limits):
-            history = [await compact(ctx, info, history)]
+            summary = await _compact_in_turn(ctx, info, history)
+            if isinstance(summary, TurnEnd):
+                return summary
+            history = [summary]
         started = time.monotonic()
         try:
             generated, interrupted = await _generate(ctx, info, history)
         except ModelError as exc:
             if exc.reason == "CONTEXT_LENGTH_EXCEEDED" and not compacted_for_overflow:
                 compacted_for_overflow = True
-                history = [await compact(ctx, info, history)]
+                summary = await _compact_in_turn(ctx, info, history)
+                if isinstance(summary, TurnEnd):
+                    return summary
+                history = [summary]
                 continue
             await ctx.store.fail_run(ctx.chat_id, ctx.fence, exc.reason or "MODEL_ERROR", exc.message)
             return TurnEnd.FAILED
@@ -247,11 +282,7 @@ async def run_turn(ctx: RunContext, info: RunInfo) -> TurnEnd:
         ctx.steps_run += 1
         if generated is not None:
             history.append(generated)
-        calls = (
-            [p.tool_call for p in generated.parts if p.WhichOneof("part") == "tool_call"]
-            if generated is not None
-            else []
-        )
+        calls = tool_calls(generated) if generated is not None else []
         if interrupted:
             if calls:
                 history.append(await _synthetic_results(ctx, calls))
@@ -286,13 +317,18 @@ def _over_threshold(history: Sequence[chat_pb2.Message], limits: ModelLimits) ->
 
 
 async def build_request(
-    ctx: RunContext, info: RunInfo, history: Sequence[chat_pb2.Message], *, with_tools: bool = True
+    ctx: RunContext,
+    info: RunInfo,
+    history: Sequence[chat_pb2.Message],
+    *,
+    with_tools: bool = True,
+    fenced: bool = True,
 ) -> inference_service_pb2.GenerateRequest:
     """System prompt (deployment + user + AGENTS.md), tools, and the model-visible history."""
     system_parts = [await ctx.prompts.system_prompt(), await ctx.prompts.user_prompt(info.owner_id)]
     tools: list[inference_pb2.ToolDefinition] = []
     if info.workspace_id:
-        agents_md = await _agents_md(ctx, info)
+        agents_md = await _agents_md(ctx, info, fenced=fenced)
         if agents_md:
             system_parts.append(f"Instructions from the workspace's {AGENTS_MD_PATH}:\n\n{agents_md}")
         if with_tools:
@@ -307,190 +343,57 @@ async def build_request(
     )
 
 
-async def _agents_md(ctx: RunContext, info: RunInfo) -> str:
-    """The workspace's AGENTS.md, read through the tools once per chat and cached in the chat row."""
-    if info.agents_md is not None:
-        return info.agents_md
+async def _agents_md(ctx: RunContext, info: RunInfo, *, fenced: bool) -> str:
+    """The workspace's AGENTS.md: cached in the chat row, else read through the tools once per chat.
+
+    Only a run reads it (`fenced`): the text is cached by the run's next persisted message (see
+    `_persist`, no statement of its own); a run that ends before persisting anything reads it
+    again, and toolexec's ledger replays the read. Outside a run (CompactChat) an unknown
+    AGENTS.md counts as empty.
+    """
+    if ctx.agents_md is not None:
+        return ctx.agents_md
+    if info.agents_md is not None or not fenced:
+        return info.agents_md or ""
     outcome = await ctx.tools.call(
         info.workspace_id,
         f"agentplane-agents-md-{info.chat_id}",
         "read_file",
         json.dumps({"path": AGENTS_MD_PATH}),
+        user_id=info.owner_id,
     )
     text = "" if outcome.is_error else outcome.content
-    # Cached on the chat row by the run's next persisted message (no statement of its own); a
-    # run that ends before persisting anything reads it again, and toolexec's ledger replays it.
-    info.agents_md = text
-    info.agents_md_unsaved = True
+    ctx.agents_md = ctx.agents_md_unsaved = text
     return text
 
 
-def _take_unsaved_agents_md(info: RunInfo) -> str | None:
-    """AGENTS.md text read in this run and not cached yet, for the next persist to store."""
-    if not info.agents_md_unsaved:
-        return None
-    info.agents_md_unsaved = False
-    return info.agents_md
+async def _persist(
+    ctx: RunContext,
+    msg: NewMessage,
+    *,
+    fenced: bool = True,
+    pre_events: Sequence[chat_pb2.ChatEvent] = (),
+    extra_events: Sequence[chat_pb2.ChatEvent] = (),
+    message_id: str | None = None,
+) -> chat_pb2.Message:
+    """Persist a message: fenced by the run, or (CompactChat) only while no run owns the chat.
 
-
-def to_model_messages(history: Sequence[chat_pb2.Message]) -> list[inference_pb2.Message]:
-    """Model-visible history as inference messages; unanswered tool calls get synthetic results."""
-    out: list[inference_pb2.Message] = []
-    visible = [m for m in history if m.visibility != chat_pb2.VISIBILITY_USER]
-    for i, m in enumerate(visible):
-        if m.role == chat_pb2.MESSAGE_ROLE_SUMMARY:
-            text = parts_mod.text_of(m.parts)
-            out.append(
-                inference_pb2.Message(
-                    role=inference_pb2.ROLE_USER,
-                    parts=[
-                        inference_pb2.ContentPart(
-                            text=inference_pb2.TextPart(text=f"Summary of the conversation so far:\n\n{text}")
-                        )
-                    ],
-                )
-            )
-            continue
-        role = {
-            chat_pb2.MESSAGE_ROLE_USER: inference_pb2.ROLE_USER,
-            chat_pb2.MESSAGE_ROLE_ASSISTANT: inference_pb2.ROLE_ASSISTANT,
-            chat_pb2.MESSAGE_ROLE_TOOL: inference_pb2.ROLE_TOOL,
-        }[m.role]
-        converted = [p for p in (parts_mod.to_inference(p) for p in m.parts) if p is not None]
-        if not converted:
-            continue
-        out.append(inference_pb2.Message(role=role, parts=converted))
-        if m.role == chat_pb2.MESSAGE_ROLE_ASSISTANT:
-            calls = [p.tool_call for p in m.parts if p.WhichOneof("part") == "tool_call"]
-            answered = set()
-            nxt = visible[i + 1] if i + 1 < len(visible) else None
-            if nxt is not None and nxt.role == chat_pb2.MESSAGE_ROLE_TOOL:
-                answered = {
-                    p.tool_result.tool_call_id for p in nxt.parts if p.WhichOneof("part") == "tool_result"
-                }
-            missing = [c for c in calls if c.id not in answered]
-            if missing and nxt is not None:
-                # Calls cut off by an interrupt or a lost worker still need an answer for the provider.
-                results = [
-                    inference_pb2.ContentPart(
-                        tool_result=inference_pb2.ToolResultPart(
-                            tool_call_id=c.id, tool_name=c.name, content=_INTERRUPTED_TEXT, is_error=True
-                        )
-                    )
-                    for c in missing
-                ]
-                if nxt.role == chat_pb2.MESSAGE_ROLE_TOOL:
-                    out.append(inference_pb2.Message(role=inference_pb2.ROLE_TOOL, parts=results))
-                else:
-                    out.append(inference_pb2.Message(role=inference_pb2.ROLE_TOOL, parts=results))
-    return _merge_tool_messages(out)
-
-
-def _merge_tool_messages(messages: list[inference_pb2.Message]) -> list[inference_pb2.Message]:
-    merged: list[inference_pb2.Message] = []
-    for m in messages:
-        if merged and m.role == inference_pb2.ROLE_TOOL and merged[-1].role == inference_pb2.ROLE_TOOL:
-            merged[-1].parts.extend(m.parts)
-        else:
-            merged.append(m)
-    return merged
-
-
-_INTERRUPTED_TEXT = "The tool call was interrupted before it finished; it may not have run."
-
-
-class _Coalescer:
-    """Collects text/reasoning deltas of the assistant message and emits them at most every flush_ms."""
-
-    def __init__(self, ctx: RunContext, message_id: str) -> None:
-        self._ctx = ctx
-        self._message_id = message_id
-        self.parts: list[chat_pb2.ContentPart] = []
-        self._pending: list[chat_pb2.ChatEvent] = []
-        self._last_flush = 0.0
-        self._timer: asyncio.Task[None] | None = None
-        self._lock = asyncio.Lock()
-
-    def _current(self, kind: str) -> tuple[int, chat_pb2.ContentPart]:
-        if self.parts and self.parts[-1].WhichOneof("part") == kind:
-            return len(self.parts) - 1, self.parts[-1]
-        part = chat_pb2.ContentPart()
-        if kind == "text":
-            part.text.SetInParent()
-        else:
-            part.reasoning.SetInParent()
-        self.parts.append(part)
-        return len(self.parts) - 1, part
-
-    async def text(self, text: str) -> None:
-        index, part = self._current("text")
-        part.text.text += text
-        await self._add(index, "text", text)
-
-    async def reasoning(self, delta: inference_pb2.ReasoningDelta) -> None:
-        index, part = self._current("reasoning")
-        part.reasoning.text += delta.text
-        if delta.signature:
-            part.reasoning.signature = delta.signature
-        if delta.redacted_data:
-            part.reasoning.redacted_data = delta.redacted_data
-        if delta.text:
-            await self._add(index, "reasoning", delta.text)
-
-    def tool_call(self, call: inference_pb2.ToolCallPart) -> chat_pb2.ToolCallPart:
-        part = chat_pb2.ContentPart(
-            tool_call=chat_pb2.ToolCallPart(id=call.id, name=call.name, arguments_json=call.arguments_json)
-        )
-        self.parts.append(part)
-        return part.tool_call
-
-    async def _add(self, index: int, kind: str, text: str) -> None:
-        if self._pending:
-            prev = self._pending[-1].part_delta
-            if prev.part_index == index and prev.WhichOneof("delta") == kind:
-                setattr(prev, kind, getattr(prev, kind) + text)
-            else:
-                self._pending.append(self._delta(index, kind, text))
-        else:
-            self._pending.append(self._delta(index, kind, text))
-        wait = self._ctx.config.delta_flush_ms / 1000 - (time.monotonic() - self._last_flush)
-        if wait <= 0:
-            await self.flush()
-        elif self._timer is None:
-            self._timer = asyncio.create_task(self._flush_later(wait))
-
-    def _delta(self, index: int, kind: str, text: str) -> chat_pb2.ChatEvent:
-        delta = chat_pb2.PartDelta(message_id=self._message_id, part_index=index)
-        setattr(delta, kind, text)
-        return chat_pb2.ChatEvent(part_delta=delta)
-
-    async def _flush_later(self, wait: float) -> None:
-        await asyncio.sleep(wait)
-        self._timer = None
-        await self.flush()
-
-    async def flush(self) -> None:
-        async with self._lock:
-            if not self._pending:
-                return
-            events, self._pending = self._pending, []
-            self._last_flush = time.monotonic()
-            await self._ctx.store.emit(self._ctx.chat_id, self._ctx.fence, events)
-
-    async def finish(self) -> list[chat_pb2.ChatEvent]:
-        """Stop the timer and hand over the deltas not sent yet.
-
-        The caller publishes them with the message it persists next (one statement, seqs
-        just before the message's), instead of paying a round trip of their own.
-        """
-        if self._timer is not None:
-            self._timer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._timer
-            self._timer = None
-        async with self._lock:
-            events, self._pending = self._pending, []
-            return events
+    The run's first message after it read AGENTS.md caches that text on the chat row too.
+    """
+    unsaved = ctx.agents_md_unsaved if fenced else None
+    persisted = await ctx.store.persist(
+        ctx.chat_id,
+        ctx.fence if fenced else None,
+        msg,
+        pre_events=pre_events,
+        extra_events=extra_events,
+        message_id=message_id,
+        guard_idle=not fenced,
+        agents_md=unsaved,
+    )
+    if unsaved is not None:
+        ctx.agents_md_unsaved = None
+    return persisted
 
 
 async def _generate(
@@ -499,7 +402,9 @@ async def _generate(
     """Stream one generation and persist it; returns (message, interrupted)."""
     request = await build_request(ctx, info, history)
     message_id = str(uuid.uuid4())
-    co = _Coalescer(ctx, message_id)
+    co = Coalescer(
+        lambda events: ctx.store.emit(ctx.chat_id, ctx.fence, events), message_id, ctx.config.delta_flush_ms
+    )
     usage = chat_pb2.Usage()
     started = time.monotonic()
 
@@ -526,21 +431,13 @@ async def _generate(
                     )
                 )
             elif kind == "retry":
-                r = ev.retry
-                await ctx.store.emit(
-                    ctx.chat_id,
-                    ctx.fence,
-                    [
-                        chat_pb2.ChatEvent(
-                            retry_scheduled=chat_pb2.RetryScheduled(
-                                attempt=r.attempt, delay_ms=r.delay_ms, reason=r.reason, message=r.message
-                            )
-                        )
-                    ],
-                )
+                await ctx.store.emit(ctx.chat_id, ctx.fence, [_retry_event(ev.retry)])
 
-    interrupted = await _race_interrupt(ctx, consume())
-    tail = await co.finish()
+    try:
+        interrupted = await _race_interrupt(ctx, consume())
+    finally:
+        # Also on failure: a pending flush timer would otherwise emit after the run ended.
+        tail = await co.finish()
     if interrupted and not co.parts:
         if tail:
             await ctx.store.emit(ctx.chat_id, ctx.fence, tail)
@@ -550,9 +447,8 @@ async def _generate(
         chat_pb2.ChatEvent(tool_call_started=chat_pb2.ToolCallStarted(message_id=message_id, tool_call=c))
         for c in calls
     ]
-    msg = await ctx.store.persist(
-        ctx.chat_id,
-        ctx.fence,
+    msg = await _persist(
+        ctx,
         NewMessage(
             role="assistant",
             parts=co.parts,
@@ -564,9 +460,16 @@ async def _generate(
         pre_events=tail,
         extra_events=[] if interrupted else started_events,
         message_id=message_id,
-        agents_md=_take_unsaved_agents_md(info),
     )
     return msg, interrupted
+
+
+def _retry_event(r: inference_pb2.RetryNotice) -> chat_pb2.ChatEvent:
+    return chat_pb2.ChatEvent(
+        retry_scheduled=chat_pb2.RetryScheduled(
+            attempt=r.attempt, delay_ms=r.delay_ms, reason=r.reason, message=r.message
+        )
+    )
 
 
 async def _race_interrupt(ctx: RunContext, work: Coroutine[Any, Any, None]) -> bool:
@@ -591,15 +494,19 @@ async def _run_tools(
 ) -> chat_pb2.Message:
     """Run the calls in parallel, persist their results in call order (synthetic ones when interrupted)."""
     known: set[str] | None = None
+    unlisted = ""
     if info.workspace_id:
-        known = {t.name for t in await ctx.tools.list_tools()}
+        try:
+            known = {t.name for t in await ctx.tools.list_tools()}
+        except ModelError as exc:  # a tool failure is a result the model sees, never a crash
+            unlisted = f"The workspace's tools could not be listed ({exc.message}); the call did not run."
     results: dict[str, chat_pb2.ToolResultPart] = {}
     last_finished: list[chat_pb2.ChatEvent] = []
     started = time.monotonic()
 
     async def one(call: chat_pb2.ToolCallPart) -> None:
         begun = time.monotonic()
-        outcome = await _call_one(ctx, info, known, call)
+        outcome = ToolOutcome(unlisted, True) if unlisted else await _call_one(ctx, info, known, call)
         result = chat_pb2.ToolResultPart(
             tool_call_id=call.id,
             tool_name=call.name,
@@ -622,13 +529,10 @@ async def _run_tools(
     await _race_interrupt(ctx, all_calls())
     parts = []
     for c in calls:
-        r = results.get(c.id) or chat_pb2.ToolResultPart(
-            tool_call_id=c.id, tool_name=c.name, content=_INTERRUPTED_TEXT, is_error=True
-        )
+        r = results.get(c.id) or interrupted_result(c)
         parts.append(chat_pb2.ContentPart(tool_result=r))
-    return await ctx.store.persist(
-        ctx.chat_id,
-        ctx.fence,
+    return await _persist(
+        ctx,
         NewMessage(
             role="tool",
             parts=parts,
@@ -640,17 +544,8 @@ async def _run_tools(
 
 
 async def _synthetic_results(ctx: RunContext, calls: Sequence[chat_pb2.ToolCallPart]) -> chat_pb2.Message:
-    parts = [
-        chat_pb2.ContentPart(
-            tool_result=chat_pb2.ToolResultPart(
-                tool_call_id=c.id, tool_name=c.name, content=_INTERRUPTED_TEXT, is_error=True
-            )
-        )
-        for c in calls
-    ]
-    return await ctx.store.persist(
-        ctx.chat_id, ctx.fence, NewMessage(role="tool", parts=parts, sender_id=ctx.config.sender_id)
-    )
+    parts = [chat_pb2.ContentPart(tool_result=interrupted_result(c)) for c in calls]
+    return await _persist(ctx, NewMessage(role="tool", parts=parts, sender_id=ctx.config.sender_id))
 
 
 async def _call_one(
@@ -674,7 +569,9 @@ async def _call_one(
     if not isinstance(args, dict):
         return ToolOutcome(f"The arguments of {call.name} must be a JSON object.", True)
     try:
-        return await ctx.tools.call(info.workspace_id, call.id, call.name, call.arguments_json or "{}")
+        return await ctx.tools.call(
+            info.workspace_id, call.id, call.name, call.arguments_json or "{}", user_id=info.owner_id
+        )
     except ModelError as exc:  # the tools adapter reports its transport failures this way
         return ToolOutcome(f"The tool call failed: {exc.message}", True)
 
@@ -683,7 +580,45 @@ async def compact(
     ctx: RunContext, info: RunInfo, history: Sequence[chat_pb2.Message], *, fenced: bool = True
 ) -> chat_pb2.Message:
     """Summarize `history` with a generation and persist the summary message."""
-    request = await build_request(ctx, info, history, with_tools=False)
+    summary = await _summarize(ctx, info, history, fenced=fenced)
+    return await _persist_summary(ctx, info, summary, fenced=fenced)
+
+
+async def _compact_in_turn(
+    ctx: RunContext, info: RunInfo, history: Sequence[chat_pb2.Message]
+) -> chat_pb2.Message | TurnEnd:
+    """Compaction inside a run: the summary, or how the turn ends instead.
+
+    An interrupt cancels the summary's generation (nothing is persisted; the next turn compacts
+    again). A failed generation ends the run with the model's own reason, like a failed step.
+    """
+    summaries: list[_Summary] = []
+
+    async def summarize() -> None:
+        summaries.append(await _summarize(ctx, info, history, fenced=True))
+
+    try:
+        if await _race_interrupt(ctx, summarize()):
+            return TurnEnd.INTERRUPTED
+    except ModelError as exc:
+        message = f"Summarizing the conversation to fit the model's context failed: {exc.message}"
+        await ctx.store.fail_run(ctx.chat_id, ctx.fence, exc.reason or "MODEL_ERROR", message)
+        return TurnEnd.FAILED
+    return await _persist_summary(ctx, info, summaries[0], fenced=True)
+
+
+@dataclass(frozen=True)
+class _Summary:
+    text: str
+    usage: chat_pb2.Usage
+    runtime_ms: int
+
+
+async def _summarize(
+    ctx: RunContext, info: RunInfo, history: Sequence[chat_pb2.Message], *, fenced: bool
+) -> _Summary:
+    """Generate the summary of `history` (raises ModelError)."""
+    request = await build_request(ctx, info, history, with_tools=False, fenced=fenced)
     request.messages.append(
         inference_pb2.Message(
             role=inference_pb2.ROLE_USER,
@@ -707,20 +642,26 @@ async def compact(
                 output_tokens=u.output_tokens,
                 cost_micros=u.cost_micros if u.HasField("cost_micros") else 0,
             )
+        elif kind == "retry":
+            await ctx.store.emit(ctx.chat_id, ctx.fence if fenced else None, [_retry_event(ev.retry)])
     summary = "".join(text).strip() or "(The model returned an empty summary.)"
-    return await ctx.store.persist(
-        ctx.chat_id,
-        ctx.fence if fenced else None,
+    return _Summary(summary, usage, int((time.monotonic() - started) * 1000))
+
+
+async def _persist_summary(
+    ctx: RunContext, info: RunInfo, summary: _Summary, *, fenced: bool
+) -> chat_pb2.Message:
+    return await _persist(
+        ctx,
         NewMessage(
             role="summary",
-            parts=[parts_mod.text_part(summary)],
+            parts=[parts_mod.text_part(summary.text)],
             sender_id=ctx.config.sender_id,
             model_config_id=info.model_config_id,
-            usage=usage,
-            runtime_ms=int((time.monotonic() - started) * 1000),
+            usage=summary.usage,
+            runtime_ms=summary.runtime_ms,
         ),
-        guard_idle=not fenced,
-        agents_md=_take_unsaved_agents_md(info),
+        fenced=fenced,
     )
 
 

@@ -1,9 +1,10 @@
 """One Postgres LISTEN connection per replica, dispatching notifications to local handlers.
 
-Channels: pending chats (wake a worker), interrupts (tell the owning worker), and chat list
-changes (WatchChats). Notifications are sent by the writers inside their transactions, so
-they arrive only after the commit. When the connection drops it is re-opened; the workers'
-periodic poll covers anything missed meanwhile.
+Channels: pending chats (wake a worker), interrupts (tell the owning worker), chat list
+changes (WatchChats), and live chat events relayed while Redis is unreachable (`relay.py`).
+Notifications are sent by the writers inside their transactions, so they arrive only after the
+commit. When the connection drops it is re-opened (logged once per outage); the workers'
+periodic poll and the streams' durable poll cover anything missed meanwhile.
 """
 
 from __future__ import annotations
@@ -48,11 +49,15 @@ class Notifier:
             await asyncio.wait_for(self.ready.wait(), 10)
 
     async def _run(self) -> None:
+        lost = False
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(self._url, autocommit=True) as conn:
                     for ch in self._channels:
                         await conn.execute(f"LISTEN {ch}")
+                    if lost:
+                        lost = False
+                        log.warning("LISTEN connection is back")
                     self.ready.set()
                     async for note in conn.notifies():
                         for handler in list(self._handlers.get(note.channel, ())):
@@ -63,7 +68,12 @@ class Notifier:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("LISTEN connection lost; reconnecting", extra={"error": str(exc)})
+                # Once per outage, not once a second while the database is away.
+                if not lost:
+                    lost = True
+                    log.warning(
+                        "LISTEN connection lost; reconnecting every second", extra={"error": str(exc)}
+                    )
                 await asyncio.sleep(1)
 
     async def stop(self) -> None:

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import grpc.aio
 from agentplane.chat.v1 import chat_service_pb2_grpc
 from agentplane.toolexec.v1 import toolexec_service_pb2, toolexec_service_pb2_grpc
 from prometheus_client import CollectorRegistry
+from psycopg_pool import AsyncConnectionPool
 
 from services.chat.clients import ConfigPrompts, InferenceModel, ToolExecTools
 from services.chat.deltas import EventNumberer
 from services.chat.events import EventHub
 from services.chat.notify import Notifier
+from services.chat.relay import RELAY_CHANNEL, PgRelay
 from services.chat.service import ChatAPI, ChatDeps
 from services.chat.servicer import ChatServicer
 from services.chat.settings import ChatSettings
@@ -59,6 +62,18 @@ class ChatServer:
         await self.handle.stop(grace)
 
 
+async def create_chat_pool(database_url: str, chat_settings: ChatSettings) -> AsyncConnectionPool[Any]:
+    """The chat service's Postgres pool (the store's tests build theirs with this too, so they run
+    the store as the service does): sized for the chats a replica runs, autocommit."""
+    return await db.create_pool(
+        database_url,
+        max_size=max(10, min(chat_settings.max_concurrent_chats + 10, 40)),
+        name="chat",
+        # Single-statement changes commit by themselves; transactions are explicit.
+        autocommit=True,
+    )
+
+
 async def build_server(
     settings: Settings,
     chat_settings: ChatSettings | None = None,
@@ -70,16 +85,17 @@ async def build_server(
     if cs.step_log:
         logging.getLogger("agentplane.chat.steps").setLevel(logging.DEBUG)
     database_url = settings.require_database_url()
-    pool = await db.create_pool(
-        database_url,
-        max_size=max(10, min(cs.max_concurrent_chats + 10, 40)),
-        name="chat",
-        # Single-statement changes commit by themselves; transactions are explicit.
-        autocommit=True,
-    )
+    pool = await create_chat_pool(database_url, cs)
     redis = db.create_redis(settings.redis_url) if settings.redis_url else None
-    hub = EventHub(redis, buffer_size=cs.event_buffer_size, subscriber_queue_size=cs.subscriber_queue_size)
-    notifier = Notifier(database_url, [PENDING_CHANNEL, INTERRUPT_CHANNEL, WATCH_CHANNEL])
+    hub = EventHub(
+        redis,
+        buffer_size=cs.event_buffer_size,
+        subscriber_queue_size=cs.subscriber_queue_size,
+        # While Redis is unreachable, live events reach the other replicas through Postgres.
+        relay=PgRelay(pool) if redis is not None else None,
+    )
+    notifier = Notifier(database_url, [PENDING_CHANNEL, INTERRUPT_CHANNEL, WATCH_CHANNEL, RELAY_CHANNEL])
+    notifier.add(RELAY_CHANNEL, hub.relayed)
     tokens = auth.ServiceTokenProvider(settings.keys, SERVICE_NAME)
     config = ConfigClient(settings.address("config"), tokens, redis_url=settings.redis_url, registry=registry)
     inference_channel = create_channel(settings.address("inference"), token_provider=tokens)

@@ -11,19 +11,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from agentplane.chat.v1 import chat_pb2, chat_service_pb2
+from google.protobuf import timestamp_pb2
 
 from services.chat import parts as parts_mod
+from services.chat.domain import Fence
 from services.chat.events import EventHub
 from services.chat.loop import LoopConfig, Model, Prompts, RunContext, Tools, compact
 from services.chat.notify import Notifier
-from services.chat.store import (
-    PB_TO_STATUS,
-    WATCH_CHANNEL,
-    ChatStore,
-    Fence,
-    chat_not_found,
-    parse_uuid,
-)
+from services.chat.store import PB_TO_STATUS, WATCH_CHANNEL, ChatStore, chat_not_found, parse_uuid
 from services.common import auth
 from services.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied, ResourceExhausted
 
@@ -53,6 +48,14 @@ def _title(value: str) -> str:
     if len(title) > MAX_TITLE:
         raise InvalidArgument("title", f"must be at most {MAX_TITLE} characters")
     return title
+
+
+def _time(field: str, value: timestamp_pb2.Timestamp) -> dt.datetime:
+    """A request's timestamp as a datetime; InvalidArgument outside Timestamp's range (years 1-9999)."""
+    try:
+        return value.ToDatetime(dt.UTC)
+    except (ValueError, OverflowError):
+        raise InvalidArgument(field, "must be a time between the years 1 and 9999") from None
 
 
 @dataclass
@@ -302,8 +305,8 @@ class ChatAPI:
         user_id = req.user_id or caller
         if user_id != caller and not auth.current_identity().is_admin:
             raise PermissionDenied("only admins may read another user's usage", reason="ADMIN_REQUIRED")
-        start = req.start_time.ToDatetime(dt.UTC) if req.HasField("start_time") else None
-        end = req.end_time.ToDatetime(dt.UTC) if req.HasField("end_time") else None
+        start = _time("start_time", req.start_time) if req.HasField("start_time") else None
+        end = _time("end_time", req.end_time) if req.HasField("end_time") else None
         if start is not None and end is not None and end <= start:
             raise InvalidArgument("end_time", "must be after start_time")
         total, by_model, chats = await self.store.usage(user_id, start, end)
@@ -368,11 +371,6 @@ class ChatAPI:
                     )
         finally:
             remove()
-
-
-async def no_workspace_check(workspace_id: str) -> None:
-    """A WorkspaceCheck that accepts everything (tests of the domain without toolexec)."""
-    del workspace_id
 
 
 def ensure_owner(chat: chat_pb2.Chat, owner: str) -> None:

@@ -180,8 +180,8 @@ class Worker:
             if fence is None or fence != run.ctx.fence:
                 log.warning("lease lost; stopping run", extra={"chat_id": chat_id})
                 run.task.cancel()
-            elif chat_id in result.interrupted and run.ctx.turn_started < began:
-                run.ctx.interrupted.set()
+            elif chat_id in result.interrupted:
+                run.ctx.interrupt(seen_at=began)
 
     async def _sweep_loop(self) -> None:
         while not self._stopping:

@@ -36,6 +36,7 @@ COMMAND_MODULES: list[str] = [
     "services.cli.token",
     "services.cli.keys",
     "services.cli.up",
+    "services.cli.demo",
     "services.cli.bench",
     "services.cli.admin",
     "services.cli.prompt",

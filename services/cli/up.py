@@ -50,6 +50,11 @@ def register(subparsers: Any) -> None:
         help="run the LLM simulator (auto: when neither OPENAI_API_KEY nor ANTHROPIC_API_KEY is set)",
     )
     parser.add_argument("--simulator-port", type=int, default=8800)
+    parser.add_argument(
+        "--simulator-script",
+        metavar="FILE",
+        help="a JSON script the simulator plays from the start (docs/simulator.md)",
+    )
     add_output_argument(parser)
     parser.set_defaults(func=run)
 
@@ -76,6 +81,15 @@ def run(args: argparse.Namespace) -> int | Coroutine[Any, Any, int]:
     Another `up` on the same data directory: say which process it is and return 1 at once, having
     written nothing (no keys, no encryption key, no Postgres or Redis started or stopped)."""
     env = dict(os.environ)
+    if args.simulator_script:
+        from services.simulator.script import Script, ScriptError
+
+        try:
+            Script.load(args.simulator_script)
+        except (OSError, ScriptError) as exc:
+            print(f"agentplane up: --simulator-script {args.simulator_script}: {exc}", file=sys.stderr)
+            return 2
+        args.simulator_script = str(Path(args.simulator_script).resolve())
     data_dir = Path(Settings.from_env(env).data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -156,8 +170,10 @@ async def _run(
         if _want_simulator(args, env):
             simulator_url = f"http://127.0.0.1:{args.simulator_port}"
             progress(f"starting the LLM simulator on {simulator_url}")
+            script = ["--script", args.simulator_script] if args.simulator_script else []
             children["simulator"] = await asyncio.create_subprocess_exec(
-                *_agentplane("simulator", "--port", str(args.simulator_port)), env=service_environment(env)
+                *_agentplane("simulator", "--port", str(args.simulator_port), *script),
+                env=service_environment(env),
             )
         addresses = {n: settings.address(n) for n in args.services}
         for name in args.services:

@@ -25,7 +25,9 @@ from services.common.server import MAX_MESSAGE_BYTES
 
 TokenProvider = Callable[[], str]
 
-# Idempotent-safe transport failures only: UNAVAILABLE means the call never reached a handler.
+# What the channel retries on a method that is safe to repeat: UNAVAILABLE only, which from our
+# servers means the call never reached a handler (a handler's own UNAVAILABLE carries retry
+# pushback -1, see `rpc_errors.to_status`, so it is never repeated).
 DEFAULT_RETRY_POLICY: dict[str, Any] = {
     "maxAttempts": 4,
     "initialBackoff": "0.1s",
@@ -33,6 +35,92 @@ DEFAULT_RETRY_POLICY: dict[str, Any] = {
     "backoffMultiplier": 2,
     "retryableStatusCodes": ["UNAVAILABLE"],
 }
+
+# The methods the channel retries: reads, resumable streams, and writes made idempotent by a
+# request id (a repeat with the same request_id returns the first result; callers that leave it
+# empty give that safety up) or by a tool call id (toolexec's ledger and the agent answer a repeated
+# id without running it twice). gRPC never retries a call once response headers arrived, so a
+# stream that delivered anything is never repeated.
+RETRIED_METHODS: dict[str, tuple[str, ...]] = {
+    "agentplane.chat.v1.ChatService": (
+        "GetChat",
+        "ListChats",
+        "ListMessages",
+        "ListQueuedMessages",
+        "StreamChat",  # resumes from after_seq
+        "WatchChats",
+        "GetUsage",
+        "CreateChat",  # request_id
+        "SendMessage",  # request_id
+        "ForkChat",  # request_id
+    ),
+    "agentplane.config.v1.ConfigService": (
+        "GetProvider",
+        "ListProviders",
+        "GetProviderCredentials",
+        "GetModelConfig",
+        "ListModelConfigs",
+        "ResolveModel",
+        "GetWorkspaceTemplate",
+        "ListWorkspaceTemplates",
+        "GetSystemPrompt",
+        "GetUserPrompt",
+        "CreateProvider",  # request_id
+        "CreateModelConfig",  # request_id
+        "CreateWorkspaceTemplate",  # request_id
+    ),
+    "agentplane.config.v1.TokenService": (
+        "ListRevokedTokens",
+        "RevokeToken",  # a repeat returns the first revocation
+    ),
+    "agentplane.inference.v1.InferenceService": ("ListProviderModels",),
+    "agentplane.toolexec.v1.ToolExecService": (
+        "GetWorkspace",
+        "ListWorkspaces",
+        "ListTools",
+        "CreateWorkspace",  # request_id
+        "CallTool",  # tool_call_id
+    ),
+    "grpc.health.v1.Health": ("Check", "List", "Watch"),
+}
+
+# Every other method of our services, never repeated by the channel (a test checks each method is
+# in exactly one of the two tables, so a new RPC needs a decision):
+NOT_RETRIED_METHODS: dict[str, tuple[str, ...]] = {
+    # Updates, deletes and state changes: a repeat after an outcome-unknown failure may act on a
+    # state someone else changed meanwhile (InterruptChat could stop the next turn, DeleteChat
+    # answers NOT_FOUND for its own success). The caller reads and decides.
+    "agentplane.chat.v1.ChatService": (
+        "UpdateChat",
+        "DeleteChat",
+        "EditMessage",
+        "DeleteQueuedMessage",
+        "PromoteQueuedMessage",
+        "InterruptChat",
+        "CompactChat",
+    ),
+    "agentplane.config.v1.ConfigService": (
+        "UpdateProvider",
+        "DeleteProvider",
+        "RotateEncryptionKey",
+        "UpdateModelConfig",
+        "DeleteModelConfig",
+        "SetDefaultModelConfig",
+        "UpdateWorkspaceTemplate",
+        "DeleteWorkspaceTemplate",
+        "UpdateSystemPrompt",
+        "UpdateUserPrompt",
+    ),
+    # Generate: a provider call costs money and may already have been made, and inference retries
+    # providers itself (telling the caller with RetryNotices); one layer of retries, not two.
+    "agentplane.inference.v1.InferenceService": ("Generate",),
+    "agentplane.toolexec.v1.ToolExecService": ("DeleteWorkspace", "RotateWorkspaceAgentToken"),
+    # The agent's stream reconnects with its own backoff; the relay's caller (toolexec's router)
+    # decides from the answer whether the call may have reached the agent.
+    "agentplane.toolexec.v1.WorkspaceAgentService": ("Connect",),
+    "agentplane.toolexec.v1.AgentRelayService": ("RelayToolCall", "RelaySignal"),
+}
+
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -45,11 +133,17 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 
 
 def service_config(retry_policy: dict[str, Any] | None = None) -> str:
-    """The channel's service config JSON: `retry_policy` (default `DEFAULT_RETRY_POLICY`) on all methods."""
+    """The channel's service config JSON: `retry_policy` (default `DEFAULT_RETRY_POLICY`) on the
+    methods of `RETRIED_METHODS`; every other method is not retried."""
+    names = [
+        {"service": service, "method": name}
+        for service, methods in RETRIED_METHODS.items()
+        for name in methods
+    ]
     return json.dumps(
         {
             "methodConfig": [
-                {"name": [{}], "retryPolicy": retry_policy or DEFAULT_RETRY_POLICY, "waitForReady": False}
+                {"name": names, "retryPolicy": retry_policy or DEFAULT_RETRY_POLICY, "waitForReady": False}
             ]
         }
     )
@@ -137,7 +231,8 @@ def create_channel(
 
     Give either a fixed `token` or a `token_provider` (called once per call, so it can
     refresh, e.g. `auth.ServiceTokenProvider`). Retries of UNAVAILABLE are declared in the
-    service config (`retries=False` turns them off); messages up to 16 MiB are allowed.
+    service config for the methods safe to repeat (`RETRIED_METHODS`; `retries=False` turns
+    them off); messages up to 16 MiB are allowed.
     """
     if token is not None and token_provider is not None:
         raise ValueError("give token or token_provider, not both")

@@ -2,23 +2,28 @@
 
 Domain code raises these and never imports grpc; the grpc glue (`rpc_errors`) maps each
 class to a status code in one table and attaches a google.rpc.ErrorInfo with the reason.
+A reason must be listed by one of the protos' ErrorReason enums (`services.common.reasons`):
+constructing an error with any other reason raises `reasons.UnknownReason`, so it cannot be sent.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-ERROR_DOMAIN = "agentplane.dev"
+from services.common import reasons
 
 
 class AgentplaneError(Exception):
     """Base of every domain error.
 
-    `reason` is a stable UPPER_SNAKE_CASE identifier that clients can switch on
-    (for example ``CHAT_NOT_FOUND``); `metadata` carries string details such as ids.
+    `reason` is a stable UPPER_SNAKE_CASE identifier that clients can switch on (for example
+    ``CHAT_NOT_FOUND``): the name of an ErrorReason enum value without its ``ERROR_REASON_``
+    prefix. `domain` is that enum's proto package (``agentplane.chat.v1``), derived from the
+    reason; `metadata` carries string details such as ids. Each class's default reason is its
+    status code's name, listed by agentplane.common.v1.ErrorReason.
     """
 
-    default_reason = "ERROR"
+    default_reason = "UNKNOWN"
 
     def __init__(
         self,
@@ -30,6 +35,7 @@ class AgentplaneError(Exception):
         super().__init__(message)
         self.message = message
         self.reason = reason or self.default_reason
+        self.domain = reasons.domain_of(self.reason)
         self.metadata: dict[str, str] = {str(k): str(v) for k, v in (metadata or {}).items()}
 
     def __str__(self) -> str:
@@ -37,6 +43,15 @@ class AgentplaneError(Exception):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.message!r}, reason={self.reason!r}, metadata={self.metadata!r})"
+
+    def received(self, reason: str, domain: str) -> AgentplaneError:
+        """Carry the reason and domain another service sent, unchecked (it may be newer than us).
+
+        For `rpc_errors.from_rpc_error` only: our own errors take their reason through the
+        constructor, which refuses reasons no enum lists.
+        """
+        self.reason, self.domain = reason, domain
+        return self
 
 
 class InvalidArgument(AgentplaneError):

@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from services.common import auth, logs
+from services.common import auth, db, logs
 from services.common.errors import AgentplaneError, PermissionDenied, Unauthenticated
 from services.common.keys import Keys
 from services.common.oidc import OidcVerifier
@@ -88,14 +88,23 @@ def wrap_handler(
 
     inner_stream = h.unary_stream or h.stream_stream
 
-    async def streaming(request: Any, context: Any) -> AsyncIterator[Any]:
+    # A coroutine that writes with context.write(), not an async generator that yields: grpc
+    # cancels a call whose client went away while it sends a message, outside a generator's frame,
+    # and then drops the suspended generator; the event loop finalizes it later in another task and
+    # context, where the scopes' context variables cannot be reset (two "was created in a different
+    # Context" tracebacks per cancelled stream). Here cancellation unwinds the scopes, and closes the
+    # servicer's generator, in the call's own task.
+    async def streaming(request: Any, context: Any) -> None:
         async with scope(method, context):
             result = inner_stream(request, context)
-            if inspect.isawaitable(result):  # a behaviour that writes with context.write()
+            if inspect.isawaitable(result):  # an inner wrapper, or a behaviour that writes itself
                 await result
                 return
-            async for item in result:
-                yield item
+            try:
+                async for item in result:
+                    await context.write(item)
+            finally:
+                await result.aclose()
 
     factory = (
         grpc.unary_stream_rpc_method_handler if h.unary_stream else grpc.stream_stream_rpc_method_handler
@@ -123,7 +132,8 @@ class RequestContextInterceptor(ScopeInterceptor):
 
 
 class ErrorInterceptor(ScopeInterceptor):
-    """Turns raised domain errors into statuses with ErrorInfo, and anything else into INTERNAL."""
+    """Turns raised domain errors into statuses with ErrorInfo, a failure of the database into
+    UNAVAILABLE (`db.database_error`), and anything else into INTERNAL."""
 
     @asynccontextmanager
     async def scope(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
@@ -138,7 +148,20 @@ class ErrorInterceptor(ScopeInterceptor):
         except NotImplementedError:
             # The generated base servicers raise this for RPCs a service does not implement yet.
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented")
-        except Exception:
+        except Exception as exc:
+            database = db.database_error(exc)
+            if database is not None:
+                # A condition of the deployment, not a bug: no traceback, the cause in one line.
+                log.warning(
+                    "rpc failed: %s",
+                    database,
+                    extra={
+                        "method": method,
+                        "reason": database.reason,
+                        "error": f"{type(exc).__name__}: {exc}",
+                    },
+                )
+                await context.abort_with_status(to_status(database))
             log.exception("unexpected error in %s", method, extra={"method": method})
             rid = logs.current_request_id()
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {rid})")

@@ -32,6 +32,7 @@ from services.common.interceptors import (
 )
 from services.common.keys import Keys, KeyUnavailable
 from services.common.metrics import MetricsInterceptor, RpcMetrics
+from services.common.nul_guard import NulGuardInterceptor
 from services.common.oidc import OidcSettings, OidcVerifier, verifier_for
 from services.common.settings import Settings, SettingsError
 
@@ -69,12 +70,13 @@ def default_interceptors(
     is_revoked: Callable[[str], bool] | None = None,
     oidc: OidcSettings | None = None,
 ) -> list[grpc.aio.ServerInterceptor]:
-    """The standard chain, outermost first: metrics, request context, errors, auth."""
+    """The standard chain, outermost first: metrics, request context, errors, auth, NUL guard."""
     return [
         MetricsInterceptor(metrics or RpcMetrics.for_registry()),
         RequestContextInterceptor(),
         ErrorInterceptor(),
         AuthInterceptor(keys, exempt_prefixes, max_token_lifetime_seconds, is_revoked, _oidc_verifier(oidc)),
+        NulGuardInterceptor(),
     ]
 
 

@@ -77,8 +77,10 @@ def _require_admin_or_service() -> auth.Identity:
 
 
 def _sees_disabled() -> bool:
+    # A service acting for a user sees what that user sees: the chat service answering bob must not
+    # show him a disabled model's name. Bare services (background reads) see everything.
     identity = auth.current_identity()
-    return identity.is_admin or identity.is_service()
+    return identity.is_admin or (identity.is_service() and identity.acting_for is None)
 
 
 class ConfigService:

@@ -11,7 +11,7 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 
-from services.simulator.script import Fault, ScriptedUsage, Turn
+from services.simulator.script import Fault, Gate, ScriptedUsage, Turn
 
 WORDS_DIRECTIVE = re.compile(r"\[\[words=(\d+)\]\]")
 TOKEN_PATTERN = re.compile(r"\s*\S+")
@@ -74,6 +74,7 @@ class ReplyPlan:
     token_delay_ms: float
     signature: str = ""
     fault: Fault | None = None
+    gate: Gate | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -176,6 +177,7 @@ def build_plan(
         token_delay_ms=token_delay_ms if turn.token_delay_ms is None else turn.token_delay_ms,
         signature=signature,
         fault=turn.fault,
+        gate=turn.gate,
     )
 
 

@@ -63,6 +63,31 @@ class Fault:
 
 
 @dataclass(frozen=True)
+class Gate:
+    """Where a reply stops until the test opens the gate `name` (see services/simulator/gates.py).
+
+    The reply holds after `after_chunks` output chunks (0: before its first byte of content),
+    so a test knows the model is "generating" and acts while it is, instead of hoping a delay
+    is long enough. Written `"gate": "name"` or `"gate": {"name": ..., "after_chunks": N}`.
+    """
+
+    name: str
+    after_chunks: int = 0
+
+    @classmethod
+    def from_data(cls, data: Any) -> Gate:
+        """Parse a gate: a name, or an object with `name` and optional `after_chunks`."""
+        if isinstance(data, str):
+            data = {"name": data}
+        if not isinstance(data, dict) or not isinstance(data.get("name"), str) or not data["name"]:
+            raise ScriptError(f"gate must be a name or {{'name': ..., 'after_chunks': N}}, got {data!r}")
+        after = data.get("after_chunks", 0)
+        if not isinstance(after, int) or isinstance(after, bool) or after < 0:
+            raise ScriptError(f"gate.after_chunks must be a whole number >= 0, got {after!r}")
+        return cls(name=data["name"], after_chunks=after)
+
+
+@dataclass(frozen=True)
 class ScriptedToolCall:
     """A tool call in a scripted turn; `arguments` is a dict, or a raw string (may be invalid JSON)."""
 
@@ -115,6 +140,7 @@ class Turn:
     ttft_ms: float | None = None
     token_delay_ms: float | None = None
     fault: Fault | None = None
+    gate: Gate | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Turn:
@@ -132,6 +158,7 @@ class Turn:
             raise ScriptError(f"finish must be one of {', '.join(FINISH_REASONS)}, got {finish!r}")
         usage = data.get("usage")
         fault = data.get("fault")
+        gate = data.get("gate")
         return cls(
             text=str(data.get("text", "")),
             reasoning=str(data.get("reasoning", "")),
@@ -141,6 +168,7 @@ class Turn:
             ttft_ms=_opt_float(data.get("ttft_ms")),
             token_delay_ms=_opt_float(data.get("token_delay_ms")),
             fault=Fault.from_dict(fault) if fault else None,
+            gate=None if gate is None else Gate.from_data(gate),
         )
 
 

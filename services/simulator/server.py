@@ -2,7 +2,7 @@
 
 Endpoints: OpenAI `POST /v1/chat/completions`, `POST /v1/responses`, Anthropic `POST /v1/messages`,
 `GET /v1/models` (OpenAI or Anthropic format, by the `anthropic-version` header), and control
-endpoints under `/_sim/` for out-of-process use (faults, script, stats).
+endpoints under `/_sim/` for out-of-process use (faults, script, gates, stats).
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from typing import Any
 from aiohttp import web
 
 from services.simulator import wire_anthropic, wire_openai, wire_responses
+from services.simulator.gates import CLOSED_POLL_SECONDS, Gates, GateView
 from services.simulator.plan import ReplyPlan, build_plan
-from services.simulator.script import Fault, Script, ScriptError, Turn
+from services.simulator.script import Fault, Gate, Script, ScriptError, Turn
 from services.simulator.wire_common import ModelInfo, Step, WireError
 
 DEFAULT_MODELS = (
@@ -33,9 +34,6 @@ DEFAULT_MODELS = (
 )
 ERROR_FAULTS = ("rate_limit", "server_error", "overloaded", "invalid_key", "context_length")
 REQUEST_LOG_LIMIT = 5000
-# While waiting between chunks we look at the socket this often, so a client that went away
-# is noticed (and recorded) promptly even when the per-token delay is long.
-CLOSED_POLL_SECONDS = 0.005
 
 
 @dataclass
@@ -103,6 +101,10 @@ class SimulatorState:
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     ids: itertools.count[int] = field(default_factory=itertools.count)
     id_salt: str = field(default_factory=lambda: secrets.token_hex(3))
+    gates: Gates = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.gates = Gates(self.notify)
 
     async def notify(self) -> None:
         """Wake waiters of `SimulatorHandle.wait_until`."""
@@ -183,6 +185,34 @@ class SimulatorHandle:
         async with asyncio.timeout(within), self.state.changed:
             await self.state.changed.wait_for(predicate)
 
+    def gate(self, name: str) -> GateView:
+        """The state of gate `name`: open or not, replies held there now, replies that reached it."""
+        return self.state.gates.view(name)
+
+    async def open_gate(self, name: str) -> GateView:
+        """Release the replies held at `name` and let later ones through (until `close_gate`)."""
+        return await self.state.gates.open(name)
+
+    async def close_gate(self, name: str) -> GateView:
+        """Make later replies that reach `name` hold again."""
+        return await self.state.gates.close(name)
+
+    async def wait_held(self, name: str, count: int = 1, within: float = 10.0) -> GateView:
+        """Wait until `count` replies are held at gate `name` ("the model is generating now").
+
+        Raises TimeoutError naming the gate and what reached it when that does not happen
+        within `within` seconds (a script that never reaches the gate, a request never sent).
+        """
+        try:
+            await self.wait_until(lambda: self.state.gates.view(name).held >= count, within)
+        except TimeoutError:
+            view = self.state.gates.view(name)
+            raise TimeoutError(
+                f"gate {name!r}: waited {within} s for {count} held replies; it holds {view.held} "
+                f"({view.arrived} reached it, open={view.open})"
+            ) from None
+        return self.state.gates.view(name)
+
     async def stop(self) -> None:
         """Stop serving and close every connection."""
         await self._runner.cleanup()
@@ -230,6 +260,11 @@ def build_app(state: SimulatorState) -> web.Application:
     app.router.add_delete("/_sim/faults", handlers.delete_faults)
     app.router.add_post("/_sim/script", handlers.post_script)
     app.router.add_get("/_sim/stats", handlers.stats)
+    app.router.add_get("/_sim/gates", handlers.list_gates)
+    app.router.add_get("/_sim/gates/{name}", handlers.get_gate)
+    app.router.add_post("/_sim/gates/{name}/open", handlers.open_gate)
+    app.router.add_post("/_sim/gates/{name}/close", handlers.close_gate)
+    app.router.add_get("/_sim/gates/{name}/wait", handlers.wait_gate)
     return app
 
 
@@ -311,8 +346,39 @@ class _Handlers:
                 "open_streams": s.open_streams,
                 "completed_streams": s.completed_streams,
                 "client_closed_streams": s.client_closed_streams,
+                "gates": [g.as_json() for g in s.gates.views()],
             }
         )
+
+    async def list_gates(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response([g.as_json() for g in self.state.gates.views()])
+
+    async def get_gate(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(self.state.gates.view(request.match_info["name"]).as_json())
+
+    async def open_gate(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response((await self.state.gates.open(request.match_info["name"])).as_json())
+
+    async def close_gate(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response((await self.state.gates.close(request.match_info["name"])).as_json())
+
+    async def wait_gate(self, request: web.Request) -> web.StreamResponse:
+        """`?held=N&timeout=S`: answer once N replies are held at the gate, or 504 after S seconds."""
+        name = request.match_info["name"]
+        try:
+            held = int(request.query.get("held", "1"))
+            timeout = float(request.query.get("timeout", "10"))
+        except ValueError as exc:
+            return web.json_response({"error": f"held and timeout must be numbers: {exc}"}, status=400)
+        changed = self.state.changed
+        try:
+            async with asyncio.timeout(timeout), changed:
+                await changed.wait_for(lambda: self.state.gates.view(name).held >= held)
+        except TimeoutError:
+            view = self.state.gates.view(name)
+            message = f"gate {name!r} held {view.held} replies after {timeout} s, not {held}"
+            return web.json_response({"error": message, **view.as_json()}, status=504)
+        return web.json_response(self.state.gates.view(name).as_json())
 
     # -- generation -------------------------------------------------------------------------
 
@@ -359,6 +425,8 @@ class _Handlers:
             raise ConnectionResetError("simulated dropped connection")
         if fault is not None and fault.kind == "malformed":
             return web.Response(body=b'{"id": "broken", "choices": [', content_type="application/json")
+        if plan.gate is not None and not await self.state.gates.hold(plan.gate.name, _connected(request)):
+            return web.Response(status=499, text="client closed the request while it was held")
         await _pause(plan.ttft_ms)
         return web.json_response(wire.module.render_json(plan))
 
@@ -403,7 +471,12 @@ class _Handlers:
             await response.prepare(request)
             started = False
             output_sent = 0
-            for payload, is_output in steps:
+            hold_at = _hold_index(steps, plan.gate)
+            for index, (payload, is_output) in enumerate(steps):
+                if plan.gate is not None and index == hold_at:
+                    if not await state.gates.hold(plan.gate.name, _connected(request)):
+                        record.client_closed = True
+                        break
                 delay = 0.0
                 if not started:
                     delay = plan.ttft_ms
@@ -468,6 +541,31 @@ class _Handlers:
     def _bad_key(self, request: web.Request) -> bool:
         expected = self.state.expected_api_key
         return expected is not None and _api_key(request) != expected
+
+
+def _connected(request: web.Request) -> Callable[[], bool]:
+    def connected() -> bool:
+        transport = request.transport
+        return transport is not None and not transport.is_closing()
+
+    return connected
+
+
+def _hold_index(steps: list[Step], gate: Gate | None) -> int:
+    """The step a gated reply holds before: the one after its `after_chunks`-th output chunk.
+
+    A reply with fewer output chunks holds before its last step (the end of the stream), so a
+    gate always holds, whatever the reply's length.
+    """
+    if gate is None or gate.after_chunks == 0:
+        return 0
+    sent = 0
+    for index, (_, is_output) in enumerate(steps):
+        if is_output:
+            sent += 1
+            if sent == gate.after_chunks:
+                return index + 1
+    return max(0, len(steps) - 1)
 
 
 def _api_key(request: web.Request) -> str | None:

@@ -65,7 +65,10 @@ class TokenServicer(pb_grpc.TokenServiceServicer):
             raise InvalidArgument("reason", f"must be at most {MAX_REASON_LENGTH} characters")
         now = dt.datetime.now(dt.UTC)
         if request.HasField("expire_time"):
-            expire = request.expire_time.ToDatetime(dt.UTC)
+            try:
+                expire = request.expire_time.ToDatetime(dt.UTC)
+            except (ValueError, OverflowError):
+                raise InvalidArgument("expire_time", "must be a time between the years 1 and 9999") from None
             if expire <= now:
                 raise InvalidArgument("expire_time", "is in the past: an expired token needs no revocation")
         else:

@@ -19,13 +19,14 @@ from typing import Protocol
 
 import grpc
 import grpc.aio
+from agentplane.toolexec.v1 import error_reason_pb2 as reasons
 from agentplane.toolexec.v1 import workspace_agent_service_pb2 as pb
 from agentplane.toolexec.v1 import workspace_agent_service_pb2_grpc as pb_grpc
 from google.protobuf import duration_pb2
 
 from services.agent.tools.base import ToolError, ToolResult
 from services.common.client import create_channel
-from services.common.rpc_errors import error_info
+from services.common.rpc_errors import error_info, reason_of
 from services.toolexec.agent_hub import AgentHub, AgentTimedOut, AgentUnreachable
 from services.toolexec.agent_store import AgentInfo, AgentStore
 
@@ -194,9 +195,8 @@ class AgentRouter:
                 exc.details(),
                 extra={"workspace_id": workspace_id},
             )
-            info_reason = error_info(exc)
-            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and info_reason is not None:
-                return info_reason[0] == "AGENT_LOST_AFTER_SEND"
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and error_info(exc) is not None:
+                return reason_of(exc, reasons.ErrorReason) == reasons.ERROR_REASON_AGENT_LOST_AFTER_SEND
             # The replica died or is unreachable mid-call: the call may have reached the agent.
             return True
         return result_from_agent(response.result)

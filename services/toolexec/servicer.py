@@ -191,7 +191,9 @@ class ToolExecServicer(toolexec_service_pb2_grpc.ToolExecServiceServicer):
     ) -> toolexec_service_pb2.CallToolResponse:
         timeout = None
         if request.HasField("timeout"):
-            timeout = request.timeout.ToTimedelta().total_seconds()
+            # Not ToTimedelta(): a Duration beyond timedelta's range (any int64 seconds can arrive)
+            # would overflow; the caller bounds the time by the tool's own limit anyway.
+            timeout = request.timeout.seconds + request.timeout.nanos / 1e9
         outcome = await self._caller.call(
             current_identity(),
             request.workspace_id,

@@ -6,11 +6,9 @@ model config points at the simulator through the config service (seeded with its
 
 from __future__ import annotations
 
-import asyncio
 import os
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +18,7 @@ import pytest
 from agentplane.chat.v1 import chat_pb2, chat_service_pb2, chat_service_pb2_grpc
 from agentplane.config.v1 import config_pb2
 from agentplane.toolexec.v1 import toolexec_service_pb2, toolexec_service_pb2_grpc
+from google.protobuf import field_mask_pb2
 from prometheus_client import CollectorRegistry
 
 from services.chat import server as chat_server
@@ -33,6 +32,7 @@ from services.simulator.script import Script
 from services.simulator.server import SimulatorHandle, start_simulator
 from services.toolexec import server as toolexec_server
 from services.toolexec.settings import ToolexecSettings
+from tests.helpers import wait_until
 
 FAST_CHAT = ChatSettings(
     max_concurrent_chats=16,
@@ -42,19 +42,6 @@ FAST_CHAT = ChatSettings(
     sweep_interval_seconds=0.5,
     delta_flush_ms=20,
 )
-
-
-async def eventually(
-    condition: Callable[[], Awaitable[bool]], *, within: float = 15.0, interval: float = 0.02
-) -> None:
-    """Poll a real condition until true; fail after `within` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        if await condition():
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {within} s")
-        await asyncio.sleep(interval)
 
 
 def read_file(path: str) -> str | None:
@@ -124,15 +111,20 @@ class Stack:
         return resp.chat
 
     async def wait_status(
-        self, chat_id: str, status: int, *, within: float = 20.0, user: str = "alice"
+        self,
+        chat_id: str,
+        status: chat_pb2.ChatStatus.ValueType,
+        *,
+        within: float = 20.0,
+        user: str = "alice",
     ) -> None:
         """Wait until the chat has `status` and no queued messages."""
-
-        async def done() -> bool:
-            chat = await self.chat_of(chat_id, user)
-            return chat.status == status and chat.queued_message_count == 0
-
-        await eventually(done, within=within)
+        await wait_until(
+            lambda: self.chat_of(chat_id, user),
+            until=lambda chat: chat.status == status and chat.queued_message_count == 0,
+            what=f"chat {chat_id} to be {chat_pb2.ChatStatus.Name(status)} with an empty queue",
+            timeout=within,
+        )
 
     async def messages(self, chat_id: str, user: str = "alice") -> list[chat_pb2.Message]:
         """Every visible message, oldest first."""
@@ -146,6 +138,34 @@ class Stack:
         return server
 
 
+async def until_watch_is_live(
+    stack: Stack, seen: list[chat_service_pb2.WatchChatsResponse], user: str = "alice"
+) -> str:
+    """Rename a chat of `user` until the WatchChats call whose changes land in `seen` reports it.
+
+    A watch subscribes on the server some time after the call starts; from the first change it
+    reports on, it sees every later one. Returns the id of the renamed (probe) chat.
+    """
+    stub = stack.stub(user)
+    probe = (await stub.CreateChat(chat_service_pb2.CreateChatRequest(content=text("probe")))).chat
+    await stack.wait_status(probe.id, chat_pb2.CHAT_STATUS_WAITING, user=user)
+    renames = 0
+
+    async def rename_and_look() -> bool:
+        nonlocal renames
+        renames += 1
+        await stub.UpdateChat(
+            chat_service_pb2.UpdateChatRequest(
+                chat=chat_pb2.Chat(id=probe.id, title=f"probe {renames}"),
+                update_mask=field_mask_pb2.FieldMask(paths=["title"]),
+            )
+        )
+        return any(c.chat.id == probe.id for c in seen)
+
+    await wait_until(rename_and_look, what=f"{user}'s watch to report a renamed chat")
+    return str(probe.id)
+
+
 async def start_stack(
     settings: Settings,
     make_token: Callable[..., str],
@@ -153,12 +173,14 @@ async def start_stack(
     *,
     chat_settings: ChatSettings = FAST_CHAT,
     script: Script | None = None,
-    ttft_ms: float = 0,
-    token_delay_ms: float = 0,
 ) -> Stack:
-    """Simulator, config (seeded), inference, toolexec and chat, wired together."""
+    """Simulator, config (seeded), inference, toolexec and chat, wired together.
+
+    The simulator answers at once; a test that must act while a reply is being generated marks
+    the turn with a gate (docs/simulator.md) instead of slowing the simulator down.
+    """
     servers: list[Any] = []
-    sim = await start_simulator(script=script, ttft_ms=ttft_ms, token_delay_ms=token_delay_ms)
+    sim = await start_simulator(script=script)
     try:
         config = await config_server.start(settings, registry=CollectorRegistry())
         servers.append(config)

@@ -13,7 +13,8 @@ from google.protobuf import field_mask_pb2, timestamp_pb2
 
 from services.common import rpc_errors
 from services.simulator.script import Script
-from tests.chat.conftest import Stack, eventually, text
+from tests.chat.conftest import Stack, text
+from tests.helpers import wait_until
 
 MISSING = str(uuid.uuid4())
 
@@ -194,9 +195,11 @@ async def test_update_list_fork_edit_usage_delete(stack: Stack) -> None:
 async def test_queue_management_and_limit(stack: Stack) -> None:
     stub = stack.stub()
     stack.sim.set_script(
-        Script.from_data({"conversations": [{"turns": [{"text": "slow", "ttft_ms": 3000}, {"text": "ok"}]}]})
+        Script.from_data({"conversations": [{"turns": [{"text": "held", "gate": "busy"}, {"text": "ok"}]}]})
     )
     chat = (await stub.CreateChat(cs.CreateChatRequest(content=text("busy")))).chat
+    # The first reply holds at the gate (never opened): the chat stays busy for the whole test.
+    await stack.sim.wait_held("busy")
     await _fails(
         stub.CompactChat(cs.CompactChatRequest(chat_id=chat.id)),
         grpc.StatusCode.FAILED_PRECONDITION,
@@ -228,12 +231,14 @@ async def test_queue_management_and_limit(stack: Stack) -> None:
     assert order == [ids[5], *ids[1:5], *ids[6:]]
     # Stop the turn; the queue stays for the user to deal with.
     await stub.InterruptChat(cs.InterruptChatRequest(chat_id=chat.id))
-
-    async def idle() -> bool:
-        c = await stack.chat_of(chat.id)
-        return c.status == chat_pb2.CHAT_STATUS_WAITING and c.queued_message_count == 19
-
-    await eventually(idle)
+    await wait_until(
+        lambda: stack.chat_of(chat.id),
+        until=lambda c: c.status == chat_pb2.CHAT_STATUS_WAITING and c.queued_message_count == 19,
+        what="the interrupted chat to wait with its 19 queued messages",
+    )
+    # The held generation was cancelled: its provider stream closed, not released by the gate.
+    await stack.sim.wait_until(lambda: stack.sim.client_closed_streams == 1)
+    assert stack.sim.gate("busy").held == 0 and not stack.sim.gate("busy").open
 
 
 async def test_compact_chat_on_demand(stack: Stack) -> None:

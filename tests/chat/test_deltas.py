@@ -11,8 +11,9 @@ from agentplane.chat.v1 import chat_pb2
 
 from services.chat.deltas import EventNumberer
 from services.chat.domain import Claim, LeaseLost
+from services.chat.server import create_chat_pool
+from services.chat.settings import ChatSettings
 from services.chat.store import ChatStore
-from services.common import db
 from tests.chat.conftest import text
 
 Batch = list[tuple[str, list[chat_pb2.ChatEvent]]]
@@ -28,7 +29,7 @@ class Harness:
 
 @pytest.fixture
 async def harness(database_url: str) -> AsyncIterator[Harness]:
-    pool = await db.create_pool(database_url, max_size=4)
+    pool = await create_chat_pool(database_url, ChatSettings())
     h: Harness | None = None
 
     async def publish(chat_id: str, events: Sequence[chat_pb2.ChatEvent]) -> None:

@@ -12,23 +12,33 @@ import pytest
 from agentplane.chat.v1 import chat_pb2
 from psycopg.types.json import Jsonb
 
+from services.chat.deltas import EventNumberer
 from services.chat.domain import LeaseLost, NewMessage
+from services.chat.server import create_chat_pool
+from services.chat.settings import ChatSettings
 from services.chat.store import ChatStore
-from services.common import db
-from tests.chat.conftest import eventually, text
+from tests.chat.conftest import text
+from tests.helpers import wait_until
 
 
 @pytest.fixture
 async def store(database_url: str) -> AsyncIterator[tuple[ChatStore, list[chat_pb2.ChatEvent]]]:
-    pool = await db.create_pool(database_url, max_size=4)
+    """The store as the chat service builds it (its pool, a numberer), recording what it publishes."""
+    pool = await create_chat_pool(database_url, ChatSettings())
     published: list[chat_pb2.ChatEvent] = []
 
     async def publish(chat_id: str, events: Sequence[chat_pb2.ChatEvent]) -> None:
         published.extend(events)
 
+    async def publish_many(batch: Sequence[tuple[str, Sequence[chat_pb2.ChatEvent]]]) -> None:
+        for _, events in batch:
+            published.extend(events)
+
+    numberer = EventNumberer(pool, publish_many)
     try:
-        yield ChatStore(pool, publish), published
+        yield ChatStore(pool, publish, numberer=numberer), published
     finally:
+        await numberer.close()
         await pool.close()
 
 
@@ -40,10 +50,7 @@ async def test_stale_worker_cannot_write(store: tuple[ChatStore, list[chat_pb2.C
     [old] = await s.claim("worker-a", 5, lease_seconds=0.2)
     assert old.chat_id == chat.id
 
-    async def swept() -> bool:
-        return chat.id in await s.sweep()
-
-    await eventually(swept, within=5)
+    await wait_until(s.sweep, until=lambda swept: chat.id in swept, what="the expired lease to be swept")
     [new] = await s.claim("worker-b", 5, lease_seconds=30)
     assert new.chat_id == chat.id and new.fence.generation > old.fence.generation
     seq_before = (await s.get_chat("alice", chat.id)).last_seq
@@ -152,9 +159,12 @@ async def test_finish_turn_never_strands_a_message_queued_meanwhile(
         await sender.execute("UPDATE chat_chats SET last_seq = last_seq + 1 WHERE id = %s", (chat.id,))
         # finish_turn takes its snapshot now (the queue looks empty) and waits for the row lock.
         finishing = asyncio.create_task(s.finish_turn(chat.id, claim.fence))
-        await eventually(lambda: _blocked_on_lock(watcher, sender.info.backend_pid), within=10)
+        await wait_until(
+            lambda: _blocked_on_lock(watcher, sender.info.backend_pid),
+            what="finish_turn to wait for the row lock",
+        )
         await sender.commit()
-        assert await asyncio.wait_for(finishing, 10) is True
+        assert await asyncio.wait_for(finishing, 10) is not None  # the next turn began
     history = await s.history(chat.id)
     assert [m.id for m in history][-1] == queued_id
     assert history[-1].parts[0].text.text == "queued meanwhile"
@@ -204,13 +214,11 @@ async def test_claim_of_a_resume_interrupt_leaves_delivery_to_start_run(
     )
     assert queued is not None
 
-    async def swept() -> bool:
-        return chat.id in await s.sweep()
-
-    await eventually(swept, within=5)  # the lease expired: PENDING, interrupt still 'resume'
+    # The lease expires: PENDING, interrupt still 'resume'.
+    await wait_until(s.sweep, until=lambda swept: chat.id in swept, what="the expired lease to be swept")
     [claim] = await s.claim("w2", 5, lease_seconds=30)
     assert claim.info is None and claim.fence.generation > old.fence.generation
-    info = await s.start_run(chat.id, claim.fence)
+    info = (await s.start_run(chat.id, claim.fence)).info
     assert info.owner_id == "alice"
     history = await s.history(chat.id)
     assert [m.id for m in history][-1] == queued.id

@@ -12,23 +12,31 @@ import pytest
 import redis.asyncio as aioredis
 from agentplane.chat.v1 import chat_pb2
 
+from services.chat.deltas import EventNumberer
 from services.chat.events import EventHub
+from services.chat.server import create_chat_pool
+from services.chat.settings import ChatSettings
 from services.chat.store import ChatStore
-from services.common import db
 from services.common.embedded import free_port
-from tests.chat.conftest import eventually
+from tests.helpers import wait_until
 
 
 @pytest.fixture
 async def store(database_url: str) -> AsyncIterator[ChatStore]:
-    pool = await db.create_pool(database_url, max_size=2)
+    """The store as the chat service builds it; what it publishes is not looked at here."""
+    pool = await create_chat_pool(database_url, ChatSettings())
 
     async def publish(chat_id: str, events: object) -> None:
         return None
 
+    async def publish_many(batch: object) -> None:
+        return None
+
+    numberer = EventNumberer(pool, publish_many)
     try:
-        yield ChatStore(pool, publish)
+        yield ChatStore(pool, publish, numberer=numberer)
     finally:
+        await numberer.close()
         await pool.close()
 
 
@@ -39,11 +47,6 @@ async def first_event(hub: EventHub, chat_id: str, store: ChatStore) -> chat_pb2
         return await anext(stream)
     finally:
         await stream.aclose()
-
-
-async def _followed(hub: EventHub, chat_id: str) -> bool:
-    """Whether the replica's pub/sub connection follows `chat_id`."""
-    return hub.follows(chat_id)
 
 
 async def test_more_chats_than_redis_connections_all_get_events_from_another_replica(
@@ -61,7 +64,11 @@ async def test_more_chats_than_redis_connections_all_get_events_from_another_rep
             for cid in chats:
                 # One at a time: a subscription's own reads borrow a connection for a moment.
                 tasks.append(asyncio.create_task(first_event(subscriber, cid, store)))
-                await eventually(functools.partial(_followed, subscriber, cid), within=5)
+                await wait_until(
+                    functools.partial(subscriber.follows, cid),
+                    what="the replica to follow the chat",
+                    timeout=5,
+                )
             batch = [
                 (cid, [chat_pb2.ChatEvent(seq=1, chat_id=cid, part_delta=chat_pb2.PartDelta(text=cid[:8]))])
                 for cid in chats
@@ -92,7 +99,9 @@ async def test_own_publishes_reach_local_subscribers_once_and_in_order(
     try:
         async with asyncio.timeout(20):
             first = asyncio.create_task(anext(stream))
-            await eventually(functools.partial(_followed, hub, chat_id), within=5)
+            await wait_until(
+                functools.partial(hub.follows, chat_id), what="the replica to follow the chat", timeout=5
+            )
             for seq in range(1, 6):
                 await hub.publish(chat_id, [_delta(chat_id, seq)])
             seen = [await first]
@@ -126,7 +135,11 @@ async def test_resubscribing_right_after_leaving_still_gets_other_replicas_event
                     subscriber.subscribe(chat_id, first - 1, store.events_between),
                 )
                 task = asyncio.create_task(anext(stream))
-                await eventually(functools.partial(_followed, subscriber, chat_id), within=5)
+                await wait_until(
+                    functools.partial(subscriber.follows, chat_id),
+                    what="the replica to follow the chat",
+                    timeout=5,
+                )
                 await publisher.publish(chat_id, [_delta(chat_id, first)])
                 assert (await task).seq == first  # from the buffer or live
                 # Published after the subscription yielded: only pub/sub can bring it.
@@ -154,7 +167,11 @@ async def test_a_lost_pubsub_connection_loses_no_event(redis_url: str, store: Ch
     try:
         async with asyncio.timeout(20):
             task = asyncio.create_task(anext(stream))
-            await eventually(functools.partial(_followed, subscriber, chat_id), within=5)
+            await wait_until(
+                functools.partial(subscriber.follows, chat_id),
+                what="the replica to follow the chat",
+                timeout=5,
+            )
             await publisher.publish(chat_id, [_delta(chat_id, 1)])
             assert (await task).seq == 1
             await publisher.publish(chat_id, [_delta(chat_id, 2)])
@@ -188,7 +205,9 @@ async def test_without_a_reachable_redis_local_subscribers_still_get_events(stor
     try:
         async with asyncio.timeout(20):  # less than one confirmation timeout
             tasks = [asyncio.create_task(anext(stream)) for stream in streams]
-            await eventually(lambda: _subscribed(hub, chat_id, 2), within=15)
+            await wait_until(
+                lambda: _subscribed(hub, chat_id, 2), what="both subscriptions to register", timeout=15
+            )
             await hub.publish(chat_id, [_delta(chat_id, 1)])
             # Both yield once their setup is done: a SUBSCRIBE that failed is not waited for.
             for task in tasks:
@@ -202,6 +221,6 @@ async def test_without_a_reachable_redis_local_subscribers_still_get_events(stor
         await down.aclose()
 
 
-async def _subscribed(hub: EventHub, chat_id: str, count: int) -> bool:
+def _subscribed(hub: EventHub, chat_id: str, count: int) -> bool:
     """Whether `count` subscriptions of `chat_id` are registered (they get what is offered)."""
     return len(hub._subs.get(chat_id, ())) == count

@@ -10,7 +10,8 @@ from agentplane.chat.v1 import chat_pb2, chat_service_pb2
 
 from services.common.settings import Settings
 from services.simulator.script import Script
-from tests.chat.conftest import Stack, eventually, read_file, start_stack, stop_stack, text, write_file
+from tests.chat.conftest import Stack, read_file, start_stack, stop_stack, text, write_file
+from tests.helpers import wait_until
 
 BUILD_SCRIPT = Script.from_data(
     {
@@ -159,8 +160,8 @@ async def test_provider_failure_puts_chat_in_error_and_a_new_message_resumes(sta
 
 
 async def test_queued_messages_run_in_order(stack: Stack) -> None:
-    # The first reply streams for about 2.4 s (60 words, 40 ms apart), so the chat is still busy
-    # while the three messages below are queued and listed; the queued ones get short replies.
+    # The first reply holds at a gate, so the chat is busy while the three messages below are
+    # queued and listed; the queued ones get short replies once the gate opens.
     long_reply = " ".join(f"word{i}" for i in range(60))
     stack.sim.set_script(
         Script.from_data(
@@ -169,7 +170,7 @@ async def test_queued_messages_run_in_order(stack: Stack) -> None:
                     {
                         "match": "first",
                         "turns": [
-                            {"text": long_reply, "token_delay_ms": 40},
+                            {"text": long_reply, "gate": "first"},
                             {"text": "Reply 0."},
                             {"text": "Reply 1."},
                             {"text": "Reply 2."},
@@ -180,32 +181,29 @@ async def test_queued_messages_run_in_order(stack: Stack) -> None:
         )
     )
     stub = stack.stub()
-    resp = await stub.CreateChat(chat_service_pb2.CreateChatRequest(content=text("first [[words=60]]")))
+    resp = await stub.CreateChat(chat_service_pb2.CreateChatRequest(content=text("first")))
     chat_id = resp.chat.id
+    await stack.sim.wait_held("first")
     queued_ids = []
     for i in range(3):
         r = await stub.SendMessage(
-            chat_service_pb2.SendMessageRequest(chat_id=chat_id, content=text(f"queued {i} [[words=3]]"))
+            chat_service_pb2.SendMessageRequest(chat_id=chat_id, content=text(f"queued {i}"))
         )
         assert r.HasField("queued_message") and not r.HasField("message")
         queued_ids.append(r.queued_message.id)
     listed = await stub.ListQueuedMessages(chat_service_pb2.ListQueuedMessagesRequest(chat_id=chat_id))
     assert [q.id for q in listed.queued_messages] == queued_ids
     assert [q.position for q in listed.queued_messages] == [1, 2, 3]
+    await stack.sim.open_gate("first")
     await stack.wait_status(chat_id, chat_pb2.CHAT_STATUS_WAITING)
     msgs = await stack.messages(chat_id)
     users = [m for m in msgs if m.role == chat_pb2.MESSAGE_ROLE_USER]
-    assert [m.parts[0].text.text for m in users] == [
-        "first [[words=60]]",
-        "queued 0 [[words=3]]",
-        "queued 1 [[words=3]]",
-        "queued 2 [[words=3]]",
-    ]
+    assert [m.parts[0].text.text for m in users] == ["first", "queued 0", "queued 1", "queued 2"]
     # Queued messages keep their ids in the history; every one got its own reply.
     assert [m.id for m in users[1:]] == queued_ids
     assert [m.role for m in msgs] == [chat_pb2.MESSAGE_ROLE_USER, chat_pb2.MESSAGE_ROLE_ASSISTANT] * 4
     replies = [m.parts[0].text.text for m in msgs if m.role == chat_pb2.MESSAGE_ROLE_ASSISTANT]
-    assert replies[1:] == ["Reply 0.", "Reply 1.", "Reply 2."]
+    assert replies == [long_reply, "Reply 0.", "Reply 1.", "Reply 2."]
 
 
 async def test_idempotent_send_and_create(stack: Stack) -> None:
@@ -229,38 +227,50 @@ async def test_idempotent_send_and_create(stack: Stack) -> None:
     assert [c.id for c in listed.chats] == [a.chat.id]
 
 
-async def test_interrupt_keeps_partial_text(
-    settings: Settings, make_token: Callable[..., str], workspaces_dir: str
-) -> None:
-    stack = await start_stack(settings, make_token, workspaces_dir, token_delay_ms=20)
+def _long_reply_held_after(words: int, *later: str) -> tuple[str, Script]:
+    """A 400-word first reply that holds at gate "long" after `words` words, then `later` replies."""
+    reply = " ".join(f"word{i}" for i in range(400))
+    turns = [{"text": reply, "gate": {"name": "long", "after_chunks": words}}]
+    return reply, Script.from_data([{"turns": turns + [{"text": t} for t in later]}])
+
+
+async def _stream_until_words(stack: Stack, chat_id: str, words: int) -> str:
+    """The chat's streamed text once it holds `words` words (read from StreamChat)."""
+    stream = stack.stub().StreamChat(chat_service_pb2.StreamChatRequest(chat_id=chat_id))
+    seen = ""
     try:
-        stub = stack.stub()
-        resp = await stub.CreateChat(chat_service_pb2.CreateChatRequest(content=text("talk [[words=400]]")))
-        chat_id = resp.chat.id
-        stream = stub.StreamChat(chat_service_pb2.StreamChatRequest(chat_id=chat_id))
-        seen = ""
-        async for item in stream:
-            if item.event.HasField("part_delta"):
-                seen += item.event.part_delta.text
-                if len(seen.split()) >= 5:
-                    break
-        stream.cancel()
-        r = await stub.InterruptChat(chat_service_pb2.InterruptChatRequest(chat_id=chat_id))
-        assert r.chat.status == chat_pb2.CHAT_STATUS_WAITING
-
-        async def partial_persisted() -> bool:
-            msgs = await stack.messages(chat_id)
-            return len(msgs) == 2 and (await stack.chat_of(chat_id)).status == chat_pb2.CHAT_STATUS_WAITING
-
-        await eventually(partial_persisted)
-        msgs = await stack.messages(chat_id)
-        partial = msgs[1].parts[0].text.text
-        assert partial.startswith(seen.strip()[:20])
-        assert 5 <= len(partial.split()) < 400
-        # The provider stream was cancelled, not read to the end.
-        await stack.sim.wait_until(lambda: stack.sim.client_closed_streams >= 1, within=5)
+        async with asyncio.timeout(20):
+            async for item in stream:
+                if item.event.HasField("part_delta"):
+                    seen += item.event.part_delta.text
+                    if len(seen.split()) >= words:
+                        return seen
     finally:
-        await stop_stack(stack)
+        stream.cancel()
+    raise AssertionError(f"the stream ended after {seen!r}")
+
+
+async def test_interrupt_keeps_partial_text(stack: Stack) -> None:
+    reply, script = _long_reply_held_after(5)
+    stack.sim.set_script(script)
+    stub = stack.stub()
+    resp = await stub.CreateChat(chat_service_pb2.CreateChatRequest(content=text("talk")))
+    chat_id = resp.chat.id
+    # The model is held after 5 words: once the chat has streamed them, interrupt it.
+    seen = await _stream_until_words(stack, chat_id, 5)
+    assert seen == " ".join(reply.split()[:5])
+    r = await stub.InterruptChat(chat_service_pb2.InterruptChatRequest(chat_id=chat_id))
+    assert r.chat.status == chat_pb2.CHAT_STATUS_WAITING
+    msgs = await wait_until(
+        lambda: stack.messages(chat_id),
+        until=lambda msgs: len(msgs) == 2,
+        what="the partial reply to be persisted",
+    )
+    assert msgs[1].parts[0].text.text == seen
+    await stack.wait_status(chat_id, chat_pb2.CHAT_STATUS_WAITING)
+    # The provider stream was cancelled while held, not read to the end.
+    await stack.sim.wait_until(lambda: stack.sim.client_closed_streams == 1)
+    assert stack.sim.gate("long").held == 0 and not stack.sim.streams[-1].completed
 
 
 async def test_interrupt_during_tool_call_gives_synthetic_result(stack: Stack) -> None:
@@ -292,11 +302,11 @@ async def test_interrupt_during_tool_call_gives_synthetic_result(stack: Stack) -
     stream.cancel()
     await stub.InterruptChat(chat_service_pb2.InterruptChatRequest(chat_id=chat_id))
 
-    async def has_tool_result() -> bool:
-        return len(await stack.messages(chat_id)) == 3
-
-    await eventually(has_tool_result, within=10)
-    msgs = await stack.messages(chat_id)
+    msgs = await wait_until(
+        lambda: stack.messages(chat_id),
+        until=lambda msgs: len(msgs) == 3,
+        what="the interrupted tool call's synthetic result",
+    )
     result = msgs[2].parts[0].tool_result
     assert result.is_error and "interrupted" in result.content
     await stack.wait_status(chat_id, chat_pb2.CHAT_STATUS_WAITING)
@@ -307,29 +317,26 @@ async def test_interrupt_during_tool_call_gives_synthetic_result(stack: Stack) -
     assert any(m["role"] == "tool" and "interrupted" in str(m["content"]) for m in last)
 
 
-async def test_send_with_interrupt_runs_the_new_message_next(
-    settings: Settings, make_token: Callable[..., str], workspaces_dir: str
-) -> None:
-    stack = await start_stack(settings, make_token, workspaces_dir, token_delay_ms=20)
-    try:
-        stub = stack.stub()
-        resp = await stub.CreateChat(chat_service_pb2.CreateChatRequest(content=text("long [[words=400]]")))
-        chat_id = resp.chat.id
-        await stack.wait_status(chat_id, chat_pb2.CHAT_STATUS_RUNNING)
-        await stub.SendMessage(
-            chat_service_pb2.SendMessageRequest(chat_id=chat_id, content=text("queued normally [[words=2]]"))
+async def test_send_with_interrupt_runs_the_new_message_next(stack: Stack) -> None:
+    # The first reply holds after 3 words (so its partial text is kept and the later requests
+    # carry one more assistant message: the script's next turns answer them).
+    _, script = _long_reply_held_after(3, "Urgent answered.", "Queued answered.")
+    stack.sim.set_script(script)
+    stub = stack.stub()
+    resp = await stub.CreateChat(chat_service_pb2.CreateChatRequest(content=text("long")))
+    chat_id = resp.chat.id
+    partial = await _stream_until_words(stack, chat_id, 3)
+    await stub.SendMessage(
+        chat_service_pb2.SendMessageRequest(chat_id=chat_id, content=text("queued normally"))
+    )
+    await stub.SendMessage(
+        chat_service_pb2.SendMessageRequest(
+            chat_id=chat_id, content=text("urgent"), busy_behavior=chat_pb2.BUSY_BEHAVIOR_INTERRUPT
         )
-        await stub.SendMessage(
-            chat_service_pb2.SendMessageRequest(
-                chat_id=chat_id,
-                content=text("urgent [[words=2]]"),
-                busy_behavior=chat_pb2.BUSY_BEHAVIOR_INTERRUPT,
-            )
-        )
-        await stack.wait_status(chat_id, chat_pb2.CHAT_STATUS_WAITING, within=30)
-        msgs = await stack.messages(chat_id)
-        users = [m.parts[0].text.text for m in msgs if m.role == chat_pb2.MESSAGE_ROLE_USER]
-        assert users == ["long [[words=400]]", "urgent [[words=2]]", "queued normally [[words=2]]"]
-        assert len(msgs[1].parts[0].text.text.split()) < 400
-    finally:
-        await stop_stack(stack)
+    )
+    await stack.wait_status(chat_id, chat_pb2.CHAT_STATUS_WAITING, within=30)
+    msgs = await stack.messages(chat_id)
+    users = [m.parts[0].text.text for m in msgs if m.role == chat_pb2.MESSAGE_ROLE_USER]
+    assert users == ["long", "urgent", "queued normally"]
+    replies = [m.parts[0].text.text for m in msgs if m.role == chat_pb2.MESSAGE_ROLE_ASSISTANT]
+    assert replies == [partial, "Urgent answered.", "Queued answered."]

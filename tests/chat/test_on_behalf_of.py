@@ -20,7 +20,8 @@ from agentplane.chat.v1 import chat_service_pb2 as cs
 from google.protobuf import field_mask_pb2
 
 from services.common import auth, rpc_errors
-from tests.chat.conftest import Stack, eventually, text
+from tests.chat.conftest import Stack, text, until_watch_is_live
+from tests.helpers import wait_until
 
 FOR_ALICE = [(auth.ON_BEHALF_OF_METADATA_KEY, "alice")]
 MISSING = str(uuid.uuid4())
@@ -161,17 +162,18 @@ async def test_watch_acting_for_alice_sees_only_alices_chats(stack: Stack) -> No
 
     reader = asyncio.create_task(read())
     try:
-        await asyncio.sleep(0.2)  # let the watch subscribe before the changes it must see
+        probe = await until_watch_is_live(stack, seen, "alice")
         bobs = await stack.stub("bob").CreateChat(cs.CreateChatRequest(content=text("bob's")))
         mine = await stack.stub("alice").CreateChat(cs.CreateChatRequest(content=text("alice's")))
         await stack.wait_status(mine.chat.id, chat_pb2.CHAT_STATUS_WAITING)
         await stack.wait_status(bobs.chat.id, chat_pb2.CHAT_STATUS_WAITING, user="bob")
-
-        async def waiting_seen() -> bool:
-            return any(c.chat.status == chat_pb2.CHAT_STATUS_WAITING for c in seen)
-
-        await eventually(waiting_seen, within=10)
-        assert seen and all(c.chat.id == mine.chat.id for c in seen)
+        await wait_until(
+            lambda: any(
+                c.chat.id == mine.chat.id and c.chat.status == chat_pb2.CHAT_STATUS_WAITING for c in seen
+            ),
+            what="the watch acting for alice to report her chat WAITING",
+        )
+        assert {c.chat.id for c in seen} == {probe, mine.chat.id}
     finally:
         watch.cancel()
         reader.cancel()

@@ -16,7 +16,7 @@ from agentplane.chat.v1 import chat_pb2, chat_service_pb2
 
 from services.common.settings import Settings
 from services.simulator.script import Script
-from tests.chat.conftest import FAST_CHAT, eventually, read_file, start_stack, stop_stack, text
+from tests.chat.conftest import FAST_CHAT, read_file, start_stack, stop_stack, text
 from tests.helpers import deployment_keys_dir
 
 CHATS = 6
@@ -27,8 +27,8 @@ SCRIPT = Script.from_data(
                 "match": "count runs",
                 "turns": [
                     {"tool_calls": [{"name": "execute", "arguments": {"command": "echo run >> runs.log"}}]},
-                    # Long enough that the killed replica is caught in the middle of this generation.
-                    {"text": "All done.", "ttft_ms": 2500},
+                    # Held until the test has killed replica B in the middle of this generation.
+                    {"text": "All done.", "gate": "final"},
                 ],
             }
         ]
@@ -105,18 +105,16 @@ async def test_killed_replica_chats_finish_on_the_other(
                 cur = await conn.execute("SELECT id FROM chat_chats WHERE worker_id = 'replica-b'")
                 return [str(r[0]) for r in await cur.fetchall()]
 
-        async def b_is_mid_turn() -> bool:
-            owned = await b_chats()
-            if len(owned) < 2:
-                return False
-            # Each of B's chats has run its tool and is waiting for the final generation.
-            counts = [len(await stack.messages(cid)) for cid in owned]
-            return all(n == 3 for n in counts)
-
-        await eventually(b_is_mid_turn, within=40)
+        # A runs 3 chats at most and none of them can finish: B takes the other 3. Every chat
+        # runs its tool, then its final generation holds at the gate.
+        await stack.sim.wait_held("final", count=CHATS, within=40)
         killed = await b_chats()
+        assert len(killed) == CHATS - 3, killed
+        for chat_id in killed:
+            assert len(await stack.messages(chat_id)) == 3, "B's chats are mid-turn: tool run, reply not"
         proc.send_signal(signal.SIGKILL)
         await asyncio.wait_for(proc.wait(), 10)
+        await stack.sim.open_gate("final")
 
         for chat_id in chats:
             await stack.wait_status(chat_id, chat_pb2.CHAT_STATUS_WAITING, within=40)

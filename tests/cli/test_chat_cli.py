@@ -7,6 +7,7 @@ import asyncio
 import json
 import uuid
 from pathlib import Path
+from typing import Any
 
 from agentplane.chat.v1 import chat_pb2, chat_service_pb2
 
@@ -90,16 +91,35 @@ async def test_watch_until_idle_on_an_idle_chat_prints_its_state_and_exits(cli_s
 
 async def test_watch_until_idle_follows_a_running_turn_to_its_end(cli_stack: CliStack) -> None:
     stack = cli_stack.stack
-    stack.sim.set_script(
-        Script.from_data({"conversations": [{"turns": [{"text": "slow reply " * 20, "token_delay_ms": 20}]}]})
-    )
+    # The reply holds at the gate until the watch has printed the turn's start: the watch
+    # follows a running turn, however long the CLI takes to start.
+    stack.sim.set_script(Script.from_data([{"turns": [{"text": "the reply", "gate": "reply"}]}]))
     created = await stack.stub("alice").CreateChat(
         chat_service_pb2.CreateChatRequest(request_id=str(uuid.uuid4()), content=text("go"))
     )
-    r = await cli_stack.run("chat", "watch", created.chat.id, "--until-idle", "--user", "alice", "-o", "json")
-    assert r.code == 0, r.err
-    events = [json.loads(line) for line in r.out.splitlines()]
+    await stack.sim.wait_held("reply")
+    proc = await asyncio.create_subprocess_exec(
+        *CLI, "chat", "watch", created.chat.id, "--until-idle", "--user", "alice", "-o", "json",
+        env=cli_stack.env, cwd=REPO_ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        printed: list[dict[str, Any]] = []
+        while not printed or printed[-1].get("status_changed", {}).get("status") != "CHAT_STATUS_RUNNING":
+            line = await asyncio.wait_for(proc.stdout.readline(), 30)
+            assert line, f"the watch ended before the turn's start: {printed}"
+            printed.append(json.loads(line))
+        await stack.sim.open_gate("reply")
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err
+    events = printed + [json.loads(line) for line in out.decode().splitlines()]
     assert events[-1]["status_changed"]["status"] == "CHAT_STATUS_WAITING"
+    streamed = "".join(e["part_delta"]["text"] for e in events if "part_delta" in e)
+    assert streamed == "the reply"
 
 
 async def test_watch_gives_up_on_an_unreachable_server_and_says_why(keys_dir: str) -> None:

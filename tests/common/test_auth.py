@@ -217,7 +217,8 @@ async def test_a_key_set_from_a_url_is_fetched_and_refreshed_off_the_caller(
             auth.verify_token(verifier, new)
         gate.set()
         await wait_until(
-            lambda: verifier.keyset.get(keys.key_id(second.public_key())) is not None, 10, "the refresh"
+            lambda: verifier.keyset.get(keys.key_id(second.public_key())) is not None,
+            what="the background refresh of the key set",
         )
         assert auth.verify_token(verifier, new).subject == "service:chat"
     finally:

@@ -156,10 +156,11 @@ async def test_domain_error_round_trip(svc: RunningService) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await call(svc.channel, "Fail")
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
-    assert info.value.details() == "thing 1 not found"
-    assert error_info(info.value) == ("THING_NOT_FOUND", {"id": "1"})
+    assert info.value.details() == "chat 1 not found"
+    assert error_info(info.value) == ("CHAT_NOT_FOUND", {"chat_id": "1"})
     err = from_rpc_error(info.value)
-    assert isinstance(err, NotFound) and err.reason == "THING_NOT_FOUND" and err.metadata == {"id": "1"}
+    assert isinstance(err, NotFound) and err.reason == "CHAT_NOT_FOUND" and err.metadata == {"chat_id": "1"}
+    assert err.domain == "agentplane.chat.v1"
 
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await call(svc.channel, "Invalid")
@@ -185,7 +186,7 @@ async def test_streaming_rpc_and_streaming_error(svc: RunningService) -> None:
             received.append(item)
     assert received == [b"0", b"1"]
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
-    assert error_info(info.value) == ("STREAM_GONE", {})
+    assert error_info(info.value) == ("NOT_FOUND", {})
 
 
 async def test_request_id_and_user_carried_across_hops(

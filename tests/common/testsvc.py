@@ -50,7 +50,7 @@ class TestServicer:
         return request
 
     async def fail(self, request: bytes, context: Any) -> bytes:
-        raise NotFound("thing 1 not found", reason="THING_NOT_FOUND", metadata={"id": "1"})
+        raise NotFound("chat 1 not found", reason="CHAT_NOT_FOUND", metadata={"chat_id": "1"})
 
     async def invalid(self, request: bytes, context: Any) -> bytes:
         raise InvalidArgument("page_size", "must be between 1 and 100")
@@ -74,7 +74,7 @@ class TestServicer:
         for i in range(count):
             yield str(i).encode()
         if request == b"2":
-            raise NotFound("stream ran out", reason="STREAM_GONE")
+            raise NotFound("stream ran out")
 
     async def forward(self, request: bytes, context: Any) -> bytes:
         assert self.forward_address is not None

@@ -63,7 +63,7 @@ async def test_none_and_negative_errors_are_cached_other_errors_are_not() -> Non
 
     async def not_found() -> int | None:
         calls["nf"] += 1
-        raise NotFound("nope", reason="X")
+        raise NotFound("nope", reason="MODEL_CONFIG_NOT_FOUND")
 
     async def boom() -> int | None:
         calls["boom"] += 1

@@ -13,7 +13,7 @@ from services.config.client import ConfigClient
 from services.config.server import ConfigServer
 from services.config.testing import seed_provider_and_model
 from tests.config.conftest import StubFactory
-from tests.config.waiting import eventually
+from tests.helpers import wait_until
 
 
 async def test_client_resolves_default_and_serves_hits_without_rpcs(
@@ -73,15 +73,19 @@ async def test_client_sees_writes_at_once_through_redis(
         )
         await admin.UpdateSystemPrompt(config_service_pb2.UpdateSystemPromptRequest(text="be brief"))
 
-        async def updated() -> bool:
-            return (await client.resolve_model()).model_config.context_limit == 4096
-
-        async def prompt_updated() -> bool:
-            return await client.get_system_prompt() == "be brief"
+        async def context_limit() -> int:
+            return (await client.resolve_model()).model_config.context_limit
 
         # TTL is 60 s: only the Redis invalidation can make these true within the deadline.
-        await eventually(updated, within=5)
-        await eventually(prompt_updated, within=5)
+        await wait_until(
+            context_limit, until=lambda n: n == 4096, timeout=5, what="the client to see the new limit"
+        )
+        await wait_until(
+            client.get_system_prompt,
+            until=lambda text: text == "be brief",
+            timeout=5,
+            what="the client to see the new system prompt",
+        )
 
 
 async def test_client_errors_are_domain_errors_and_not_found_is_cached(

@@ -19,7 +19,7 @@ from services.config import server as config_server
 from services.config.server import ConfigServer
 from services.config.service import CacheSettings
 from tests.config.rpc import create_model, create_provider, mask
-from tests.config.waiting import eventually
+from tests.helpers import wait_until
 
 
 async def _start_pair(
@@ -59,16 +59,15 @@ async def test_write_on_one_replica_is_seen_on_the_other_before_the_ttl(
         )
         await _stub(a, user_token, channels).UpdateUserPrompt(pb.UpdateUserPromptRequest(text="v2"))
 
-        async def model_seen() -> bool:
-            resolved = await user_b.ResolveModel(pb.ResolveModelRequest())
-            return resolved.model_config.display_name == "renamed"
+        async def model_name() -> str:
+            return (await user_b.ResolveModel(pb.ResolveModelRequest())).model_config.display_name
 
-        async def prompt_seen() -> bool:
-            return (await user_b.GetUserPrompt(pb.GetUserPromptRequest())).user_prompt.text == "v2"
+        async def prompt() -> str:
+            return (await user_b.GetUserPrompt(pb.GetUserPromptRequest())).user_prompt.text
 
         # The TTL is 30 s; only the Redis invalidation can make B see the writes within 3 s.
-        await eventually(model_seen, within=3)
-        await eventually(prompt_seen, within=3)
+        await wait_until(model_name, until=lambda n: n == "renamed", timeout=3, what="B to see the rename")
+        await wait_until(prompt, until=lambda t: t == "v2", timeout=3, what="B to see the new prompt")
     finally:
         for channel in channels:
             await channel.close()  # type: ignore[attr-defined]
@@ -94,10 +93,7 @@ async def test_with_redis_stopped_both_replicas_keep_serving(
         caplog.set_level(logging.WARNING)
         await asyncio.to_thread(redis.stop)
 
-        async def b_lost_redis() -> bool:
-            return not b.bus.subscribed
-
-        await eventually(b_lost_redis, within=10)
+        await wait_until(lambda: not b.bus.subscribed, timeout=10, what="B to notice Redis is gone")
         # Writes and reads keep working on both replicas; no caller sees an error.
         await admin_a.UpdateModelConfig(
             pb.UpdateModelConfigRequest(
@@ -108,14 +104,17 @@ async def test_with_redis_stopped_both_replicas_keep_serving(
         await _stub(a, user_token, channels).UpdateUserPrompt(pb.UpdateUserPromptRequest(text="offline"))
         assert (await _stub(a, user_token, channels).ResolveModel(pb.ResolveModelRequest())).model_config.id
 
-        async def seen_after_ttl() -> bool:
+        async def seen_by_b() -> tuple[str, str]:
             resolved = await user_b.ResolveModel(pb.ResolveModelRequest())
             prompt = await user_b.GetUserPrompt(pb.GetUserPromptRequest())
-            return (
-                resolved.model_config.display_name == "during-outage" and prompt.user_prompt.text == "offline"
-            )
+            return resolved.model_config.display_name, prompt.user_prompt.text
 
-        await eventually(seen_after_ttl, within=5)  # the 1 s TTL is the fallback
+        await wait_until(  # the 1 s TTL is the fallback
+            seen_by_b,
+            until=lambda seen: seen == ("during-outage", "offline"),
+            timeout=5,
+            what="B to see the writes made during the outage once its cache expires",
+        )
         assert any("could not publish" in r.getMessage() for r in caplog.records)
         assert any("Redis is unavailable" in r.getMessage() for r in caplog.records)
 
@@ -157,10 +156,15 @@ async def test_concurrent_set_default_leaves_exactly_one_default(
         assert defaults[0] in {m.id for m in models}
         for stub in stubs:
 
-            async def agrees(stub: ConfigServiceStub = stub) -> bool:
-                return (await stub.ResolveModel(pb.ResolveModelRequest())).model_config.id == defaults[0]
+            async def default_id(stub: ConfigServiceStub = stub) -> str:
+                return (await stub.ResolveModel(pb.ResolveModelRequest())).model_config.id
 
-            await eventually(agrees, within=3)
+            await wait_until(
+                default_id,
+                until=lambda got: got == defaults[0],
+                timeout=3,
+                what="every replica to resolve the one default model",
+            )
     finally:
         for channel in channels:
             await channel.close()  # type: ignore[attr-defined]

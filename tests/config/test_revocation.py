@@ -3,7 +3,6 @@ refresh interval; other tokens of the same user keep working."""
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 from collections.abc import Callable
 from dataclasses import replace
@@ -22,6 +21,7 @@ from services.config.server import ConfigServer
 from services.toolexec import server as toolexec_server
 from services.toolexec.settings import ToolexecSettings
 from tests.config.conftest import StubFactory
+from tests.helpers import wait_until
 
 
 def _jti(token: str) -> str:
@@ -71,12 +71,11 @@ async def test_revoked_token_is_refused_everywhere_and_only_it(
         code, reason = await _code(stub_for(victim).GetUserPrompt(config_service_pb2.GetUserPromptRequest()))
         assert (code, reason) == (grpc.StatusCode.UNAUTHENTICATED, "TOKEN_REVOKED")
         # ...toolexec as soon as it has refreshed its copy.
-        async with asyncio.timeout(10):
-            while True:
-                result = await _code(tx_victim.ListWorkspaces(toolexec_service_pb2.ListWorkspacesRequest()))
-                if result[0] != grpc.StatusCode.OK:
-                    break
-                await asyncio.sleep(0.05)
+        result = await wait_until(
+            lambda: _code(tx_victim.ListWorkspaces(toolexec_service_pb2.ListWorkspacesRequest())),
+            until=lambda result: result[0] != grpc.StatusCode.OK,
+            what="toolexec to refuse the revoked token",
+        )
         assert result == (grpc.StatusCode.UNAUTHENTICATED, "TOKEN_REVOKED")
         # The same user's other token is not affected.
         assert (await _code(tx_other.ListWorkspaces(toolexec_service_pb2.ListWorkspacesRequest())))[0] == (

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 
@@ -15,6 +14,7 @@ from google.protobuf import field_mask_pb2
 from services.common import auth
 from services.common.client import create_channel
 from services.simulator.script import Script
+from tests.helpers import wait_until
 from tests.inference.conftest import Stack
 from tests.inference.helpers import (
     PNG_1PX,
@@ -304,34 +304,40 @@ async def test_client_is_rebuilt_when_the_provider_key_changes(stack: Stack) -> 
         return True
 
     # The invalidation reaches the inference service's config client through Redis; each try is an RPC.
-    async with asyncio.timeout(10):
-        while not await succeeds():
-            continue
+    await wait_until(succeeds, what="Generate to use the rotated key")
     assert stack.sim.requests[-1].api_key == "sk-rotated-key-999"
+
+
+# A reply that holds after its first word until the test opens the gate (it never does here).
+HELD_AFTER_ONE_WORD = Script.from_data(
+    [{"turns": [{"text": "first then never more", "gate": {"name": "held", "after_chunks": 1}}]}]
+)
 
 
 async def test_cancelling_generate_closes_the_provider_stream(stack: Stack) -> None:
     model = await stack.model(ANTHROPIC)
-    stack.sim.state.token_delay_ms = 30
-    call = stack.stub.Generate(request(model, "[[words=500]]"), timeout=30)
+    stack.sim.set_script(HELD_AFTER_ONE_WORD)
+    call = stack.stub.Generate(request(model, "x"), timeout=30)
     async for event in call:
-        assert event.HasField("text_delta")
+        assert event.text_delta.text == "first"
         break
+    await stack.sim.wait_held("held")
     assert stack.sim.open_streams == 1
     call.cancel()
     await stack.sim.wait_until(lambda: stack.sim.client_closed_streams == 1, within=5)
-    assert stack.sim.open_streams == 0
+    assert stack.sim.open_streams == 0 and stack.sim.gate("held").held == 0
     assert not stack.sim.streams[-1].completed
 
 
 async def test_deadline_closes_the_provider_stream(stack: Stack) -> None:
     model = await stack.model(OPENAI)
-    stack.sim.state.token_delay_ms = 30
+    stack.sim.set_script(HELD_AFTER_ONE_WORD)
     with pytest.raises(grpc.aio.AioRpcError) as exc:
-        async for _ in stack.stub.Generate(request(model, "[[words=500]]"), timeout=0.5):
+        async for _ in stack.stub.Generate(request(model, "x"), timeout=0.5):
             pass
     assert exc.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    await stack.sim.wait_until(lambda: stack.sim.client_closed_streams >= 1, within=5)
+    await stack.sim.wait_until(lambda: stack.sim.client_closed_streams == 1, within=5)
+    assert stack.sim.gate("held").held == 0 and not stack.sim.streams[-1].completed
 
 
 async def test_plain_users_are_refused(stack: Stack) -> None:

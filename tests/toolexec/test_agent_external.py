@@ -28,6 +28,7 @@ from agentplane.toolexec.v1 import workspace_agent_service_pb2 as agent_pb
 from agentplane.toolexec.v1 import workspace_agent_service_pb2_grpc as agent_grpc
 
 from services.agent.connection import EXIT_UNAUTHENTICATED, VERSION
+from tests.helpers import wait_until
 from tests.toolexec.conftest import Toolexec, call_request
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -46,12 +47,14 @@ class Agent:
 
     async def exited(self, seconds: float = 20.0) -> int:
         """Wait for the agent to exit by itself; its exit code."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + seconds
-        while self.proc.poll() is None:
-            assert loop.time() < deadline, f"the agent did not exit; its log:\n{self.log()}"
-            await asyncio.sleep(0.02)
-        return self.proc.returncode
+        try:
+            code = await wait_until(
+                self.proc.poll, until=lambda code: code is not None, timeout=seconds, what="the agent to exit"
+            )
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; its log:\n{self.log()}") from None
+        assert code is not None
+        return code
 
 
 @pytest.fixture
@@ -98,12 +101,16 @@ async def _create_external(tx: Toolexec, name: str = "ext") -> toolexec_service_
 
 
 async def _connected(tx: Toolexec, ws: str, agent: Agent, seconds: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
-    while tx.server.hub.get(ws) is None:
+    def link() -> object:
         assert agent.proc.poll() is None, f"the agent exited ({agent.proc.returncode}):\n{agent.log()}"
-        assert loop.time() < deadline, f"the agent did not connect; its log:\n{agent.log()}"
-        await asyncio.sleep(0.02)
+        return tx.server.hub.get(ws)
+
+    try:
+        await wait_until(
+            link, until=lambda link: link is not None, timeout=seconds, what="the agent to connect"
+        )
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; its log:\n{agent.log()}") from None
 
 
 async def _stored_hash(database_url: str, ws: str) -> str | None:

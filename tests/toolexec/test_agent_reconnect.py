@@ -22,7 +22,8 @@ from agentplane.toolexec.v1 import toolexec_service_pb2
 
 from services.common.settings import Settings
 from services.toolexec import server as toolexec_server
-from services.toolexec.agent_hub import AgentHub
+from services.toolexec.agent_hub import AgentHub, AgentLink
+from services.toolexec.agent_store import AgentInfo
 from services.toolexec.settings import ToolexecSettings
 from tests.helpers import kill_agents, wait_until
 from tests.toolexec.conftest import (
@@ -48,7 +49,7 @@ async def _drop_and_wait_for_reconnect(hub: AgentHub, ws: str) -> None:
         return now is not None and now.connection_id != old
 
     # The agent notices the end of its stream and dials again by itself (jittered backoff).
-    await wait_until(reconnected, 20, "the agent to reconnect")
+    await wait_until(reconnected, timeout=20, what="the agent to reconnect")
 
 
 def _touch(path: str) -> None:
@@ -89,21 +90,25 @@ async def test_connection_dropped_during_execute_runs_once_and_result_arrives(to
     command = "echo run >> runs.log; while [ ! -e gate ]; do sleep 0.02; done; echo finished"
     request = call_request(ws, "execute", {"command": command, "timeout_seconds": 60}, "reconnect-1")
     in_flight = asyncio.ensure_future(stub.CallTool(request))
-    await wait_until(lambda: _read(runs) == "run\n", 20, "the command to start")
+    await wait_until(
+        lambda: _read(runs), until=lambda text: text == "run\n", timeout=20, what="the command to start"
+    )
 
     await _drop_and_wait_for_reconnect(hub, ws)
     assert not in_flight.done(), "the call must wait for the command, not fail on the dropped link"
+
     # The new connection is what Postgres records for the workspace (how other replicas find it).
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 10
-    while True:
-        recorded = await toolexec.server.agents.get(ws)
-        link = hub.get(ws)
-        if recorded is not None and link is not None and recorded.connection_id == link.connection_id:
-            assert recorded.connected
-            break
-        assert loop.time() < deadline, "the new connection was not recorded"
-        await asyncio.sleep(0.02)
+    async def recorded_and_live() -> tuple[AgentInfo | None, AgentLink | None]:
+        return await toolexec.server.agents.get(ws), hub.get(ws)
+
+    recorded, _ = await wait_until(
+        recorded_and_live,
+        until=lambda both: (
+            both[0] is not None and both[1] is not None and both[0].connection_id == both[1].connection_id
+        ),
+        what="Postgres to record the new connection",
+    )
+    assert recorded is not None and recorded.connected
 
     _touch(gate)
     response = await asyncio.wait_for(in_flight, 30)
@@ -129,7 +134,9 @@ async def test_connection_dropped_twice_while_waiting(toolexec: Toolexec) -> Non
     in_flight = asyncio.ensure_future(
         stub.CallTool(call_request(ws, "execute", {"command": command, "timeout_seconds": 60}))
     )
-    await wait_until(lambda: _read(runs) == "run\n", 20, "the command to start")
+    await wait_until(
+        lambda: _read(runs), until=lambda text: text == "run\n", timeout=20, what="the command to start"
+    )
     for _ in range(2):
         await _drop_and_wait_for_reconnect(hub, ws)
         assert not in_flight.done()
@@ -207,7 +214,7 @@ async def test_a_local_agent_that_died_is_started_again_by_the_next_call(toolexe
     await stub.CallTool(call_request(ws, "write_file", {"path": "kept.txt", "content": "kept"}))
     old_pid = toolexec.server.driver.agent_pid(ws)
     assert toolexec.server.driver.kill_agent(ws) > 0
-    await wait_until(lambda: toolexec.server.hub.get(ws) is None, 10, "the dead agent's connection to end")
+    await wait_until(lambda: toolexec.server.hub.get(ws) is None, what="the dead agent's connection to end")
     loop = asyncio.get_running_loop()
     started = loop.time()
     after = await stub.CallTool(call_request(ws, "execute", {"command": "cat kept.txt"}))

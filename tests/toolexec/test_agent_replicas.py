@@ -18,6 +18,8 @@ from agentplane.toolexec.v1 import toolexec_pb2, toolexec_service_pb2
 
 from services.common.settings import Settings
 from services.toolexec import server as toolexec_server
+from services.toolexec.agent_hub import AgentLink
+from services.toolexec.agent_store import AgentInfo
 from services.toolexec.settings import ToolexecSettings
 from tests.helpers import kill_agents, wait_until
 from tests.toolexec.conftest import StaticTemplates, Toolexec, call_request, ws_path, ws_read
@@ -65,21 +67,22 @@ async def replica_b(
 
 async def _connected_on(tx: Toolexec, ws: str) -> None:
     """Wait until the agent is connected to `tx` and Postgres says so (how other replicas find it)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 20
-    while True:
-        link = tx.server.hub.get(ws)
-        info = await tx.server.agents.get(ws)
-        if (
-            link is not None
-            and info is not None
-            and info.connected
-            and info.connection_id == link.connection_id
-        ):
-            assert info.replica_id == tx.server.replica_id
-            return
-        assert loop.time() < deadline, "the agent did not connect to its replica"
-        await asyncio.sleep(0.02)
+
+    async def link_and_record() -> tuple[AgentLink | None, AgentInfo | None]:
+        return tx.server.hub.get(ws), await tx.server.agents.get(ws)
+
+    _, info = await wait_until(
+        link_and_record,
+        until=lambda both: (
+            both[0] is not None
+            and both[1] is not None
+            and both[1].connected
+            and both[1].connection_id == both[0].connection_id
+        ),
+        timeout=20,
+        what="the agent to connect to its replica, as Postgres records",
+    )
+    assert info is not None and info.replica_id == tx.server.replica_id
 
 
 async def test_calls_at_replica_b_run_on_the_agent_connected_to_a(
@@ -112,14 +115,12 @@ async def test_calls_at_replica_b_run_on_the_agent_connected_to_a(
         call_request(ws, "execute", {"command": "echo bg-out", "run_in_background": True})
     )
     process_id = json.loads(bg.structured_json)["process_id"]
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 20
-    while True:
-        out = await stub_b.CallTool(call_request(ws, "process_output", {"process_id": process_id}))
-        if not json.loads(out.structured_json).get("running", True):
-            break
-        assert loop.time() < deadline, "the background process did not finish"
-        await asyncio.sleep(0.05)
+    out = await wait_until(
+        lambda: stub_b.CallTool(call_request(ws, "process_output", {"process_id": process_id})),
+        until=lambda out: not json.loads(out.structured_json).get("running", True),
+        timeout=20,
+        what="the background process to finish",
+    )
     assert "bg-out" in out.content, out.content
 
     # B never held the agent's connection, yet shows it connected (from the shared record).
@@ -141,14 +142,19 @@ async def test_relayed_call_survives_agent_reconnect_on_the_holding_replica(
     in_flight = asyncio.ensure_future(
         b.stub().CallTool(call_request(ws, "execute", {"command": command, "timeout_seconds": 60}))
     )
-    await wait_until(lambda: _read(runs) == "run\n", 20, "the relayed command to start")
+    await wait_until(
+        lambda: _read(runs),
+        until=lambda text: text == "run\n",
+        timeout=20,
+        what="the relayed command to start",
+    )
     link = a.server.hub.get(ws)
     assert link is not None
     link.close("test: drop the agent's connection to A")
     await wait_until(
         lambda: (now := a.server.hub.get(ws)) is not None and now.connection_id != link.connection_id,
-        20,
-        "the agent to reconnect to A",
+        timeout=20,
+        what="the agent to reconnect to A",
     )
     assert not in_flight.done()
     _touch(ws_path(a, ws, "gate"))

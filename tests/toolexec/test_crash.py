@@ -86,18 +86,18 @@ def spawn(
 
 
 async def _wait_serving(address: str, proc: subprocess.Popen[bytes]) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 30
     async with grpc.aio.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        while True:
+
+        async def status() -> str:
             assert proc.poll() is None, "toolexec exited during startup"
-            with contextlib.suppress(grpc.aio.AioRpcError):
+            try:
                 resp = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if resp.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            assert loop.time() < deadline, "toolexec did not become SERVING"
-            await asyncio.sleep(0.1)
+            except grpc.aio.AioRpcError as exc:
+                return exc.code().name
+            return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+        await wait_until(status, until=lambda s: s == "SERVING", timeout=30, what="toolexec to be SERVING")
 
 
 async def test_killed_during_execute_and_restarted(
@@ -133,7 +133,12 @@ async def test_killed_during_execute_and_restarted(
         command = "echo start >> log; while [ ! -e go ]; do sleep 0.05; done; echo end >> log"
         request = call_request(ws, "execute", {"command": command, "timeout_seconds": 60}, "crash-1")
         in_flight = asyncio.ensure_future(stub.CallTool(request))
-        await wait_until(lambda: _read(log_path) == "start\n", 15, "the command to start")
+        await wait_until(
+            lambda: _read(log_path),
+            until=lambda text: text == "start\n",
+            timeout=15,
+            what="the command to start",
+        )
 
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=10)

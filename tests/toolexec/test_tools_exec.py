@@ -203,16 +203,23 @@ async def test_delete_workspace_kills_everything_it_ran(toolexec: Toolexec) -> N
     ws = await toolexec.create()
     # Background jobs, a setsid'd process and a double fork: none may outlive the workspace.
     command = (
-        "for i in $(seq 1 200); do sleep 600 & done; setsid sleep 600 & (sh -c 'sleep 600 &' &); "
-        "sleep 0.2; echo started"
+        "for i in $(seq 1 200); do sleep 600 & done; setsid sleep 600 & (sh -c 'sleep 600 &' &); echo started"
     )
     r = await _call(toolexec, ws, "execute", {"command": command, "timeout_seconds": 30})
     assert json.loads(r.structured_json)["output"] == "started\n", r.content
     agent = _agent_pid(toolexec, ws)
-    ran = reaper.descendants(agent)
-    assert len(ran) >= 202
+    # The double fork may still be under way when the command's shell has answered.
+    ran = await wait_until(
+        lambda: reaper.descendants(agent),
+        until=lambda ran: len(ran) >= 202,
+        what="the 202 sleeps to run under the agent",
+    )
     await toolexec.stub().DeleteWorkspace(toolexec_service_pb2.DeleteWorkspaceRequest(workspace_id=ws))
-    await wait_until(lambda: not any(_pid_alive(p) for p in [agent, *ran]))
+    await wait_until(
+        lambda: [p for p in [agent, *ran] if _pid_alive(p)],
+        until=lambda alive: not alive,
+        what="the agent and everything it ran to be gone",
+    )
     assert not ws_exists(toolexec, ws)
 
 

@@ -150,47 +150,87 @@ class _ErrorReason:
 class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReason.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     ERROR_REASON_UNSPECIFIED: _ErrorReason.ValueType  # 0
-    """Not used."""
+    """Never sent; what a client's lookup returns for a reason that is not in this enum."""
     ERROR_REASON_RATE_LIMITED: _ErrorReason.ValueType  # 1
-    """The provider rate-limited the request after our retries (RESOURCE_EXHAUSTED)."""
+    """The provider still rate-limited the request after the inference service's own retries
+    (RESOURCE_EXHAUSTED). Wait before sending the request again.
+    """
     ERROR_REASON_CONTEXT_LENGTH_EXCEEDED: _ErrorReason.ValueType  # 2
-    """The conversation does not fit the model's context window (INVALID_ARGUMENT); compact and retry."""
+    """The conversation does not fit the model's context window (INVALID_ARGUMENT). Compact the
+    conversation (the chat service does this itself once) and send it again.
+    """
     ERROR_REASON_PROVIDER_AUTH_FAILED: _ErrorReason.ValueType  # 3
-    """The provider refused the stored credentials (FAILED_PRECONDITION)."""
+    """The provider refused the stored API key (FAILED_PRECONDITION). An admin updates the
+    provider's key; repeating the request before that fails the same way.
+    """
     ERROR_REASON_INVALID_REQUEST: _ErrorReason.ValueType  # 4
-    """The provider rejected the request as invalid (INVALID_ARGUMENT)."""
+    """The provider rejected the request as invalid (INVALID_ARGUMENT); the message carries the
+    provider's explanation. Change the request or the model's options.
+    """
     ERROR_REASON_CONTENT_FILTERED: _ErrorReason.ValueType  # 5
-    """The provider's content filter refused the request (FAILED_PRECONDITION)."""
+    """The provider's content filter refused the request (FAILED_PRECONDITION). Rephrase the
+    conversation; repeating it unchanged is refused again.
+    """
     ERROR_REASON_PROVIDER_UNAVAILABLE: _ErrorReason.ValueType  # 6
-    """The provider could not be reached or kept failing (UNAVAILABLE)."""
+    """The provider could not be reached or kept failing, after the inference service's own
+    retries when they could help (UNAVAILABLE). Try again later; the server marks this answer as
+    not to be retried by the channel, since the provider may already have been called.
+    """
     ERROR_REASON_MODEL_NOT_AVAILABLE: _ErrorReason.ValueType  # 7
-    """The model config or provider does not exist or is disabled (NOT_FOUND / FAILED_PRECONDITION)."""
+    """The model config or its provider is missing, disabled, misconfigured or not served by the
+    provider (NOT_FOUND or FAILED_PRECONDITION). Choose another model, or an admin fixes it.
+    """
     ERROR_REASON_STREAM_INTERRUPTED: _ErrorReason.ValueType  # 8
-    """The stream failed after output had started; nothing was retried (UNAVAILABLE)."""
+    """The provider's stream failed after output had started, so nothing was retried
+    (UNAVAILABLE). Keep or drop the partial output the stream delivered and send the request
+    again; the generation is never retried automatically, which would repeat the output.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
-    """ErrorReason lists the machine-readable reasons (google.rpc.ErrorInfo.reason, without the
-    ERROR_REASON_ prefix) that Generate fails with, so callers can act on them.
+    """ErrorReason lists the reasons about the inference service's own work: calling model providers.
+    A failed Generate or ListProviderModels carries a google.rpc.ErrorInfo whose `reason` is a
+    value's name without the ERROR_REASON_ prefix (for example "RATE_LIMITED") and whose `domain`
+    is "agentplane.inference.v1"; RetryNotice.reason and the chat's ChatError.reason use the same
+    names. Authentication, authorization and generic reasons are agentplane.common.v1's, and a
+    missing provider is agentplane.config.v1's PROVIDER_NOT_FOUND.
     """
 
 ERROR_REASON_UNSPECIFIED: ErrorReason.ValueType  # 0
-"""Not used."""
+"""Never sent; what a client's lookup returns for a reason that is not in this enum."""
 ERROR_REASON_RATE_LIMITED: ErrorReason.ValueType  # 1
-"""The provider rate-limited the request after our retries (RESOURCE_EXHAUSTED)."""
+"""The provider still rate-limited the request after the inference service's own retries
+(RESOURCE_EXHAUSTED). Wait before sending the request again.
+"""
 ERROR_REASON_CONTEXT_LENGTH_EXCEEDED: ErrorReason.ValueType  # 2
-"""The conversation does not fit the model's context window (INVALID_ARGUMENT); compact and retry."""
+"""The conversation does not fit the model's context window (INVALID_ARGUMENT). Compact the
+conversation (the chat service does this itself once) and send it again.
+"""
 ERROR_REASON_PROVIDER_AUTH_FAILED: ErrorReason.ValueType  # 3
-"""The provider refused the stored credentials (FAILED_PRECONDITION)."""
+"""The provider refused the stored API key (FAILED_PRECONDITION). An admin updates the
+provider's key; repeating the request before that fails the same way.
+"""
 ERROR_REASON_INVALID_REQUEST: ErrorReason.ValueType  # 4
-"""The provider rejected the request as invalid (INVALID_ARGUMENT)."""
+"""The provider rejected the request as invalid (INVALID_ARGUMENT); the message carries the
+provider's explanation. Change the request or the model's options.
+"""
 ERROR_REASON_CONTENT_FILTERED: ErrorReason.ValueType  # 5
-"""The provider's content filter refused the request (FAILED_PRECONDITION)."""
+"""The provider's content filter refused the request (FAILED_PRECONDITION). Rephrase the
+conversation; repeating it unchanged is refused again.
+"""
 ERROR_REASON_PROVIDER_UNAVAILABLE: ErrorReason.ValueType  # 6
-"""The provider could not be reached or kept failing (UNAVAILABLE)."""
+"""The provider could not be reached or kept failing, after the inference service's own
+retries when they could help (UNAVAILABLE). Try again later; the server marks this answer as
+not to be retried by the channel, since the provider may already have been called.
+"""
 ERROR_REASON_MODEL_NOT_AVAILABLE: ErrorReason.ValueType  # 7
-"""The model config or provider does not exist or is disabled (NOT_FOUND / FAILED_PRECONDITION)."""
+"""The model config or its provider is missing, disabled, misconfigured or not served by the
+provider (NOT_FOUND or FAILED_PRECONDITION). Choose another model, or an admin fixes it.
+"""
 ERROR_REASON_STREAM_INTERRUPTED: ErrorReason.ValueType  # 8
-"""The stream failed after output had started; nothing was retried (UNAVAILABLE)."""
+"""The provider's stream failed after output had started, so nothing was retried
+(UNAVAILABLE). Keep or drop the partial output the stream delivered and send the request
+again; the generation is never retried automatically, which would repeat the output.
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final
