@@ -52,11 +52,12 @@ else
     fi
     if [ -z "$start" ]; then
         if [ "$(git rev-parse --is-shallow-repository)" = true ]; then
-            echo "buf-breaking: this shallow clone lacks the commit before HEAD; fetch it" \
-                "(git fetch --deepen=1) or set BUF_BREAKING_AGAINST" >&2
-            exit 2
+            # A depth-1 clone (some CI checkouts) cannot see the commit before HEAD: say so loudly
+            # and check what it can, the uncommitted changes; a full clone checks the last commit.
+            echo "buf-breaking: WARNING: this shallow clone lacks the commit before HEAD, so only" \
+                "uncommitted changes are checked (git fetch --deepen=1, or set BUF_BREAKING_AGAINST)" >&2
         fi
-        start=$head # the first commit: only uncommitted changes can break it
+        start=$head # the first commit (or a shallow clone): only uncommitted changes can break it
     fi
     bases="$bases $start"
 fi
