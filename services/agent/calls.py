@@ -112,7 +112,7 @@ class AgentCalls:
         try:
             try:
                 args: Any = json.loads(arguments_json) if arguments_json else {}
-            except ValueError:
+            except (ValueError, RecursionError):
                 args = None
             if not isinstance(args, dict):
                 result = ToolError(

@@ -24,6 +24,7 @@ from google.protobuf import duration_pb2
 
 from services.agent.calls import AgentCalls, CallAnswer
 from services.agent.tools.base import ToolError
+from services.common import tracing
 
 log = logging.getLogger(__name__)
 
@@ -238,14 +239,20 @@ class AgentConnection:
             )
 
         try:
-            answer = await self._calls.call(
-                message.tool_call_id,
-                message.name,
-                message.arguments_json,
-                message.arguments_sha256,
-                timeout,
-                on_output,
-            )
+            # A span only where this agent's environment names a collector (tracing.configure).
+            with tracing.remote_span(
+                f"agent {message.name}",
+                message.trace_context,
+                attributes={"agentplane.tool": message.name, "agentplane.tool_call_id": message.tool_call_id},
+            ):
+                answer = await self._calls.call(
+                    message.tool_call_id,
+                    message.name,
+                    message.arguments_json,
+                    message.arguments_sha256,
+                    timeout,
+                    on_output,
+                )
         except Exception:
             # Never leave toolexec waiting: a bug here is still an answer (and says the call may have run).
             log.exception("serving call %s failed", message.tool_call_id)

@@ -168,7 +168,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"workspace-agent: the state directory {state} must be outside the workspace root {root}")
         return 2
     os.makedirs(state, mode=0o700, exist_ok=True)
+    from services.common import tracing
+
+    # Spans of the calls, joined to the caller's trace, where the environment names an OTLP
+    # collector the agent can reach (an external agent; the local sandbox has no network).
+    tracing.configure("workspace-agent")
     try:
         return asyncio.run(run(args, token, root, state, _limits()))
     except KeyboardInterrupt:
         return 130
+    finally:
+        tracing.shutdown()

@@ -11,4 +11,5 @@ BENCHMARKS: list[str] = [
     "services.bench.toolexec",
     "services.bench.loop",
     "services.bench.scale",
+    "services.bench.recovery",
 ]

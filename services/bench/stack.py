@@ -223,6 +223,18 @@ class LocalStack:
         out["machine_busy"] = sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)
         return out
 
+    async def start_replica(self, name: str, service: str, env: dict[str, str] | None = None) -> str:
+        """One more `agentplane serve SERVICE` child called `name` (a second chat replica, say), with
+        `env` over the stack's environment; its address once it answers its health check. A name
+        already used is replaced (a replica started again after `kill`)."""
+        port = free_port()
+        prefix = f"AGENTPLANE_{service.upper()}"
+        child_env = {**self.env, **(env or {}), f"{prefix}_PORT": str(port), f"{prefix}_METRICS_PORT": "-1"}
+        self.addresses[name] = f"127.0.0.1:{port}"
+        await self._spawn(name, ["serve", service], child_env)
+        await self._wait_healthy(name)
+        return self.addresses[name]
+
     def kill(self, name: str) -> None:
         """SIGKILL one child (failure tests and benchmarks)."""
         proc = self.processes[name]

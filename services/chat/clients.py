@@ -17,7 +17,7 @@ from agentplane.toolexec.v1 import toolexec_service_pb2, toolexec_service_pb2_gr
 from google.protobuf import duration_pb2
 
 from services.chat.loop import ModelError, ModelLimits, ToolOutcome
-from services.common import auth, rpc_errors
+from services.common import auth, nul_guard, rpc_errors
 from services.config.client import ConfigClient
 
 
@@ -45,7 +45,9 @@ class InferenceModel:
         call = self._stub.Generate(request, metadata=_on_behalf_of(request.user_id))
         try:
             async for event in call:
-                yield event
+                # A model may emit NUL (a provider's "\u0000"), which Postgres cannot store: the
+                # persisted message would fail the run.
+                yield nul_guard.scrub(event)
         except grpc.aio.AioRpcError as exc:
             raise _model_error(exc) from None
         finally:

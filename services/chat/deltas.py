@@ -31,11 +31,15 @@ log = logging.getLogger(__name__)
 
 PublishMany = Callable[[Sequence[tuple[str, Sequence[chat_pb2.ChatEvent]]]], Awaitable[None]]
 
-# One statement per batch: add each chat's count to last_seq where the fence (if any) holds.
-# A chat missing from the answer lost its fence (or was deleted).
+# One statement per batch: add each chat's count to last_seq where the fence (if any) holds,
+# and note the reply whose deltas it numbers (`streaming_message_id`, cleared when that message
+# is persisted: a later run that finds it set announces the reply as discarded; see
+# migrations/0002_chat_streaming_reply.sql). A chat missing from the answer lost its fence (or
+# was deleted).
 NUMBER_SQL = (
-    "UPDATE chat_chats AS c SET last_seq = c.last_seq + d.n"
-    " FROM unnest(%s::uuid[], %s::bigint[], %s::text[], %s::bigint[]) AS d(id, n, w, g)"
+    "UPDATE chat_chats AS c SET last_seq = c.last_seq + d.n,"
+    " streaming_message_id = coalesce(d.m, c.streaming_message_id)"
+    " FROM unnest(%s::uuid[], %s::bigint[], %s::text[], %s::bigint[], %s::text[]) AS d(id, n, w, g, m)"
     " WHERE c.id = d.id AND (d.w IS NULL OR (c.worker_id = d.w AND c.generation = d.g))"
     " RETURNING c.id::text AS id, c.last_seq"
 )
@@ -130,15 +134,20 @@ class EventNumberer:
     async def _number(self, batch: list[_Emit]) -> None:
         counts: dict[str, int] = {}
         fences: dict[str, tuple[str, int] | None] = {}
+        replies: dict[str, str | None] = {}
         for item in batch:
             counts[item.chat_id] = counts.get(item.chat_id, 0) + len(item.events)
             fences[item.chat_id] = item.fence
+            for ev in item.events:
+                if ev.WhichOneof("event") == "part_delta" and item.fence is not None:
+                    replies[item.chat_id] = ev.part_delta.message_id or None
         ids = list(counts)
         params = (
             ids,
             [counts[c] for c in ids],
             [f[0] if (f := fences[c]) is not None else None for c in ids],
             [f[1] if (f := fences[c]) is not None else None for c in ids],
+            [replies.get(c) for c in ids],
         )
         async with self._pool.connection() as conn:
             async with conn.transaction() if not conn.autocommit else contextlib.nullcontext():

@@ -7,7 +7,7 @@ in Postgres or an in-memory fake in tests).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from agentplane.chat.v1 import chat_pb2
 
@@ -39,6 +39,8 @@ class RenewResult:
 
     held: dict[str, Fence]
     interrupted: set[str]
+    # Chats the worker owned in the database without running them, which the renewal handed back.
+    handed_back: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -51,6 +53,9 @@ class RunInfo:
     workspace_id: str
     # The workspace's AGENTS.md as cached on the chat row (None: not read yet).
     agents_md: str | None
+    # A reply an earlier run streamed deltas of and never persisted (its message id): the run
+    # announces it discarded before it generates anything.
+    abandoned_reply: str | None = None
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The agent loop: a plain function over interfaces (model, tools, prompts, store).
+"""The agent loop: a plain function over interfaces (model, tools, prompts, store: `loop_types`).
 
 `run_chat` drives one claimed chat until no turn is left: each step builds the prompt,
 streams a generation (deltas go out coalesced), persists the assistant message, runs its
@@ -15,17 +15,30 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from agentplane.chat.v1 import chat_pb2
 from agentplane.inference.v1 import inference_pb2, inference_service_pb2
 
+from services.chat import loop_replies, tool_ids
 from services.chat import parts as parts_mod
-from services.chat.domain import Fence, NewMessage, RunInfo, StartedRun
+from services.chat.domain import Fence, NewMessage, RunInfo
 from services.chat.loop_coalesce import Coalescer
 from services.chat.loop_messages import interrupted_result, to_model_messages, tool_calls
+from services.chat.loop_types import (
+    LoopConfig,
+    Model,
+    ModelError,
+    ModelLimits,
+    Prompts,
+    Store,
+    ToolOutcome,
+    Tools,
+)
+from services.chat.metrics import UNEXPORTED, UNKNOWN_TOOL, ChatMetrics, StepTimer
+from services.common import tracing
 
 log = logging.getLogger(__name__)
 # One JSON line per finished step (`duration_ms`) at DEBUG, enabled by AGENTPLANE_CHAT_STEP_LOG:
@@ -38,114 +51,6 @@ SUMMARY_PROMPT = (
     "Be complete but concise; this summary replaces the history."
 )
 AGENTS_MD_PATH = "AGENTS.md"
-
-
-class ModelError(Exception):
-    """A generation failed after the inference service's retries."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-
-
-@dataclass(frozen=True)
-class ModelLimits:
-    """What the loop needs to know about a model config."""
-
-    model_config_id: str
-    context_limit: int
-    compaction_threshold_percent: int
-
-
-@dataclass(frozen=True)
-class ToolOutcome:
-    """The result of one tool call."""
-
-    content: str
-    is_error: bool
-    structured_json: str = ""
-    duration_ms: int = 0
-
-
-class Model(Protocol):
-    """Streams one generation; raises ModelError on failure."""
-
-    def generate(
-        self, request: inference_service_pb2.GenerateRequest
-    ) -> AsyncIterator[inference_service_pb2.GenerateResponse]:
-        """Stream the generation's events."""
-        ...
-
-
-class Tools(Protocol):
-    """The workspace tools."""
-
-    async def list_tools(self) -> list[inference_pb2.ToolDefinition]:
-        """Tool definitions, passed to the model unchanged."""
-        ...
-
-    async def call(
-        self, workspace_id: str, tool_call_id: str, name: str, arguments_json: str, *, user_id: str
-    ) -> ToolOutcome:
-        """Run one call (idempotent by tool_call_id) on behalf of `user_id`, the chat's owner."""
-        ...
-
-
-class Prompts(Protocol):
-    """Deployment configuration read through the config client's cache."""
-
-    async def model(self, model_config_id: str) -> ModelLimits:
-        """The model config's limits."""
-        ...
-
-    async def system_prompt(self) -> str:
-        """The deployment system prompt."""
-        ...
-
-    async def user_prompt(self, user_id: str) -> str:
-        """The user's own prompt ('' when none)."""
-        ...
-
-
-class Store(Protocol):
-    """The fenced writes a run makes (implemented by ChatStore; tests/chat/loopkit.py has a fake).
-
-    `start_run` and `finish_turn` say when a turn's start was committed: the loop counts an
-    interrupt for that turn only when the renewal that saw it began after that moment (see
-    `RunContext.interrupt`).
-    """
-
-    async def start_run(self, chat_id: str, fence: Fence) -> StartedRun: ...
-    async def history(self, chat_id: str) -> list[chat_pb2.Message]: ...
-    async def emit(self, chat_id: str, fence: Fence | None, events: Sequence[chat_pb2.ChatEvent]) -> None: ...
-    async def persist(
-        self,
-        chat_id: str,
-        fence: Fence | None,
-        msg: NewMessage,
-        *,
-        pre_events: Sequence[chat_pb2.ChatEvent] = (),
-        extra_events: Sequence[chat_pb2.ChatEvent] = (),
-        message_id: str | None = None,
-        guard_idle: bool = False,
-        agents_md: str | None = None,
-    ) -> chat_pb2.Message: ...
-    async def finish_turn(self, chat_id: str, fence: Fence) -> float | None:
-        """End the turn: None when the chat now waits; else a queued message began the next turn,
-        and the answer is when that was committed (`time.monotonic()`, as `StartedRun.turn_began`)."""
-        ...
-
-    async def fail_run(self, chat_id: str, fence: Fence, reason: str, message: str) -> None: ...
-
-
-@dataclass
-class LoopConfig:
-    """Knobs of the loop."""
-
-    step_limit: int = 200
-    delta_flush_ms: int = 50
-    sender_id: str = "service:chat"
 
 
 @dataclass
@@ -172,6 +77,11 @@ class RunContext:
     # the chat row does not have it yet: the run's next persisted message stores it.
     agents_md: str | None = None
     agents_md_unsaved: str | None = None
+    # The reply of the generation in progress once some of its deltas were emitted.
+    unpersisted_reply: str | None = None
+    metrics: ChatMetrics = UNEXPORTED
+    # The phases of the step in progress (None between steps).
+    step: StepTimer | None = None
 
     def interrupt(self, seen_at: float) -> None:
         """A renewal that began at `seen_at` (time.monotonic()) read the chat's interrupt flag.
@@ -210,16 +120,55 @@ async def run_chat(ctx: RunContext) -> None:
         started = await ctx.store.start_run(ctx.chat_id, ctx.fence)
         ctx.begin_turn(started.turn_began)
         info = started.info
+    if info.abandoned_reply is not None:
+        await loop_replies.discard_abandoned(ctx.store, ctx.chat_id, ctx.fence, info.abandoned_reply)
     # Every call to another service names the chat's owner itself (the request's user_id, the
     # tools' user_id): nothing depends on an identity set around the run.
     while True:
-        end = await run_turn(ctx, info)
-        if end is TurnEnd.FAILED:
-            return
-        next_turn = await ctx.store.finish_turn(ctx.chat_id, ctx.fence)
+        # One trace per turn: its spans (generate, tools, persist) and the other services' spans
+        # of the calls made for it are its descendants.
+        with tracing.span("chat.turn", attributes=_turn_attributes(ctx, info)):
+            end = await _logged_turn(ctx, info)
+            if end is TurnEnd.FAILED:
+                return
+            next_turn = await ctx.store.finish_turn(ctx.chat_id, ctx.fence)
         if next_turn is None:
             return
         ctx.begin_turn(next_turn)
+
+
+def _turn_attributes(ctx: RunContext, info: RunInfo) -> dict[str, str]:
+    return {
+        "agentplane.chat_id": ctx.chat_id,
+        "agentplane.model_config_id": info.model_config_id,
+        "agentplane.workspace_id": info.workspace_id,
+    }
+
+
+async def _logged_turn(ctx: RunContext, info: RunInfo) -> TurnEnd:
+    """`run_turn`, counted and logged (a turn that raises, its lease lost, is the worker's to count)."""
+    began = time.monotonic()
+    steps_before = ctx.steps_run
+    log.info("turn started", extra={"chat_id": ctx.chat_id, "step": ctx.steps_run + 1})
+    end = await run_turn(ctx, info)
+    ctx.metrics.turn_outcome[end.value].inc()
+    log.info(
+        "turn finished",
+        extra={
+            "chat_id": ctx.chat_id,
+            "outcome": end.value,
+            "steps": ctx.steps_run - steps_before,
+            "duration_ms": round((time.monotonic() - began) * 1000, 1),
+        },
+    )
+    return end
+
+
+async def _fail(ctx: RunContext, reason: str, message: str) -> TurnEnd:
+    """Put the chat in ERROR with `reason` (counted by reason); the turn ends FAILED."""
+    ctx.metrics.turn_errors.labels(reason).inc()
+    await ctx.store.fail_run(ctx.chat_id, ctx.fence, reason, message)
+    return TurnEnd.FAILED
 
 
 async def run_turn(ctx: RunContext, info: RunInfo) -> TurnEnd:
@@ -227,6 +176,7 @@ async def run_turn(ctx: RunContext, info: RunInfo) -> TurnEnd:
     history = await ctx.store.history(ctx.chat_id)
     steps = 0
     compacted_for_overflow = False
+    broken_streams = 0  # provider streams of this step that broke mid-reply (loop_replies.py)
     while True:
         visible = [m for m in history if m.visibility != chat_pb2.VISIBILITY_USER]
         last = visible[-1] if visible else None
@@ -261,28 +211,39 @@ async def run_turn(ctx: RunContext, info: RunInfo) -> TurnEnd:
             return TurnEnd.DONE
         limits = await ctx.prompts.model(info.model_config_id)
         if _over_threshold(history, limits):
-            summary = await _compact_in_turn(ctx, info, history)
+            summary = await _compact_in_turn(ctx, info, history, "threshold")
             if isinstance(summary, TurnEnd):
                 return summary
             history = [summary]
         started = time.monotonic()
+        ctx.step = StepTimer(started)
         try:
             generated, interrupted = await _generate(ctx, info, history)
         except ModelError as exc:
+            ctx.metrics.step_outcome["failed"].inc()
             if exc.reason == "CONTEXT_LENGTH_EXCEEDED" and not compacted_for_overflow:
                 compacted_for_overflow = True
-                summary = await _compact_in_turn(ctx, info, history)
+                summary = await _compact_in_turn(ctx, info, history, "overflow")
                 if isinstance(summary, TurnEnd):
                     return summary
                 history = [summary]
                 continue
-            await ctx.store.fail_run(ctx.chat_id, ctx.fence, exc.reason or "MODEL_ERROR", exc.message)
-            return TurnEnd.FAILED
+            delay = await loop_replies.failed_generation(
+                ctx.store, ctx.chat_id, ctx.fence, ctx.config, exc, ctx.unpersisted_reply, broken_streams
+            )
+            if delay is None:
+                return await _fail(ctx, exc.reason or "MODEL_ERROR", exc.message)
+            broken_streams += 1
+            if await _race_interrupt(ctx, asyncio.sleep(delay)):
+                return TurnEnd.INTERRUPTED
+            continue
+        broken_streams = 0
         steps += 1
         ctx.steps_run += 1
         if generated is not None:
             history.append(generated)
         calls = tool_calls(generated) if generated is not None else []
+        ctx.metrics.step_outcome["interrupted" if interrupted else "tool_calls" if calls else "answer"].inc()
         if interrupted:
             if calls:
                 history.append(await _synthetic_results(ctx, calls))
@@ -296,9 +257,15 @@ async def run_turn(ctx: RunContext, info: RunInfo) -> TurnEnd:
 
 
 def _record_step(ctx: RunContext, started: float) -> None:
-    """Note one step's wall time (generate + persist + tools + persist results)."""
+    """Note one step's wall time (generate + persist + tools + persist results) and its phases."""
     seconds = time.monotonic() - started
     ctx.step_seconds.append(seconds)
+    m = ctx.metrics
+    m.step_seconds.observe(seconds)
+    if ctx.step is not None:
+        for phase, phase_seconds in ctx.step.phases():
+            m.phase[phase].observe(phase_seconds)
+        ctx.step = None
     if step_log.isEnabledFor(logging.DEBUG):
         step_log.debug(
             "step", extra={"chat_id": ctx.chat_id, "step": ctx.steps_run, "duration_ms": seconds * 1000}
@@ -381,16 +348,20 @@ async def _persist(
     The run's first message after it read AGENTS.md caches that text on the chat row too.
     """
     unsaved = ctx.agents_md_unsaved if fenced else None
-    persisted = await ctx.store.persist(
-        ctx.chat_id,
-        ctx.fence if fenced else None,
-        msg,
-        pre_events=pre_events,
-        extra_events=extra_events,
-        message_id=message_id,
-        guard_idle=not fenced,
-        agents_md=unsaved,
-    )
+    began = time.monotonic()
+    with tracing.span("chat.persist", attributes={"agentplane.role": msg.role}):
+        persisted = await ctx.store.persist(
+            ctx.chat_id,
+            ctx.fence if fenced else None,
+            msg,
+            pre_events=pre_events,
+            extra_events=extra_events,
+            message_id=message_id,
+            guard_idle=not fenced,
+            agents_md=unsaved,
+        )
+    if ctx.step is not None:
+        ctx.step.persist += time.monotonic() - began
     if unsaved is not None:
         ctx.agents_md_unsaved = None
     return persisted
@@ -400,17 +371,79 @@ async def _generate(
     ctx: RunContext, info: RunInfo, history: Sequence[chat_pb2.Message]
 ) -> tuple[chat_pb2.Message | None, bool]:
     """Stream one generation and persist it; returns (message, interrupted)."""
+    begun = time.monotonic()
+    with tracing.span("chat.generate", attributes={"agentplane.step": ctx.steps_run + 1}):
+        stream = await _stream(ctx, info, history, begun)
+    if ctx.step is not None:
+        ctx.step.generate += time.monotonic() - begun
+    co, tail, interrupted = stream.coalescer, stream.tail, stream.interrupted
+    if interrupted and not co.parts:
+        if tail:
+            await ctx.store.emit(ctx.chat_id, ctx.fence, tail)
+        return None, True
+    # Results answer calls by id: a provider's empty or repeated ids are replaced before anyone sees them.
+    tool_ids.make_unique(co.parts)
+    calls = [p.tool_call for p in co.parts if p.WhichOneof("part") == "tool_call"]
+    started_events = [
+        chat_pb2.ChatEvent(
+            tool_call_started=chat_pb2.ToolCallStarted(message_id=stream.message_id, tool_call=c)
+        )
+        for c in calls
+    ]
+    msg = await _persist(
+        ctx,
+        NewMessage(
+            role="assistant",
+            parts=co.parts,
+            sender_id=ctx.config.sender_id,
+            model_config_id=info.model_config_id,
+            usage=stream.usage,
+            runtime_ms=int((time.monotonic() - stream.started) * 1000),
+        ),
+        pre_events=tail,
+        extra_events=[] if interrupted else started_events,
+        message_id=stream.message_id,
+    )
+    return msg, interrupted
+
+
+@dataclass
+class _Streamed:
+    """What one generation's stream left: the coalesced parts, the events not yet emitted, usage."""
+
+    message_id: str
+    coalescer: Coalescer
+    usage: chat_pb2.Usage
+    interrupted: bool
+    tail: list[chat_pb2.ChatEvent]
+    started: float
+
+
+async def _stream(
+    ctx: RunContext, info: RunInfo, history: Sequence[chat_pb2.Message], begun: float
+) -> _Streamed:
+    """Build the prompt and consume the model's stream (deltas go out coalesced) until it ends or
+    the run is interrupted; `begun` is when the step's generation began (time to first delta)."""
     request = await build_request(ctx, info, history)
     message_id = str(uuid.uuid4())
-    co = Coalescer(
-        lambda events: ctx.store.emit(ctx.chat_id, ctx.fence, events), message_id, ctx.config.delta_flush_ms
-    )
+    ctx.unpersisted_reply = None
+
+    async def emit(events: list[chat_pb2.ChatEvent]) -> None:
+        ctx.unpersisted_reply = message_id  # its deltas may be out: a failure must discard them
+        await ctx.store.emit(ctx.chat_id, ctx.fence, events)
+
+    co = Coalescer(emit, message_id, ctx.config.delta_flush_ms)
     usage = chat_pb2.Usage()
     started = time.monotonic()
+    ttfd = ctx.metrics.time_to_first_delta
 
     async def consume() -> None:
+        first = True
         async for ev in ctx.model.generate(request):
             kind = ev.WhichOneof("event")
+            if first and kind in _OUTPUT_EVENTS:
+                first = False
+                ttfd.observe(time.monotonic() - begun)
             if kind == "text_delta":
                 await co.text(ev.text_delta.text)
             elif kind == "reasoning_delta":
@@ -438,30 +471,11 @@ async def _generate(
     finally:
         # Also on failure: a pending flush timer would otherwise emit after the run ended.
         tail = await co.finish()
-    if interrupted and not co.parts:
-        if tail:
-            await ctx.store.emit(ctx.chat_id, ctx.fence, tail)
-        return None, True
-    calls = [p.tool_call for p in co.parts if p.WhichOneof("part") == "tool_call"]
-    started_events = [
-        chat_pb2.ChatEvent(tool_call_started=chat_pb2.ToolCallStarted(message_id=message_id, tool_call=c))
-        for c in calls
-    ]
-    msg = await _persist(
-        ctx,
-        NewMessage(
-            role="assistant",
-            parts=co.parts,
-            sender_id=ctx.config.sender_id,
-            model_config_id=info.model_config_id,
-            usage=usage,
-            runtime_ms=int((time.monotonic() - started) * 1000),
-        ),
-        pre_events=tail,
-        extra_events=[] if interrupted else started_events,
-        message_id=message_id,
-    )
-    return msg, interrupted
+    return _Streamed(message_id, co, usage, interrupted, tail, started)
+
+
+# The events that are output of the model (the first one ends "time to first delta").
+_OUTPUT_EVENTS = frozenset({"text_delta", "reasoning_delta", "tool_call"})
 
 
 def _retry_event(r: inference_pb2.RetryNotice) -> chat_pb2.ChatEvent:
@@ -493,43 +507,19 @@ async def _run_tools(
     ctx: RunContext, info: RunInfo, message_id: str, calls: Sequence[chat_pb2.ToolCallPart]
 ) -> chat_pb2.Message:
     """Run the calls in parallel, persist their results in call order (synthetic ones when interrupted)."""
-    known: set[str] | None = None
-    unlisted = ""
-    if info.workspace_id:
-        try:
-            known = {t.name for t in await ctx.tools.list_tools()}
-        except ModelError as exc:  # a tool failure is a result the model sees, never a crash
-            unlisted = f"The workspace's tools could not be listed ({exc.message}); the call did not run."
-    results: dict[str, chat_pb2.ToolResultPart] = {}
-    last_finished: list[chat_pb2.ChatEvent] = []
     started = time.monotonic()
-
-    async def one(call: chat_pb2.ToolCallPart) -> None:
-        begun = time.monotonic()
-        outcome = ToolOutcome(unlisted, True) if unlisted else await _call_one(ctx, info, known, call)
-        result = chat_pb2.ToolResultPart(
-            tool_call_id=call.id,
-            tool_name=call.name,
-            content=outcome.content,
-            is_error=outcome.is_error,
-            structured_json=outcome.structured_json,
-        )
-        result.duration.FromMilliseconds(outcome.duration_ms or int((time.monotonic() - begun) * 1000))
-        results[call.id] = result
-        event = chat_pb2.ChatEvent(tool_call_finished=chat_pb2.ToolCallFinished(tool_result=result))
-        if len(results) == len(calls):
-            # The last call to finish is announced together with the persisted results.
-            last_finished.append(event)
-        else:
-            await ctx.store.emit(ctx.chat_id, ctx.fence, [event])
-
-    async def all_calls() -> None:
-        await asyncio.gather(*(one(c) for c in calls))
-
-    await _race_interrupt(ctx, all_calls())
+    with tracing.span(
+        "chat.tools", attributes={"agentplane.step": ctx.steps_run, "agentplane.calls": len(calls)}
+    ):
+        results = await _call_all(ctx, info, message_id, calls)
+    if ctx.step is not None:
+        ctx.step.tools += time.monotonic() - started
     parts = []
-    for c in calls:
-        r = results.get(c.id) or interrupted_result(c)
+    for i, c in enumerate(calls):
+        r = results.finished.get(i)
+        if r is None:
+            r = interrupted_result(c)
+            _tool_finished(ctx, c, results.label(c.name), "interrupted", time.monotonic() - started)
         parts.append(chat_pb2.ContentPart(tool_result=r))
     return await _persist(
         ctx,
@@ -539,7 +529,89 @@ async def _run_tools(
             sender_id=ctx.config.sender_id,
             runtime_ms=int((time.monotonic() - started) * 1000),
         ),
-        pre_events=last_finished,
+        pre_events=results.last_finished,
+    )
+
+
+@dataclass
+class _ToolResults:
+    """The results of the calls that finished, and the event of the last one (sent with the persist)."""
+
+    known: set[str] | None
+    # By the call's position in its message (ids of messages stored before they were made unique
+    # may repeat).
+    finished: dict[int, chat_pb2.ToolResultPart] = field(default_factory=dict)
+    last_finished: list[chat_pb2.ChatEvent] = field(default_factory=list)
+
+    def label(self, name: str) -> str:
+        """The tool's metric label: its name when the workspace has it (names are the model's)."""
+        return name if self.known is not None and name in self.known else UNKNOWN_TOOL
+
+
+async def _call_all(
+    ctx: RunContext, info: RunInfo, message_id: str, calls: Sequence[chat_pb2.ToolCallPart]
+) -> _ToolResults:
+    """Run the calls of the stored message `message_id` in parallel until they finish or the run is
+    interrupted."""
+    known: set[str] | None = None
+    unlisted = ""
+    if info.workspace_id:
+        try:
+            known = {t.name for t in await ctx.tools.list_tools()}
+        except ModelError as exc:  # a tool failure is a result the model sees, never a crash
+            unlisted = f"The workspace's tools could not be listed ({exc.message}); the call did not run."
+    results = _ToolResults(known)
+
+    async def one(index: int, call: chat_pb2.ToolCallPart) -> None:
+        begun = time.monotonic()
+        ledger = tool_ids.ledger_id(ctx.chat_id, message_id, index, call.id)
+        with tracing.span(
+            "chat.tool", attributes={"agentplane.tool": call.name[:128], "agentplane.tool_call_id": call.id}
+        ):
+            outcome = (
+                ToolOutcome(unlisted, True) if unlisted else await _call_one(ctx, info, known, call, ledger)
+            )
+            seconds = time.monotonic() - begun
+            _tool_finished(
+                ctx, call, results.label(call.name), "error" if outcome.is_error else "ok", seconds
+            )
+        result = chat_pb2.ToolResultPart(
+            tool_call_id=call.id,
+            tool_name=call.name,
+            content=outcome.content,
+            is_error=outcome.is_error,
+            structured_json=outcome.structured_json,
+        )
+        result.duration.FromMilliseconds(outcome.duration_ms or int(seconds * 1000))
+        results.finished[index] = result
+        event = chat_pb2.ChatEvent(tool_call_finished=chat_pb2.ToolCallFinished(tool_result=result))
+        if len(results.finished) == len(calls):
+            # The last call to finish is announced together with the persisted results.
+            results.last_finished.append(event)
+        else:
+            await ctx.store.emit(ctx.chat_id, ctx.fence, [event])
+
+    async def all_calls() -> None:
+        await asyncio.gather(*(one(i, c) for i, c in enumerate(calls)))
+
+    await _race_interrupt(ctx, all_calls())
+    return results
+
+
+def _tool_finished(
+    ctx: RunContext, call: chat_pb2.ToolCallPart, label: str, outcome: str, seconds: float
+) -> None:
+    ctx.metrics.tool_call(label, outcome, seconds)
+    log.info(
+        "tool call finished",
+        extra={
+            "chat_id": ctx.chat_id,
+            "step": ctx.steps_run,
+            "tool": call.name[:128],
+            "tool_call_id": call.id,
+            "outcome": outcome,
+            "duration_ms": round(seconds * 1000, 1),
+        },
     )
 
 
@@ -549,9 +621,10 @@ async def _synthetic_results(ctx: RunContext, calls: Sequence[chat_pb2.ToolCallP
 
 
 async def _call_one(
-    ctx: RunContext, info: RunInfo, known: set[str] | None, call: chat_pb2.ToolCallPart
+    ctx: RunContext, info: RunInfo, known: set[str] | None, call: chat_pb2.ToolCallPart, ledger_id: str
 ) -> ToolOutcome:
-    """One call, with the mistakes a model can make turned into results it can correct."""
+    """One call, with the mistakes a model can make turned into results it can correct; sent to
+    toolexec under `ledger_id` (see services/chat/tool_ids.py)."""
     if not info.workspace_id or known is None:
         return ToolOutcome(
             f"Tool {call.name!r} is not available: this chat has no workspace, so no tools can run.", True
@@ -566,11 +639,17 @@ async def _call_one(
             "send a JSON object matching the tool's schema.",
             True,
         )
+    except RecursionError:  # nested deeper than the parser goes: a model's output, not our bug
+        return ToolOutcome(
+            f"The arguments of {call.name} are nested too deeply to read; "
+            "send a JSON object matching the tool's schema.",
+            True,
+        )
     if not isinstance(args, dict):
         return ToolOutcome(f"The arguments of {call.name} must be a JSON object.", True)
     try:
         return await ctx.tools.call(
-            info.workspace_id, call.id, call.name, call.arguments_json or "{}", user_id=info.owner_id
+            info.workspace_id, ledger_id, call.name, call.arguments_json or "{}", user_id=info.owner_id
         )
     except ModelError as exc:  # the tools adapter reports its transport failures this way
         return ToolOutcome(f"The tool call failed: {exc.message}", True)
@@ -579,12 +658,30 @@ async def _call_one(
 async def compact(
     ctx: RunContext, info: RunInfo, history: Sequence[chat_pb2.Message], *, fenced: bool = True
 ) -> chat_pb2.Message:
-    """Summarize `history` with a generation and persist the summary message."""
-    summary = await _summarize(ctx, info, history, fenced=fenced)
-    return await _persist_summary(ctx, info, summary, fenced=fenced)
+    """Summarize `history` with a generation and persist the summary message (CompactChat)."""
+    with tracing.span("chat.compact", attributes={"agentplane.trigger": "manual"}):
+        try:
+            summary = await _summarize(ctx, info, history, fenced=fenced)
+        except ModelError:
+            ctx.metrics.compactions.labels("manual", "failed").inc()
+            raise
+        message = await _persist_summary(ctx, info, summary, fenced=fenced)
+    ctx.metrics.compactions.labels("manual", "ok").inc()
+    return message
 
 
 async def _compact_in_turn(
+    ctx: RunContext, info: RunInfo, history: Sequence[chat_pb2.Message], trigger: str
+) -> chat_pb2.Message | TurnEnd:
+    """`_compact_in_turn_once`, counted by `trigger` (threshold, overflow) and outcome."""
+    with tracing.span("chat.compact", attributes={"agentplane.trigger": trigger}):
+        result = await _compact_in_turn_once(ctx, info, history)
+    outcome = "ok" if not isinstance(result, TurnEnd) else result.value
+    ctx.metrics.compactions.labels(trigger, outcome).inc()
+    return result
+
+
+async def _compact_in_turn_once(
     ctx: RunContext, info: RunInfo, history: Sequence[chat_pb2.Message]
 ) -> chat_pb2.Message | TurnEnd:
     """Compaction inside a run: the summary, or how the turn ends instead.
@@ -602,8 +699,7 @@ async def _compact_in_turn(
             return TurnEnd.INTERRUPTED
     except ModelError as exc:
         message = f"Summarizing the conversation to fit the model's context failed: {exc.message}"
-        await ctx.store.fail_run(ctx.chat_id, ctx.fence, exc.reason or "MODEL_ERROR", message)
-        return TurnEnd.FAILED
+        return await _fail(ctx, exc.reason or "MODEL_ERROR", message)
     return await _persist_summary(ctx, info, summaries[0], fenced=True)
 
 

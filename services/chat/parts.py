@@ -13,6 +13,9 @@ from services.common.errors import InvalidArgument
 
 MAX_IMAGE_BYTES = 10 * 1024 * 1024
 MAX_TEXT_CHARS = 1_000_000
+# A user message's parts: each was bounded, their number and their text in all were not (10,000
+# parts, or fifteen parts of a million characters, were stored and sent to the model as they were).
+MAX_CONTENT_PARTS = 100
 IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
 ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth")
 KIND_NAMES = {"reasoning": "a reasoning part", "tool_call": "a tool call", "tool_result": "a tool result"}
@@ -47,6 +50,8 @@ def validate_user_content(field: str, parts: Sequence[chat_pb2.ContentPart]) -> 
     """
     if not parts:
         raise _invalid(field, "the message is empty: give it some text or an image")
+    if len(parts) > MAX_CONTENT_PARTS:
+        raise _invalid(field, f"the message has {len(parts):,} parts; the limit is {MAX_CONTENT_PARTS}")
     for i, part in enumerate(parts):
         kind = part.WhichOneof("part")
         where = f"{field}[{i}]"
@@ -80,6 +85,11 @@ def validate_user_content(field: str, parts: Sequence[chat_pb2.ContentPart]) -> 
                 where,
                 f"{name} is {KIND_NAMES.get(kind, kind)}; a user message may hold text and images only",
             )
+    total = sum(len(p.text.text) for p in parts)
+    if total > MAX_TEXT_CHARS:
+        raise _invalid(
+            field, f"the message's text is {total:,} characters in all; the limit is {MAX_TEXT_CHARS:,}"
+        )
 
 
 def to_json(parts: Sequence[chat_pb2.ContentPart]) -> list[dict[str, Any]]:

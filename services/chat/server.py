@@ -21,6 +21,7 @@ from psycopg_pool import AsyncConnectionPool
 from services.chat.clients import ConfigPrompts, InferenceModel, ToolExecTools
 from services.chat.deltas import EventNumberer
 from services.chat.events import EventHub
+from services.chat.metrics import ChatMetrics
 from services.chat.notify import Notifier
 from services.chat.relay import RELAY_CHANNEL, PgRelay
 from services.chat.service import ChatAPI, ChatDeps
@@ -51,6 +52,7 @@ class ChatServer:
     api: ChatAPI
     store: ChatStore
     worker: Worker | None
+    metrics: ChatMetrics
 
     @property
     def address(self) -> str:
@@ -106,6 +108,7 @@ async def build_server(
     model = InferenceModel(inference_channel)
     tools = ToolExecTools(toolexec_channel, call_timeout_seconds=cs.tool_timeout_seconds)
     prompts = ConfigPrompts(config)
+    metrics = ChatMetrics.for_registry(registry)
     toolexec_stub = toolexec_service_pb2_grpc.ToolExecServiceStub(toolexec_channel)
 
     async def resolve_model(model_config_id: str) -> str:
@@ -153,11 +156,22 @@ async def build_server(
             prompts=prompts,
             resolve_model=resolve_model,
             check_workspace=check_workspace,
+            metrics=metrics,
         ),
-        watch_queue_size=cs.subscriber_queue_size,
     )
     worker = (
-        Worker(store, cs, notifier, model=model, tools=tools, prompts=prompts) if cs.run_workers else None
+        Worker(
+            store,
+            cs,
+            notifier,
+            model=model,
+            tools=tools,
+            prompts=prompts,
+            metrics=metrics,
+            database_url=database_url,
+        )
+        if cs.run_workers
+        else None
     )
 
     def register(server: grpc.aio.Server) -> None:
@@ -172,12 +186,15 @@ async def build_server(
         metrics=RpcMetrics.for_registry(registry),
         is_revoked=revocations.is_revoked,
     )
+    # The chats' state gauges, from one query on scrape (cached: see CachedStateCollector).
+    stop_state_metrics = metrics.watch_state(pool)
     await config.start()
     await notifier.start()
     if worker is not None:
         await worker.start()
 
     async def shutdown() -> None:
+        stop_state_metrics()
         await stop_revocations()
         if worker is not None:
             await worker.stop()
@@ -192,7 +209,7 @@ async def build_server(
 
     handle.watch_health(db.probe(pool))
     handle.on_stop(shutdown)
-    return ChatServer(handle=handle, api=api, store=store, worker=worker)
+    return ChatServer(handle=handle, api=api, store=store, worker=worker, metrics=metrics)
 
 
 async def start(

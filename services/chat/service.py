@@ -6,7 +6,9 @@ No grpc here: requests and responses are protobuf messages, errors are domain er
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -14,16 +16,23 @@ from agentplane.chat.v1 import chat_pb2, chat_service_pb2
 from google.protobuf import timestamp_pb2
 
 from services.chat import parts as parts_mod
+from services.chat import watch
 from services.chat.domain import Fence
 from services.chat.events import EventHub
 from services.chat.loop import LoopConfig, Model, Prompts, RunContext, Tools, compact
+from services.chat.metrics import UNEXPORTED, ChatMetrics
 from services.chat.notify import Notifier
 from services.chat.store import PB_TO_STATUS, WATCH_CHANNEL, ChatStore, chat_not_found, parse_uuid
 from services.common import auth
-from services.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied, ResourceExhausted
+from services.common.errors import Aborted, FailedPrecondition, InvalidArgument, PermissionDenied
 
 MAX_TITLE = 200
 MAX_REQUEST_ID = 200
+# A CompactChat key still marked running after this long was left by a replica that died mid-way
+# (a summary's generation takes minutes at most): a repeat takes it over and compacts.
+COMPACT_CLAIM_STALE_SECONDS = 15 * 60.0
+# A watch also looks for changes this often without a notification (LISTEN reconnecting).
+WATCH_POLL_SECONDS = 30.0
 
 # Checks that the caller may use a workspace (toolexec's GetWorkspace on the caller's behalf).
 WorkspaceCheck = Callable[[str], Awaitable[None]]
@@ -67,6 +76,7 @@ class ChatDeps:
     prompts: Prompts
     resolve_model: ModelResolver
     check_workspace: WorkspaceCheck
+    metrics: ChatMetrics = UNEXPORTED
 
 
 class ChatAPI:
@@ -79,13 +89,18 @@ class ChatAPI:
         notifier: Notifier,
         deps: ChatDeps,
         *,
-        watch_queue_size: int = 1000,
+        watch_poll_seconds: float = WATCH_POLL_SECONDS,
     ) -> None:
         self.store = store
         self.hub = hub
         self.notifier = notifier
         self.deps = deps
-        self._watch_queue_size = watch_queue_size
+        self._watch_poll_seconds = watch_poll_seconds
+        # CompactChat calls with a request_id running in this process, by (owner, request_id): a
+        # repeat waits for the first instead of summarizing again.
+        self._compactions: dict[
+            tuple[str, str], tuple[str, asyncio.Task[chat_service_pb2.CompactChatResponse]]
+        ] = {}
 
     async def create_chat(
         self, req: chat_service_pb2.CreateChatRequest
@@ -155,7 +170,12 @@ class ChatAPI:
     async def delete_chat(
         self, req: chat_service_pb2.DeleteChatRequest
     ) -> chat_service_pb2.DeleteChatResponse:
-        """Delete the chat; a running worker loses its fence and stops."""
+        """Delete the chat; a running worker loses its fence and stops.
+
+        Idempotent, so the channel may repeat it: a chat that is gone is deleted already. A chat
+        of another user is answered the same way and left alone, so the answer tells nothing
+        about ids the caller cannot see.
+        """
         owner = auth.require_user_id()
         await self.store.delete_chat(owner, parse_uuid("chat_id", req.chat_id))
         return chat_service_pb2.DeleteChatResponse()
@@ -191,13 +211,14 @@ class ChatAPI:
     async def edit_message(
         self, req: chat_service_pb2.EditMessageRequest
     ) -> chat_service_pb2.EditMessageResponse:
-        """Replace a user message and run again from there."""
+        """Replace a user message and run again from there; idempotent by request_id."""
         owner = auth.require_user_id()
         chat_id = parse_uuid("chat_id", req.chat_id)
         message_id = parse_uuid("message_id", req.message_id)
+        request_id = _request_id(req.request_id)
         parts_mod.validate_user_content("content", req.content)
         chat, message = await self.store.edit_message(
-            owner_id=owner, chat_id=chat_id, message_id=message_id, content=req.content
+            owner_id=owner, chat_id=chat_id, message_id=message_id, content=req.content, request_id=request_id
         )
         return chat_service_pb2.EditMessageResponse(chat=chat, message=message)
 
@@ -228,7 +249,7 @@ class ChatAPI:
     async def delete_queued_message(
         self, req: chat_service_pb2.DeleteQueuedMessageRequest
     ) -> chat_service_pb2.DeleteQueuedMessageResponse:
-        """Remove a queued message."""
+        """Remove a queued message; idempotent (one that is gone, or not the caller's, is no error)."""
         owner = auth.require_user_id()
         chat_id = parse_uuid("chat_id", req.chat_id)
         queued_id = parse_uuid("queued_message_id", req.queued_message_id)
@@ -270,9 +291,63 @@ class ChatAPI:
     async def compact_chat(
         self, req: chat_service_pb2.CompactChatRequest
     ) -> chat_service_pb2.CompactChatResponse:
-        """Summarize an idle chat's history now."""
+        """Summarize an idle chat's history now; idempotent by request_id.
+
+        A repeat of a request_id returns the first call's summary. While the first still runs, a
+        repeat on this replica waits for it (the work runs in a task of its own, so it finishes
+        even when the caller that started it goes away); one on another replica is ABORTED
+        (COMPACTION_IN_PROGRESS) without waiting: the key in the database says the work is
+        running, not where.
+        """
         owner = auth.require_user_id()
         chat_id = parse_uuid("chat_id", req.chat_id)
+        request_id = _request_id(req.request_id)
+        if not request_id:
+            return await self._compact(owner, chat_id)
+        key = (owner, request_id)
+        running = self._compactions.get(key)
+        if running is None:
+            task = asyncio.create_task(self._compact_once(owner, chat_id, request_id))
+            running = self._compactions[key] = (chat_id, task)
+            task.add_done_callback(lambda t: _forget_compaction(self._compactions, key, t))
+        elif running[0] != chat_id:
+            raise InvalidArgument("request_id", "was already used to compact another chat")
+        return await asyncio.shield(running[1])
+
+    async def _compact_once(
+        self, owner: str, chat_id: str, request_id: str
+    ) -> chat_service_pb2.CompactChatResponse:
+        """CompactChat under the idempotency key `request_id` (claimed in the database first)."""
+        claim = await self.store.claim_request(
+            owner, "compact", request_id, chat_id, stale_seconds=COMPACT_CLAIM_STALE_SECONDS
+        )
+        if claim.chat_id != chat_id:
+            raise InvalidArgument("request_id", "was already used to compact another chat")
+        if claim.state == "done":
+            return chat_service_pb2.CompactChatResponse(
+                chat=await self.store.get_chat(owner, chat_id),
+                summary=await self.store.get_message(owner, chat_id, claim.message_id),
+            )
+        if claim.state == "running":
+            raise Aborted(
+                f"a CompactChat of chat {chat_id} with request_id {request_id!r} is still running on "
+                "another replica; repeat the same request once it has finished to get its summary",
+                reason="COMPACTION_IN_PROGRESS",
+                metadata={"chat_id": chat_id, "request_id": request_id},
+            )
+        try:
+            resp = await self._compact(owner, chat_id)
+        except BaseException:
+            # Nothing was stored: let a repeat compact again. (If even this fails, the key goes
+            # stale and a repeat takes it over after COMPACT_CLAIM_STALE_SECONDS.)
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.store.drop_request(owner, "compact", request_id))
+            raise
+        await self.store.finish_request(owner, "compact", request_id, resp.summary.id)
+        return resp
+
+    async def _compact(self, owner: str, chat_id: str) -> chat_service_pb2.CompactChatResponse:
+        """Summarize the owner's idle chat now (one model call) and store the summary."""
         chat = await self.store.get_chat(owner, chat_id)
         if chat.status in (chat_pb2.CHAT_STATUS_RUNNING, chat_pb2.CHAT_STATUS_PENDING):
             raise FailedPrecondition(
@@ -291,6 +366,7 @@ class ChatAPI:
             tools=self.deps.tools,
             prompts=self.deps.prompts,
             config=LoopConfig(),
+            metrics=self.deps.metrics,
         )
         if info.agents_md is None:
             info.agents_md = ""  # not read outside a run: reading needs a fenced write
@@ -327,50 +403,64 @@ class ChatAPI:
         async for ev in self.hub.subscribe(chat_id, req.after_seq, self.store.events_between):
             yield ev
 
-    async def watch_chats(self) -> AsyncIterator[chat_service_pb2.WatchChatsResponse]:
-        """The caller's chat list changes."""
+    async def watch_chats(
+        self, req: chat_service_pb2.WatchChatsRequest
+    ) -> AsyncIterator[chat_service_pb2.WatchChatsResponse]:
+        """The caller's chat list changes: those since `req.cursor` first, then a bookmark, then live.
+
+        A notification of one of the owner's changes only wakes the watch; what it delivers is read
+        from the tables after its cursor (services/chat/watch.py), so a change is delivered once
+        whatever the notifications do, and a client that reads slowly falls behind nothing: the
+        changes it has not read wait in the tables, several of one chat becoming one.
+        """
         owner = auth.require_user_id()
-        queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue(maxsize=self._watch_queue_size)
-        dropped = asyncio.Event()
+        cursor = watch.decode(req.cursor) if req.cursor else None
+        woken = asyncio.Event()
 
         def on_note(payload: str) -> None:
-            who, _, rest = payload.partition(" ")
-            if who != owner:
-                return
-            chat_id, _, kind = rest.partition(" ")
-            try:
-                queue.put_nowait((chat_id, kind))
-            except asyncio.QueueFull:
-                dropped.set()
+            if payload.partition(" ")[0] == owner:
+                woken.set()
 
+        # Listening before the first read: a change committed after that read wakes the watch.
         remove = self.notifier.add(WATCH_CHANNEL, on_note)
         try:
+            if cursor is None:
+                taken_at = time.time()
+                cursor = watch.Cursor.at(await self.store.watch_snapshot(), taken_at)
+            else:
+                changes, cursor = await self._watch_batch(owner, cursor)
+                for change in changes:
+                    yield change
+            yield watch.bookmark(cursor)
             while True:
-                if dropped.is_set():
-                    raise ResourceExhausted(
-                        "the chat list watch fell too far behind and was dropped; list chats and watch again",
-                        reason="SUBSCRIBER_TOO_SLOW",
-                    )
-                chat_id, kind = await queue.get()
-                # Collapse repeated changes of one chat already waiting in the queue.
-                pending = {chat_id: kind}
-                while not queue.empty():
-                    cid, k = queue.get_nowait()
-                    pending[cid] = k
-                for cid, k in pending.items():
-                    if k == "d":
-                        yield chat_service_pb2.WatchChatsResponse(
-                            kind=chat_pb2.CHAT_CHANGE_KIND_DELETED, chat=chat_pb2.Chat(id=cid)
-                        )
-                        continue
-                    chat = await self.store.chat_for_watch(cid)
-                    if chat is None or chat.owner_id != owner:
-                        continue
-                    yield chat_service_pb2.WatchChatsResponse(
-                        kind=chat_pb2.CHAT_CHANGE_KIND_UPSERTED, chat=chat
-                    )
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._watch_poll_seconds):
+                        await woken.wait()
+                woken.clear()  # before reading: a change committed meanwhile wakes us again
+                changes, cursor = await self._watch_batch(owner, cursor)
+                for change in changes:
+                    yield change
         finally:
             remove()
+
+    async def _watch_batch(
+        self, owner: str, cursor: watch.Cursor
+    ) -> tuple[list[chat_service_pb2.WatchChatsResponse], watch.Cursor]:
+        taken_at = time.time()
+        batch = await self.store.watch_changes(owner, cursor.position)
+        return watch.responses(cursor, batch, taken_at)
+
+
+def _forget_compaction(
+    running: dict[tuple[str, str], tuple[str, asyncio.Task[chat_service_pb2.CompactChatResponse]]],
+    key: tuple[str, str],
+    task: asyncio.Task[chat_service_pb2.CompactChatResponse],
+) -> None:
+    """A finished CompactChat task leaves the in-process table (the database key remains)."""
+    if running.get(key, ("", None))[1] is task:
+        del running[key]
+    if not task.cancelled():
+        task.exception()  # its callers got it; retrieved, so asyncio does not report it as lost
 
 
 def ensure_owner(chat: chat_pb2.Chat, owner: str) -> None:

@@ -95,7 +95,7 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
     async def WatchChats(
         self, request: chat_service_pb2.WatchChatsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[chat_service_pb2.WatchChatsResponse]:
-        async for change in self._api.watch_chats():
+        async for change in self._api.watch_chats(request):
             yield change
 
     async def GetUsage(

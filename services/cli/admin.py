@@ -121,6 +121,7 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="let commands in its workspaces use the network (git fetches, package installs); off by default",
     )
+    _pod_arguments(p)
     p = _command(template, "list", "list workspace templates", template_list)
     p.add_argument("--all", action="store_true", help="include disabled templates")
     p = _command(template, "update", "change a workspace template", template_update)
@@ -145,6 +146,7 @@ def register(subparsers: Any) -> None:
         default=None,
         help="allow (--network) or forbid (--no-network) network use in its workspaces",
     )
+    _pod_arguments(p, update=True)
     p = _command(template, "delete", "delete a workspace template", template_delete)
     p.add_argument("id")
 
@@ -418,6 +420,9 @@ async def template_add(args: argparse.Namespace) -> int:
     else:
         template.source.git.url, template.source.git.ref = args.git, args.ref
     _add_parameters(template, args.param)
+    pod = _pod(args)
+    if pod is not None:
+        template.pod.CopyFrom(pod)
     request = pb.CreateWorkspaceTemplateRequest(workspace_template=template)
     response = await call(args, "CreateWorkspaceTemplate", request, admin=True)
     return 1 if response is None else show(args, response.workspace_template, response.workspace_template.id)
@@ -466,11 +471,56 @@ async def template_update(args: argparse.Namespace) -> int:
     if args.network is not None:
         template.network_access = args.network
         paths.append("network_access")
+    pod = _pod(args)
+    if pod is not None:
+        template.pod.CopyFrom(pod)
+        paths.append("pod")
     request = pb.UpdateWorkspaceTemplateRequest(
         workspace_template=template, update_mask=field_mask_pb2.FieldMask(paths=paths)
     )
     response = await call(args, "UpdateWorkspaceTemplate", request, admin=True)
     return 1 if response is None else show(args, response.workspace_template, f"updated {args.id}")
+
+
+def _pod_arguments(p: argparse.ArgumentParser, update: bool = False) -> None:
+    """The kubernetes driver's pod settings of a template (docs/kubernetes.md)."""
+    replaces = " (any of these replaces the template's pod settings whole)" if update else ""
+    group = p.add_argument_group("kubernetes workspaces" + replaces)
+    group.add_argument("--image", help="workspace image (it must contain the agentplane agent)")
+    group.add_argument("--cpu", help="CPU request and limit, e.g. 500m or 2")
+    group.add_argument("--memory", help="memory request and limit, e.g. 2Gi")
+    group.add_argument("--storage", help="size of the workspace volume, e.g. 20Gi")
+    group.add_argument("--storage-class", help="StorageClass of the workspace volume")
+    group.add_argument(
+        "--egress",
+        action="append",
+        metavar="CIDR[:PORT,...]",
+        help="where the workspace may connect, e.g. 140.82.112.0/20:443,22 (repeatable; the git clone "
+        "always, commands with --network)",
+    )
+
+
+def _pod(args: argparse.Namespace) -> config_pb2.WorkspacePod | None:
+    """The pod settings the flags give, or None when no pod flag was given."""
+    names = ("image", "cpu", "memory", "storage", "storage_class")
+    if all(getattr(args, n) is None for n in names) and args.egress is None:
+        return None
+    pod = config_pb2.WorkspacePod(
+        image=args.image or "",
+        cpu=args.cpu or "",
+        memory=args.memory or "",
+        storage=args.storage or "",
+        storage_class=args.storage_class or "",
+    )
+    for spec in args.egress or []:
+        network, _, rest = spec.partition("/")
+        length, _, ports = rest.partition(":")
+        try:
+            numbers = [int(port) for port in ports.split(",") if port]
+        except ValueError:
+            raise CliError(f"--egress {spec!r}: ports must be numbers, e.g. 10.0.0.0/8:443,22") from None
+        pod.egress.add(cidr=f"{network}/{length}" if length else network, ports=numbers)
+    return pod
 
 
 def _add_parameters(template: config_pb2.WorkspaceTemplate, specs: list[str]) -> None:

@@ -2,9 +2,11 @@
 
 `new` and `send` take the message as an argument, from stdin (`-`) or from a file (`--file PATH`);
 `--model` takes a model config id or name. `watch` follows a chat live (streaming text, tool calls
-with a one-line summary of their arguments, results, status) and reconnects by itself from the last
-sequence number it saw: after `--retries` failed attempts in a row (default 10, backoff 0.2 s
-doubling to 5 s, each announced on stderr with its cause) it gives up with an error, exit 1.
+with a one-line summary of their arguments, results, status; a reply that will never be persisted,
+its run having crashed or its provider stream broken, is followed by a "[reply discarded ...]" note)
+and reconnects by itself from the last sequence number it saw: after `--retries` failed attempts
+in a row (default 10, backoff 0.2 s doubling to 5 s, each announced on stderr with its cause) it
+gives up with an error, exit 1.
 `watch --until-idle` on a chat that is not running prints its state and exits at once (0 when
 waiting, 1 when its last turn failed). Every command takes `--output json` (`watch` then prints
 one JSON event per line).
@@ -17,7 +19,7 @@ import asyncio
 import json
 import sys
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -312,6 +314,8 @@ class _Follow:
     last_seq: int
     idle_after: int | None
     mid_line: bool = False
+    # Replies announced discarded (reply_discarded): a late delta of one is not printed.
+    discarded: set[str] = field(default_factory=set)
 
 
 async def follow(
@@ -378,8 +382,13 @@ def _print_event(args: argparse.Namespace, state: _Follow, event: chat_pb2.ChatE
         print(json.dumps(to_dict(event)), flush=True)
         return
     kind = event.WhichOneof("event")
+    if kind == "reply_discarded":
+        # The text printed for it stays on the terminal: say that it does not count.
+        state.discarded.add(event.reply_discarded.message_id)
     if kind == "part_delta":
         delta = event.part_delta
+        if delta.message_id in state.discarded:
+            return
         text = delta.text if delta.WhichOneof("delta") == "text" else delta.reasoning
         sys.stdout.write(text)
         sys.stdout.flush()
@@ -412,7 +421,15 @@ def _event_line(event: chat_pb2.ChatEvent, kind: str | None) -> str:
         return f"[provider failed ({retry.reason}); retry {retry.attempt} in {retry.delay_ms} ms]"
     if kind == "error":
         return f"[error {event.error.reason}: {event.error.message}]"
+    if kind == "reply_discarded":
+        return discarded_note(event.reply_discarded)
     return ""
+
+
+def discarded_note(discarded: chat_pb2.ReplyDiscarded) -> str:
+    """The line that follows the partial text of a reply that will never be persisted."""
+    then = "; retrying" if discarded.retrying else ""
+    return f"[reply discarded ({discarded.reason or 'unknown reason'}): the text above is not kept{then}]"
 
 
 def summarize_arguments(arguments_json: str, width: int = 40) -> str:

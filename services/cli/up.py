@@ -28,7 +28,7 @@ from typing import Any
 
 from services.cli import bootstrap, data_dir_lock
 from services.cli.output import add_output_argument, emit
-from services.common import auth, keys
+from services.common import auth, embedded, keys
 from services.common.client import wait_for_health
 from services.common.embedded import EmbeddedPostgres, EmbeddedRedis, start_postgres, start_redis
 from services.common.migrations import migrate
@@ -90,7 +90,13 @@ def run(args: argparse.Namespace) -> int | Coroutine[Any, Any, int]:
             print(f"agentplane up: --simulator-script {args.simulator_script}: {exc}", file=sys.stderr)
             return 2
         args.simulator_script = str(Path(args.simulator_script).resolve())
-    data_dir = Path(Settings.from_env(env).data_dir).resolve()
+    early = Settings.from_env(env)
+    # Before anything is written: without the `local` extra there is no embedded Postgres or Redis.
+    missing = embedded.missing_local_extra(postgres=not early.database_url, redis=not early.redis_url)
+    if missing:
+        print(f"agentplane up: {missing}", file=sys.stderr)
+        return 2
+    data_dir = Path(early.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     try:
         lock = data_dir_lock.acquire(data_dir)
@@ -174,12 +180,13 @@ async def _run(
             children["simulator"] = await asyncio.create_subprocess_exec(
                 *_agentplane("simulator", "--port", str(args.simulator_port), *script),
                 env=service_environment(env),
+                stdout=CHILD_STDOUT,
             )
         addresses = {n: settings.address(n) for n in args.services}
         for name in args.services:
             progress(f"starting {name} on {addresses[name]}")
             children[name] = await asyncio.create_subprocess_exec(
-                *_agentplane("serve", name), env=service_environment(env, name)
+                *_agentplane("serve", name), env=service_environment(env, name), stdout=CHILD_STDOUT
             )
         ttl = min(7 * 24 * 3600, settings.max_token_lifetime_seconds)
         token = auth.mint_token(settings.keys, args.admin_user, auth.Role.ADMIN, ttl)
@@ -249,6 +256,11 @@ def service_environment(env: dict[str, str], name: str = "") -> dict[str, str]:
         if own:
             out[f"AGENTPLANE_{name.upper()}_SIGNING_KEY_FILE"] = own
     return out
+
+
+# The children write to up's stderr, stdout included (the simulator announces itself there): up's
+# stdout carries the banner (or the JSON of --output json) alone, the services' JSON logs go to stderr.
+CHILD_STDOUT = 2
 
 
 def _agentplane(*argv: str) -> list[str]:

@@ -27,9 +27,9 @@ def register(subparsers: Any) -> None:
     create.add_argument(
         "--driver",
         default="",
-        choices=["", "local", "external"],
-        help="where the agent runs: local (a sandbox on the toolexec host, the default) or external "
-        "(prints the token and the command to run the agent anywhere)",
+        choices=["", "local", "external", "kubernetes"],
+        help="where the agent runs: local (a sandbox on the toolexec host), external (prints the token "
+        "and the command to run the agent anywhere) or kubernetes (a pod); default: the deployment's",
     )
     create.set_defaults(func=create_workspace)
 

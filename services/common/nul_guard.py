@@ -5,14 +5,15 @@ workspace name, a user id with one failed deep inside a statement as INTERNAL. `
 (last in `server.default_interceptors`, so after authentication and inside the error translation)
 walks the request of every unary call and of every server stream and answers INVALID_ARGUMENT
 naming the first field that holds one. Client streams (the workspace agent's connection, whose
-tool output may hold any character) are left to their handlers.
+tool output may hold any character) are left to their handlers. What a service receives as an
+answer and stores (a model's output in the chat service) goes through `scrub` instead.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
@@ -21,7 +22,9 @@ from google.protobuf.message import Message
 
 from services.common.errors import InvalidArgument
 
+M = TypeVar("M", bound=Message)
 NUL = "\x00"
+REPLACEMENT = "\ufffd"
 
 
 def nul_field(message: Message, prefix: str = "") -> str | None:
@@ -57,8 +60,31 @@ def _value_nul(field: FieldDescriptor, value: Any, path: str) -> str | None:
     return None
 
 
-def check(request: Message) -> None:
-    """InvalidArgument naming the field when a string of `request` contains NUL."""
+def scrub(message: M) -> M:
+    """`message` with every NUL character of its strings replaced by U+FFFD, in place.
+
+    For what a service takes from outside and must store (a model's output): text, reasoning and
+    tool-call arguments with a raw NUL are kept as readable text instead of failing the write.
+    """
+    for field, value in message.ListFields():
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            continue  # no map in what is scrubbed today; keys could not be rewritten in place anyway
+        if field.type == FieldDescriptor.TYPE_STRING:
+            if field.is_repeated:
+                value[:] = [v.replace(NUL, REPLACEMENT) for v in value]
+            elif NUL in value:
+                setattr(message, field.name, value.replace(NUL, REPLACEMENT))
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            for item in value if field.is_repeated else [value]:
+                scrub(item)
+    return message
+
+
+def check(request: object) -> None:
+    """InvalidArgument naming the field when a string of `request` contains NUL (a handler without a
+    deserializer gets bytes: nothing to check)."""
+    if not isinstance(request, Message):
+        return
     path = nul_field(request)
     if path is not None:
         raise InvalidArgument(path, "must not contain NUL characters (U+0000)")

@@ -102,8 +102,8 @@ def to_status(error: AgentplaneError) -> grpc.Status:
     message and metadata values are bounded (`MAX_STATUS_MESSAGE_BYTES`, `MAX_METADATA_VALUE_BYTES`).
     """
     code = status_code_for(error)
-    metadata = {k: bounded(v, MAX_METADATA_VALUE_BYTES) for k, v in error.metadata.items()}
-    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=error.domain, metadata=metadata)
+    details = {k: bounded(v, MAX_METADATA_VALUE_BYTES) for k, v in error.metadata.items()}
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=error.domain, metadata=details)
     detail = any_pb2.Any()
     detail.Pack(info)
     message = bounded(error.message, MAX_STATUS_MESSAGE_BYTES)

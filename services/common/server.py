@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common import tls
+from services.common import tls, tracing
 from services.common.auth import DEFAULT_MAX_TOKEN_LIFETIME_SECONDS
 from services.common.interceptors import (
     AUTH_EXEMPT_PREFIXES,
@@ -35,6 +36,7 @@ from services.common.metrics import MetricsInterceptor, RpcMetrics
 from services.common.nul_guard import NulGuardInterceptor
 from services.common.oidc import OidcSettings, OidcVerifier, verifier_for
 from services.common.settings import Settings, SettingsError
+from services.common.tracing_interceptor import TracingInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +72,12 @@ def default_interceptors(
     is_revoked: Callable[[str], bool] | None = None,
     oidc: OidcSettings | None = None,
 ) -> list[grpc.aio.ServerInterceptor]:
-    """The standard chain, outermost first: metrics, request context, errors, auth, NUL guard."""
+    """The standard chain, outermost first: metrics, tracing (only while on: `tracing.configure`
+    runs before servers are built), request context, errors, auth, NUL guard."""
+    traced: list[grpc.aio.ServerInterceptor] = [TracingInterceptor()] if tracing.enabled() else []
     return [
         MetricsInterceptor(metrics or RpcMetrics.for_registry()),
+        *traced,
         RequestContextInterceptor(),
         ErrorInterceptor(),
         AuthInterceptor(keys, exempt_prefixes, max_token_lifetime_seconds, is_revoked, _oidc_verifier(oidc)),
@@ -94,6 +99,9 @@ class ServerHandle:
     health: health.aio.HealthServicer
     service_names: list[str]
     host: str = "127.0.0.1"
+    # The service's short name ("chat") and collectors, for the health gauges.
+    name: str = ""
+    metrics: RpcMetrics | None = None
     health_probe_interval: float = HEALTH_PROBE_INTERVAL_SECONDS
     health_probe_timeout: float = HEALTH_PROBE_TIMEOUT_SECONDS
     _on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
@@ -136,6 +144,8 @@ class ServerHandle:
         )
         for name in ["", *self.service_names]:
             await self.health.set(name, status)
+        if self.metrics is not None:
+            self.metrics.serving.labels(self.name).set(1 if serving else 0)
 
     async def stop(self, grace: float | None = None) -> None:
         """Go NOT_SERVING, refuse new calls, let in-flight calls finish within `grace` seconds, clean up."""
@@ -172,6 +182,8 @@ class ServerHandle:
                             "health probe failed: going NOT_SERVING",
                             extra={"dependency": name, "error": str(exc) or type(exc).__name__},
                         )
+                if self.metrics is not None:
+                    self.metrics.dependency_up.labels(self.name, name).set(0 if name in failed else 1)
             if self._stopped:
                 return
             if failed and healthy:
@@ -227,7 +239,13 @@ def create_server(
     if port == 0:
         raise OSError(f"could not bind {service_name} to {svc.listen_address}")
     handle = ServerHandle(
-        server=server, port=port, health=health_servicer, service_names=names, host=svc.host
+        server=server,
+        port=port,
+        health=health_servicer,
+        service_names=names,
+        host=svc.host,
+        name=service_name,
+        metrics=metrics or RpcMetrics.for_registry(),
     )
     return handle
 
@@ -274,6 +292,11 @@ async def run_service(
     from services.common.metrics import start_metrics_server
 
     configure_logging(service_name, settings.log_level)
+    # Before the server is built: its interceptor chain includes tracing only when it is on.
+    if tracing.configure(service_name):
+        log.info(
+            "tracing on: exporting spans over OTLP", extra={"endpoint": tracing.endpoint_from(os.environ)}
+        )
     # This process keeps its own key and the public key set, nothing else the environment offered.
     settings = dataclasses.replace(settings, keys=settings.keys.only(service_name))
     try:
@@ -296,4 +319,5 @@ async def run_service(
     finally:
         if metrics_server is not None:
             metrics_server.stop()
+        tracing.shutdown()
         log.info("stopped")

@@ -41,7 +41,13 @@ def provider_from_row(row: dict[str, Any]) -> config_pb2.Provider:
         enabled=row["enabled"],
         create_time=timestamp(row["create_time"]),
         update_time=timestamp(row["update_time"]),
+        etag=etag(row),
     )
+
+
+def etag(row: dict[str, Any]) -> str:
+    """A resource's etag: its row's version (opaque to clients; see migration 0004_versions)."""
+    return str(row["version"])
 
 
 def model_from_row(row: dict[str, Any]) -> config_pb2.ModelConfig:
@@ -58,6 +64,7 @@ def model_from_row(row: dict[str, Any]) -> config_pb2.ModelConfig:
         max_output_tokens=row["max_output_tokens"],
         create_time=timestamp(row["create_time"]),
         update_time=timestamp(row["update_time"]),
+        etag=etag(row),
     )
     if row["pricing"] is not None:
         json_format.ParseDict(row["pricing"], model.pricing)
@@ -75,8 +82,11 @@ def template_from_row(row: dict[str, Any]) -> config_pb2.WorkspaceTemplate:
         network_access=row["network_access"],
         create_time=timestamp(row["create_time"]),
         update_time=timestamp(row["update_time"]),
+        etag=etag(row),
     )
     for param in row["parameters"] or []:
         json_format.ParseDict(param, template.parameters.add())
     json_format.ParseDict(row["source"] or {}, template.source)
+    if row.get("pod") is not None:
+        json_format.ParseDict(row["pod"], template.pod)
     return template

@@ -233,7 +233,8 @@ class ConfigService:
             changes["api_key_key_id"] = sealed.key_id if sealed else None
         # A new base_url without a new key drops the stored key (decided by the store under the row
         # lock): otherwise an admin could point the provider at their own server and receive the key.
-        row = await self._store.update_provider(provider_id, changes)
+        etag = validation.etag("provider.etag", req.provider.etag)
+        row = await self._store.update_provider(provider_id, changes, etag)
         await self._changed(Invalidation(inv.PROVIDER, provider_id))
         dropped = current["api_key_ciphertext"] is not None and row["api_key_ciphertext"] is None
         if dropped and "api_key_ciphertext" not in changes:
@@ -277,12 +278,13 @@ class ConfigService:
             already_current_count=current,
         )
 
-    async def delete_provider(self, provider_id: str) -> None:
-        """DeleteProvider (admin); FailedPrecondition while model configs use it."""
+    async def delete_provider(self, provider_id: str, etag: str = "") -> None:
+        """DeleteProvider (admin); FailedPrecondition while model configs use it. Idempotent: a
+        provider that is gone is deleted already."""
         auth.require_admin()
         provider_id = validation.uuid_field("provider_id", provider_id)
-        await self._store.delete_provider(provider_id)
-        await self._changed(Invalidation(inv.PROVIDER, provider_id))
+        if await self._store.delete_provider(provider_id, validation.etag("etag", etag)):
+            await self._changed(Invalidation(inv.PROVIDER, provider_id))
 
     async def get_provider_credentials(
         self, provider_id: str
@@ -359,16 +361,19 @@ class ConfigService:
                 raise model_not_found(model_id)
             provider_id = changes.get("provider_id", str(current["provider_id"]))
             await self._check_provider_for_model(provider_id, changes.get("options", current["options"]))
-        row = await self._store.update_model(model_id, changes)
+        row = await self._store.update_model(
+            model_id, changes, validation.etag("model_config.etag", req.model_config.etag)
+        )
         await self._changed(Invalidation(inv.MODEL, model_id))
         return records.model_from_row(row)
 
-    async def delete_model_config(self, model_id: str) -> None:
-        """DeleteModelConfig (admin); the default cannot be deleted."""
+    async def delete_model_config(self, model_id: str, etag: str = "") -> None:
+        """DeleteModelConfig (admin); the default cannot be deleted. Idempotent: a model config
+        that is gone is deleted already."""
         auth.require_admin()
         model_id = validation.uuid_field("model_config_id", model_id)
-        await self._store.delete_model(model_id)
-        await self._changed(Invalidation(inv.MODEL, model_id))
+        if await self._store.delete_model(model_id, validation.etag("etag", etag)):
+            await self._changed(Invalidation(inv.MODEL, model_id))
 
     async def set_default_model_config(self, model_id: str) -> config_pb2.ModelConfig:
         """SetDefaultModelConfig (admin), atomic."""
@@ -497,16 +502,17 @@ class ConfigService:
         """UpdateWorkspaceTemplate (admin)."""
         auth.require_admin()
         template_id, changes = validation.update_template(req)
-        row = await self._store.update_template(template_id, changes)
+        etag = validation.etag("workspace_template.etag", req.workspace_template.etag)
+        row = await self._store.update_template(template_id, changes, etag)
         await self._changed(Invalidation(inv.TEMPLATE, template_id))
         return records.template_from_row(row)
 
-    async def delete_workspace_template(self, template_id: str) -> None:
-        """DeleteWorkspaceTemplate (admin)."""
+    async def delete_workspace_template(self, template_id: str, etag: str = "") -> None:
+        """DeleteWorkspaceTemplate (admin). Idempotent: a template that is gone is deleted already."""
         auth.require_admin()
         template_id = validation.uuid_field("workspace_template_id", template_id)
-        await self._store.delete_template(template_id)
-        await self._changed(Invalidation(inv.TEMPLATE, template_id))
+        if await self._store.delete_template(template_id, validation.etag("etag", etag)) is not None:
+            await self._changed(Invalidation(inv.TEMPLATE, template_id))
 
     # --- prompts ---------------------------------------------------------------------
 
@@ -515,24 +521,17 @@ class ConfigService:
         auth.current_identity()
 
         async def load() -> config_pb2.SystemPrompt:
-            row = await self._store.get_system_prompt()
-            if row is None:
-                return config_pb2.SystemPrompt(text=DEFAULT_SYSTEM_PROMPT, is_default=True)
-            return config_pb2.SystemPrompt(
-                text=row["text"], update_time=records.timestamp(row["update_time"])
-            )
+            return _system_prompt(await self._store.get_system_prompt())
 
         return await self.system_prompt.get("", load)
 
-    async def update_system_prompt(self, text: str) -> config_pb2.SystemPrompt:
-        """UpdateSystemPrompt (admin); empty text restores the default."""
+    async def update_system_prompt(self, text: str, etag: str = "") -> config_pb2.SystemPrompt:
+        """UpdateSystemPrompt (admin); empty text restores the default. With `etag`, only over it."""
         auth.require_admin()
         text = validation.prompt_text("text", text, validation.MAX_SYSTEM_PROMPT_BYTES)
-        row = await self._store.set_system_prompt(text)
+        row = await self._store.set_system_prompt(text, validation.etag("etag", etag))
         await self._changed(Invalidation(inv.SYSTEM_PROMPT))
-        if row is None:
-            return config_pb2.SystemPrompt(text=DEFAULT_SYSTEM_PROMPT, is_default=True)
-        return config_pb2.SystemPrompt(text=row["text"], update_time=records.timestamp(row["update_time"]))
+        return _system_prompt(row)
 
     async def get_user_prompt(self, user_id: str) -> config_pb2.UserPrompt:
         """GetUserPrompt: the caller's own (or the acted-for user's), or, for admins and services
@@ -543,23 +542,39 @@ class ConfigService:
         user_id = user_prompt_owner(identity, user_id)
 
         async def load() -> config_pb2.UserPrompt:
-            row = await self._store.get_user_prompt(user_id)
-            if row is None:
-                return config_pb2.UserPrompt(user_id=user_id)
-            return config_pb2.UserPrompt(
-                user_id=user_id, text=row["text"], update_time=records.timestamp(row["update_time"])
-            )
+            return _user_prompt(user_id, await self._store.get_user_prompt(user_id))
 
         return await self.user_prompts.get(user_id, load)
 
-    async def update_user_prompt(self, text: str) -> config_pb2.UserPrompt:
-        """UpdateUserPrompt: the caller's own (or the acted-for user's); empty clears it."""
+    async def update_user_prompt(self, text: str, etag: str = "") -> config_pb2.UserPrompt:
+        """UpdateUserPrompt: the caller's own (or the acted-for user's); empty clears it. With
+        `etag`, only over it."""
         user_id = auth.require_user_id()
         text = validation.prompt_text("text", text, validation.MAX_USER_PROMPT_BYTES)
-        row = await self._store.set_user_prompt(user_id, text)
+        row = await self._store.set_user_prompt(user_id, text, validation.etag("etag", etag))
         await self._changed(Invalidation(inv.USER_PROMPT, user_id))
-        if row is None:
-            return config_pb2.UserPrompt(user_id=user_id)
-        return config_pb2.UserPrompt(
-            user_id=user_id, text=row["text"], update_time=records.timestamp(row["update_time"])
-        )
+        return _user_prompt(user_id, row)
+
+
+def _system_prompt(row: dict[str, Any] | None) -> config_pb2.SystemPrompt:
+    """The SystemPrompt of the stored row: the built-in default while none is set (no row, or '')."""
+    etag = records.etag(row) if row is not None else "0"
+    if row is None or not row["text"]:
+        return config_pb2.SystemPrompt(text=DEFAULT_SYSTEM_PROMPT, is_default=True, etag=etag)
+    return config_pb2.SystemPrompt(
+        text=row["text"], update_time=records.timestamp(row["update_time"]), etag=etag
+    )
+
+
+def _user_prompt(user_id: str, row: dict[str, Any] | None) -> config_pb2.UserPrompt:
+    """The UserPrompt of the stored row: empty while none is set (no row, or '')."""
+    if row is None:
+        return config_pb2.UserPrompt(user_id=user_id, etag="0")
+    if not row["text"]:
+        return config_pb2.UserPrompt(user_id=user_id, etag=records.etag(row))
+    return config_pb2.UserPrompt(
+        user_id=user_id,
+        text=row["text"],
+        update_time=records.timestamp(row["update_time"]),
+        etag=records.etag(row),
+    )

@@ -40,7 +40,7 @@ class ConfigServicer(config_service_pb2_grpc.ConfigServiceServicer):
     async def DeleteProvider(
         self, request: pb.DeleteProviderRequest, context: Context
     ) -> pb.DeleteProviderResponse:
-        await self._svc.delete_provider(request.provider_id)
+        await self._svc.delete_provider(request.provider_id, request.etag)
         return pb.DeleteProviderResponse()
 
     async def GetProviderCredentials(
@@ -79,7 +79,7 @@ class ConfigServicer(config_service_pb2_grpc.ConfigServiceServicer):
     async def DeleteModelConfig(
         self, request: pb.DeleteModelConfigRequest, context: Context
     ) -> pb.DeleteModelConfigResponse:
-        await self._svc.delete_model_config(request.model_config_id)
+        await self._svc.delete_model_config(request.model_config_id, request.etag)
         return pb.DeleteModelConfigResponse()
 
     async def SetDefaultModelConfig(
@@ -124,7 +124,7 @@ class ConfigServicer(config_service_pb2_grpc.ConfigServiceServicer):
     async def DeleteWorkspaceTemplate(
         self, request: pb.DeleteWorkspaceTemplateRequest, context: Context
     ) -> pb.DeleteWorkspaceTemplateResponse:
-        await self._svc.delete_workspace_template(request.workspace_template_id)
+        await self._svc.delete_workspace_template(request.workspace_template_id, request.etag)
         return pb.DeleteWorkspaceTemplateResponse()
 
     async def GetSystemPrompt(
@@ -135,7 +135,9 @@ class ConfigServicer(config_service_pb2_grpc.ConfigServiceServicer):
     async def UpdateSystemPrompt(
         self, request: pb.UpdateSystemPromptRequest, context: Context
     ) -> pb.UpdateSystemPromptResponse:
-        return pb.UpdateSystemPromptResponse(system_prompt=await self._svc.update_system_prompt(request.text))
+        return pb.UpdateSystemPromptResponse(
+            system_prompt=await self._svc.update_system_prompt(request.text, request.etag)
+        )
 
     async def GetUserPrompt(
         self, request: pb.GetUserPromptRequest, context: Context
@@ -145,4 +147,6 @@ class ConfigServicer(config_service_pb2_grpc.ConfigServiceServicer):
     async def UpdateUserPrompt(
         self, request: pb.UpdateUserPromptRequest, context: Context
     ) -> pb.UpdateUserPromptResponse:
-        return pb.UpdateUserPromptResponse(user_prompt=await self._svc.update_user_prompt(request.text))
+        return pb.UpdateUserPromptResponse(
+            user_prompt=await self._svc.update_user_prompt(request.text, request.etag)
+        )

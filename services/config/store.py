@@ -16,7 +16,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from services.common.errors import AlreadyExists, FailedPrecondition, NotFound
+from services.common.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound
 from services.config.crypto import SealedKey
 from services.config.metrics import ConfigMetrics
 
@@ -38,7 +38,7 @@ _MODEL_COLUMNS = {
     "pricing",
     "options",
 }
-_TEMPLATE_COLUMNS = {"name", "description", "parameters", "source", "enabled", "network_access"}
+_TEMPLATE_COLUMNS = {"name", "description", "parameters", "source", "enabled", "network_access", "pod"}
 
 
 def _adapt(value: Any) -> Any:
@@ -128,11 +128,12 @@ class ConfigStore:
                 (after[0], after[1], limit),
             )
 
-    async def update_provider(self, provider_id: str, changes: dict[str, Any]) -> Row:
+    async def update_provider(self, provider_id: str, changes: dict[str, Any], etag: str = "") -> Row:
         """Apply `changes` (column -> value); refuses to disable the default model's provider.
 
         A new ``base_url`` without a new key (``api_key_ciphertext`` in `changes`) also clears the
         stored key, decided under the row lock: a key is never sent to an address it was not set for.
+        With `etag`, nothing changes unless it is the provider's current one (`Aborted`).
         """
         assert changes and set(changes) <= _PROVIDER_COLUMNS, changes
         changes = dict(changes)
@@ -165,22 +166,28 @@ class ConfigStore:
                         metadata={"provider_id": provider_id, "model_config_id": str(serving[0]["id"])},
                     )
             rows = await self._fetch(
-                conn, "update_provider", *_update("config_providers", provider_id, changes)
+                conn, "update_provider", *_update("config_providers", provider_id, changes, etag)
             )
-        if not rows:
-            raise provider_not_found(provider_id)
+            if not rows:
+                await self._stale_or_missing(conn, "config_providers", provider_id, etag)
+                raise provider_not_found(provider_id)
         return rows[0]
 
-    async def delete_provider(self, provider_id: str) -> None:
-        """Delete a provider; FailedPrecondition naming the model configs that still use it."""
+    async def delete_provider(self, provider_id: str, etag: str = "") -> bool:
+        """Delete a provider; FailedPrecondition naming the model configs that still use it.
+
+        Idempotent: False when there is no such provider. With `etag`, a provider whose current
+        etag differs is kept (`Aborted`).
+        """
         async with self._pool.connection() as conn:
             try:
                 async with conn.transaction():
                     rows = await self._fetch(
                         conn,
                         "delete_provider",
-                        "DELETE FROM config_providers WHERE id = %s RETURNING id",
-                        (provider_id,),
+                        "DELETE FROM config_providers WHERE id = %s AND (%s = '' OR version::text = %s)"
+                        " RETURNING id",
+                        (provider_id, etag, etag),
                     )
             except (psycopg.errors.ForeignKeyViolation, psycopg.errors.RestrictViolation):
                 users = await self._fetch(
@@ -200,8 +207,9 @@ class ConfigStore:
                         "model_config_ids": ",".join(str(u["id"]) for u in users),
                     },
                 ) from None
-        if not rows:
-            raise provider_not_found(provider_id)
+            if not rows:
+                await self._stale_or_missing(conn, "config_providers", provider_id, etag)
+        return bool(rows)
 
     async def reseal_provider_keys(
         self, reseal: Callable[[str, SealedKey], SealedKey | None], *, write: bool
@@ -317,8 +325,9 @@ class ConfigStore:
         async with self._pool.connection() as conn:
             return await self._fetch(conn, "list_models", query, [*params, limit])
 
-    async def update_model(self, model_id: str, changes: dict[str, Any]) -> Row:
-        """Apply `changes`; refuses to disable the default model."""
+    async def update_model(self, model_id: str, changes: dict[str, Any], etag: str = "") -> Row:
+        """Apply `changes`; refuses to disable the default model. With `etag`, nothing changes
+        unless it is the model config's current one (`Aborted`)."""
         assert changes and set(changes) <= _MODEL_COLUMNS, changes
         async with self._pool.connection() as conn, conn.transaction():
             if changes.get("enabled") is False:
@@ -339,21 +348,31 @@ class ConfigStore:
                         metadata={"model_config_id": model_id},
                     )
             rows = await self._fetch(
-                conn, "update_model", *_update("config_model_configs", model_id, changes)
+                conn, "update_model", *_update("config_model_configs", model_id, changes, etag)
             )
-        if not rows:
-            raise model_not_found(model_id)
+            if not rows:
+                await self._stale_or_missing(conn, "config_model_configs", model_id, etag)
+                raise model_not_found(model_id)
         return rows[0]
 
-    async def delete_model(self, model_id: str) -> None:
-        """Delete a model config; the default cannot be deleted."""
+    async def delete_model(self, model_id: str, etag: str = "") -> bool:
+        """Delete a model config; the default cannot be deleted.
+
+        Idempotent: False when there is no such model config. With `etag`, one whose current etag
+        differs is kept (`Aborted`).
+        """
         async with self._pool.connection() as conn, conn.transaction():
             await self._fetch(conn, "lock_default", "SELECT pg_advisory_xact_lock(%s)", (DEFAULT_MODEL_LOCK,))
             rows = await self._fetch(
-                conn, "get_model", "SELECT is_default FROM config_model_configs WHERE id = %s", (model_id,)
+                conn,
+                "get_model",
+                "SELECT is_default, version FROM config_model_configs WHERE id = %s FOR UPDATE",
+                (model_id,),
             )
             if not rows:
-                raise model_not_found(model_id)
+                return False
+            if etag and str(rows[0]["version"]) != etag:
+                raise etag_mismatch("config_model_configs", model_id, etag, str(rows[0]["version"]))
             if rows[0]["is_default"]:
                 raise FailedPrecondition(
                     f"model config {model_id} is the default; make another model the default "
@@ -364,6 +383,7 @@ class ConfigStore:
             await self._fetch(
                 conn, "delete_model", "DELETE FROM config_model_configs WHERE id = %s", (model_id,)
             )
+        return True
 
     async def set_default_model(self, model_id: str) -> tuple[Row, str | None]:
         """Make `model_id` the only default, atomically; returns (new default row, previous default id)."""
@@ -388,15 +408,16 @@ class ConfigStore:
             previous = await self._fetch(
                 conn,
                 "clear_default",
-                "UPDATE config_model_configs SET is_default = false, update_time = now() "
-                "WHERE is_default AND id <> %s RETURNING id",
+                "UPDATE config_model_configs SET is_default = false, update_time = now(), "
+                "version = version + 1 WHERE is_default AND id <> %s RETURNING id",
                 (model_id,),
             )
             rows = await self._fetch(
                 conn,
                 "set_default",
                 "UPDATE config_model_configs SET is_default = true, "
-                "update_time = CASE WHEN is_default THEN update_time ELSE now() END "
+                "update_time = CASE WHEN is_default THEN update_time ELSE now() END, "
+                "version = version + CASE WHEN is_default THEN 0 ELSE 1 END "
                 "WHERE id = %s RETURNING *",
                 (model_id,),
             )
@@ -456,77 +477,169 @@ class ConfigStore:
         async with self._pool.connection() as conn:
             return await self._fetch(conn, "list_templates", query, [*params, limit])
 
-    async def update_template(self, template_id: str, changes: dict[str, Any]) -> Row:
-        """Apply `changes`; AlreadyExists when renamed onto a taken name."""
+    async def update_template(self, template_id: str, changes: dict[str, Any], etag: str = "") -> Row:
+        """Apply `changes`; AlreadyExists when renamed onto a taken name. With `etag`, nothing
+        changes unless it is the template's current one (`Aborted`)."""
         assert changes and set(changes) <= _TEMPLATE_COLUMNS, changes
-        try:
-            row = await self._one(
-                "update_template", *_update("config_workspace_templates", template_id, changes)
-            )
-        except psycopg.errors.UniqueViolation:
-            raise _template_name_taken(str(changes.get("name"))) from None
-        if row is None:
-            raise _template_not_found(template_id)
-        return row
+        async with self._pool.connection() as conn:
+            try:
+                rows = await self._fetch(
+                    conn,
+                    "update_template",
+                    *_update("config_workspace_templates", template_id, changes, etag),
+                )
+            except psycopg.errors.UniqueViolation:
+                raise _template_name_taken(str(changes.get("name"))) from None
+            if not rows:
+                await self._stale_or_missing(conn, "config_workspace_templates", template_id, etag)
+                raise _template_not_found(template_id)
+        return rows[0]
 
-    async def delete_template(self, template_id: str) -> Row:
-        """Delete a template; returns the deleted row."""
-        row = await self._one(
-            "delete_template",
-            "DELETE FROM config_workspace_templates WHERE id = %s RETURNING *",
-            (template_id,),
-        )
-        if row is None:
-            raise _template_not_found(template_id)
-        return row
+    async def delete_template(self, template_id: str, etag: str = "") -> Row | None:
+        """Delete a template; returns the deleted row, None when there was none (idempotent). With
+        `etag`, a template whose current etag differs is kept (`Aborted`)."""
+        async with self._pool.connection() as conn:
+            rows = await self._fetch(
+                conn,
+                "delete_template",
+                "DELETE FROM config_workspace_templates WHERE id = %s AND (%s = '' OR version::text = %s)"
+                " RETURNING *",
+                (template_id, etag, etag),
+            )
+            if not rows:
+                await self._stale_or_missing(conn, "config_workspace_templates", template_id, etag)
+        return rows[0] if rows else None
 
     # --- prompts ---------------------------------------------------------------------
 
-    async def get_system_prompt(self) -> Row | None:
-        """The stored system prompt row, or None (the built-in default applies)."""
-        return await self._one("get_system_prompt", "SELECT text, update_time FROM config_system_prompt")
+    # A prompt's row stays once written ('' = unset: the built-in default, or no user prompt), so
+    # its version, the etag, only grows. No row yet is version 0.
 
-    async def set_system_prompt(self, text: str) -> Row | None:
-        """Store the system prompt; an empty text deletes it (back to the default) and returns None."""
-        if not text:
-            await self._one("set_system_prompt", "DELETE FROM config_system_prompt")
-            return None
+    async def get_system_prompt(self) -> Row | None:
+        """The system prompt row (text '' = the default applies), or None when it was never set."""
         return await self._one(
+            "get_system_prompt", "SELECT text, update_time, version FROM config_system_prompt"
+        )
+
+    async def set_system_prompt(self, text: str, etag: str = "") -> Row:
+        """Store the system prompt ('' restores the default); with `etag`, only over that version."""
+        return await self._set_prompt(
             "set_system_prompt",
-            "INSERT INTO config_system_prompt (singleton, text) VALUES (true, %s) ON CONFLICT (singleton) "
-            "DO UPDATE SET text = EXCLUDED.text, update_time = now() RETURNING text, update_time",
-            (text,),
+            "config_system_prompt",
+            sql.SQL("singleton"),
+            [True],
+            text,
+            etag,
+            "the system prompt",
         )
 
     async def get_user_prompt(self, user_id: str) -> Row | None:
-        """The user's prompt row, or None."""
+        """The user's prompt row (text '' = cleared), or None when it was never set."""
         return await self._one(
             "get_user_prompt",
-            "SELECT user_id, text, update_time FROM config_user_prompts WHERE user_id = %s",
+            "SELECT user_id, text, update_time, version FROM config_user_prompts WHERE user_id = %s",
             (user_id,),
         )
 
-    async def set_user_prompt(self, user_id: str, text: str) -> Row | None:
-        """Store the user's prompt; an empty text deletes it and returns None."""
-        if not text:
-            await self._one(
-                "set_user_prompt", "DELETE FROM config_user_prompts WHERE user_id = %s", (user_id,)
-            )
-            return None
-        return await self._one(
+    async def set_user_prompt(self, user_id: str, text: str, etag: str = "") -> Row:
+        """Store the user's prompt ('' clears it); with `etag`, only over that version."""
+        return await self._set_prompt(
             "set_user_prompt",
-            "INSERT INTO config_user_prompts (user_id, text) VALUES (%s, %s) ON CONFLICT (user_id) "
-            "DO UPDATE SET text = EXCLUDED.text, update_time = now() RETURNING user_id, text, update_time",
-            (user_id, text),
+            "config_user_prompts",
+            sql.SQL("user_id"),
+            [user_id],
+            text,
+            etag,
+            f"the prompt of user {user_id}",
         )
 
+    async def _set_prompt(
+        self, op: str, table: str, key: sql.SQL, key_values: list[Any], text: str, etag: str, what: str
+    ) -> Row:
+        """Upsert a prompt row, bumping its version; `Aborted` when `etag` is not the current version.
 
-def _update(table: str, row_id: str, changes: dict[str, Any]) -> tuple[sql.Composed, list[Any]]:
+        The version is read under a row lock first; a row created concurrently after that read
+        (the first write of a prompt) makes the upsert's guarded update match nothing, which is a
+        mismatch too.
+        """
+        where = sql.SQL("{key} = %s").format(key=key)
+        async with self._pool.connection() as conn, conn.transaction():
+            if etag:
+                current = await self._fetch(
+                    conn,
+                    op,
+                    sql.SQL("SELECT version FROM {t} WHERE {w} FOR UPDATE").format(
+                        t=sql.Identifier(table), w=where
+                    ),
+                    key_values,
+                )
+                version = str(current[0]["version"]) if current else "0"
+                if version != etag:
+                    raise _etag_mismatch(what, {}, etag, version)
+            guard = (
+                sql.SQL(" WHERE {t}.version::text = %s").format(t=sql.Identifier(table))
+                if etag
+                else sql.SQL("")
+            )
+            query = sql.SQL(
+                "INSERT INTO {t} ({key}, text) VALUES (%s, %s) ON CONFLICT ({key}) DO UPDATE SET"
+                " text = EXCLUDED.text, update_time = now(), version = {t}.version + 1{guard} RETURNING *"
+            ).format(t=sql.Identifier(table), key=key, guard=guard)
+            rows = await self._fetch(conn, op, query, [*key_values, text, *([etag] if etag else [])])
+            if not rows:
+                raise _etag_mismatch(what, {}, etag, "")
+        return rows[0]
+
+    async def _stale_or_missing(
+        self, conn: psycopg.AsyncConnection[Any], table: str, row_id: str, etag: str
+    ) -> None:
+        """After a guarded write matched no row: `Aborted` when the row exists (so `etag` is stale);
+        returns when it does not (the caller decides what missing means)."""
+        if not etag:
+            return
+        rows = await self._fetch(
+            conn,
+            "check_version",
+            sql.SQL("SELECT version FROM {} WHERE id = %s").format(sql.Identifier(table)),
+            (row_id,),
+        )
+        if rows:
+            raise etag_mismatch(table, row_id, etag, str(rows[0]["version"]))
+
+
+def _update(
+    table: str, row_id: str, changes: dict[str, Any], etag: str = ""
+) -> tuple[sql.Composed, list[Any]]:
+    """The UPDATE of `changes` to one row, bumping its version; with `etag`, only at that version."""
     assignments = sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(column)) for column in changes)
-    query = sql.SQL("UPDATE {} SET {}, update_time = now() WHERE id = %s RETURNING *").format(
-        sql.Identifier(table), assignments
+    guard = sql.SQL(" AND version::text = %s") if etag else sql.SQL("")
+    query = sql.SQL(
+        "UPDATE {} SET {}, update_time = now(), version = version + 1 WHERE id = %s{} RETURNING *"
+    ).format(sql.Identifier(table), assignments, guard)
+    return query, [*(_adapt(v) for v in changes.values()), row_id, *([etag] if etag else [])]
+
+
+# What each table's rows are called in messages, and the metadata key of their id.
+_KINDS = {
+    "config_providers": ("provider", "provider_id"),
+    "config_model_configs": ("model config", "model_config_id"),
+    "config_workspace_templates": ("workspace template", "workspace_template_id"),
+}
+
+
+def etag_mismatch(table: str, row_id: str, given: str, current: str) -> Aborted:
+    """The error for an update or delete whose etag is not the row's current one."""
+    kind, id_field = _KINDS[table]
+    return _etag_mismatch(f"{kind} {row_id}", {id_field: row_id}, given, current)
+
+
+def _etag_mismatch(what: str, metadata: dict[str, str], given: str, current: str) -> Aborted:
+    return Aborted(
+        f"{what} was changed since it was read (etag {given!r} is not the current one); nothing was "
+        "changed: read it again, re-apply your change and send the etag it has now",
+        reason="ETAG_MISMATCH",
+        metadata={**metadata, "etag": current} if current else metadata,
     )
-    return query, [*(_adapt(v) for v in changes.values()), row_id]
 
 
 def provider_not_found(provider_id: str) -> NotFound:

@@ -6,6 +6,7 @@ API key back in a message.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 import uuid
@@ -22,6 +23,7 @@ MAX_NAME_CHARS = 200
 MAX_URL_CHARS = 2048
 MAX_API_KEY_CHARS = 8192
 MAX_REQUEST_ID_CHARS = 200
+MAX_ETAG_CHARS = 64
 MAX_DESCRIPTION_CHARS = 8000
 MAX_PARAMETERS = 50
 MAX_SYSTEM_PROMPT_BYTES = 256 * 1024
@@ -41,7 +43,14 @@ MODEL_UPDATE_PATHS = (
     "pricing",
     "options",
 )
-TEMPLATE_UPDATE_PATHS = ("name", "description", "parameters", "source", "enabled", "network_access")
+TEMPLATE_UPDATE_PATHS = ("name", "description", "parameters", "source", "enabled", "network_access", "pod")
+# The kubernetes driver's pod settings of a template (WorkspacePod): what the API server accepts.
+MAX_IMAGE_CHARS = 512
+MAX_EGRESS_RULES = 50
+MAX_EGRESS_PORTS = 20
+IMAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$")
+QUANTITY_RE = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+STORAGE_CLASS_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
 
 def uuid_field(field: str, value: str) -> str:
@@ -60,6 +69,15 @@ def request_id(value: str) -> str:
     """The idempotency key (optional)."""
     if len(value) > MAX_REQUEST_ID_CHARS:
         raise InvalidArgument("request_id", f"must be at most {MAX_REQUEST_ID_CHARS} characters")
+    return value
+
+
+def etag(field: str, value: str) -> str:
+    """An etag a client sent back (optional; checked against the resource's by the store)."""
+    if len(value) > MAX_ETAG_CHARS:
+        raise InvalidArgument(
+            field, f"must be an etag the service returned (at most {MAX_ETAG_CHARS} characters)"
+        )
     return value
 
 
@@ -271,7 +289,46 @@ def template_fields(
             out[path] = template.enabled
         elif path == "network_access":
             out[path] = template.network_access
+        elif path == "pod":
+            out[path] = _pod(template) if template.HasField("pod") else None
     return out
+
+
+def _pod(template: config_pb2.WorkspaceTemplate) -> dict[str, Any]:
+    pod = template.pod
+    field = "workspace_template.pod"
+    if pod.image and (len(pod.image) > MAX_IMAGE_CHARS or not IMAGE_RE.match(pod.image)):
+        raise InvalidArgument(
+            f"{field}.image",
+            f"must be a container image reference (registry/name:tag), got {pod.image[:80]!r}",
+        )
+    for name in ("cpu", "memory", "storage"):
+        value = getattr(pod, name)
+        if value and not QUANTITY_RE.match(value):
+            raise InvalidArgument(
+                f"{field}.{name}", f"must be a Kubernetes quantity such as 500m, 2 or 4Gi, got {value[:40]!r}"
+            )
+    if pod.storage_class and not STORAGE_CLASS_RE.match(pod.storage_class):
+        raise InvalidArgument(
+            f"{field}.storage_class", f"must be a StorageClass name, got {pod.storage_class[:80]!r}"
+        )
+    if len(pod.egress) > MAX_EGRESS_RULES:
+        raise InvalidArgument(f"{field}.egress", f"at most {MAX_EGRESS_RULES} rules are allowed")
+    for i, rule in enumerate(pod.egress):
+        try:
+            ipaddress.ip_network(rule.cidr, strict=True)
+        except ValueError:
+            raise InvalidArgument(
+                f"{field}.egress[{i}].cidr",
+                f"must be a network in CIDR notation with no host bits set (e.g. 140.82.112.0/20), "
+                f"got {rule.cidr[:60]!r}",
+            ) from None
+        if len(rule.ports) > MAX_EGRESS_PORTS:
+            raise InvalidArgument(f"{field}.egress[{i}].ports", f"at most {MAX_EGRESS_PORTS} ports per rule")
+        for port in rule.ports:
+            if not 1 <= port <= 65535:
+                raise InvalidArgument(f"{field}.egress[{i}].ports", f"must be TCP ports 1-65535, got {port}")
+    return to_json(pod)
 
 
 def _parameters(template: config_pb2.WorkspaceTemplate) -> list[dict[str, Any]]:

@@ -11,7 +11,7 @@ from typing import TextIO
 
 from agentplane.chat.v1 import chat_pb2
 
-from services.cli.chat import summarize_arguments
+from services.cli.chat import discarded_note, summarize_arguments
 
 OUTPUT_LINES = 12
 SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
@@ -30,6 +30,8 @@ class LiveView:
         self._spin_since = 0.0
         self._spin_shown = False
         self._last_delta = ""
+        # Replies announced discarded: their late deltas are not shown.
+        self._discarded: set[str] = set()
 
     @property
     def stream(self) -> TextIO:
@@ -42,6 +44,8 @@ class LiveView:
         kind = event.WhichOneof("event")
         if kind == "part_delta":
             delta = event.part_delta
+            if delta.message_id in self._discarded:
+                return
             kind_of_delta = str(delta.WhichOneof("delta"))
             if kind_of_delta != self._last_delta:
                 self._end_line()
@@ -72,6 +76,12 @@ class LiveView:
                 self._start_spinner("the model is thinking")
             elif change.HasField("error"):
                 self._line(f"[error {change.error.reason}: {change.error.message}]")
+        elif kind == "reply_discarded":
+            # The partial text is on the screen already: mark it as not part of the answer.
+            self._discarded.add(event.reply_discarded.message_id)
+            self._line(discarded_note(event.reply_discarded))
+            if event.reply_discarded.retrying:
+                self._start_spinner("the model is starting over")
         elif kind == "retry_scheduled":
             retry = event.retry_scheduled
             self._line(

@@ -280,6 +280,11 @@ def _cause(exc: BaseException) -> str:
     return type(cause).__name__ if cause is not None else str(exc)
 
 
+def redact(detail: str, secret: str) -> str:
+    """`detail` (a provider's words) without `secret` (the key it was sent), which a provider may quote."""
+    return detail.replace(secret, "[REDACTED]") if secret else detail
+
+
 def to_domain_error(
     failure: ProviderFailure,
     *,
@@ -290,7 +295,7 @@ def to_domain_error(
     secret: str = "",
 ) -> AgentplaneError:
     """The domain error Generate ends with; the message names provider and model, never the key."""
-    detail = failure.detail.replace(secret, "[REDACTED]") if secret else failure.detail
+    detail = redact(failure.detail, secret)
     where = f"{provider} (model {model})"
     meta = {"provider": provider, "model": model, "attempts": str(attempts)}
     reason = failure.reason

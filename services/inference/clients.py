@@ -33,7 +33,8 @@ class ProviderClients:
         self._timeout = httpx2.Timeout(read_timeout_s, connect=connect_timeout_s)
         self._retire_after = read_timeout_s
         self._entries: dict[str, _Entry] = {}
-        self._retiring: set[asyncio.Task[None]] = set()
+        # Replaced clients waiting to be closed, by the task that closes them.
+        self._retiring: dict[asyncio.Task[None], Any] = {}
         self.builds = 0
 
     def get(self, provider: config_pb2.Provider, api_key: str) -> Any:
@@ -57,11 +58,14 @@ class ProviderClients:
     async def close(self) -> None:
         """Close every client (service shutdown)."""
         entries, self._entries = list(self._entries.values()), {}
-        for task in list(self._retiring):
+        retiring, self._retiring = self._retiring, {}
+        for task in retiring:
             task.cancel()
-        for entry in entries:
+        # The retired clients too: their close was still waiting, and an unclosed client leaves
+        # its connection pool open ("Unclosed client session" at exit).
+        for client in [*(e.client for e in entries), *retiring.values()]:
             with contextlib.suppress(Exception):
-                await entry.client.close()
+                await client.close()
 
     def _build(self, provider: config_pb2.Provider, api_key: str) -> Any:
         self.builds += 1
@@ -106,5 +110,5 @@ class ProviderClients:
             task = asyncio.get_running_loop().create_task(close_later())
         except RuntimeError:
             return
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+        self._retiring[task] = client
+        task.add_done_callback(lambda t: self._retiring.pop(t, None))

@@ -19,6 +19,7 @@ from typing import Any
 from agentplane.config.v1 import config_pb2
 from agentplane.inference.v1 import inference_pb2, inference_service_pb2
 
+from services.common import tracing
 from services.common.errors import AgentplaneError, FailedPrecondition, NotFound
 from services.common.logs import register_secret
 from services.inference import classify
@@ -139,16 +140,32 @@ class Generator:
         output_started = False
         while True:
             attempt += 1
-            run = _Run(self, target, started, labels)
+            # The provider's HTTP stream, as a span of its own (not current: this generator yields
+            # inside it, and the SDK's HTTP client is not instrumented).
+            span = tracing.start_span(
+                f"chat {target.model.model_name}",
+                attributes={
+                    "gen_ai.operation.name": "chat",
+                    "gen_ai.system": target.provider_label,
+                    "gen_ai.request.model": target.model.model_name,
+                    "agentplane.attempt": attempt,
+                },
+            )
+            run = _Run(self, target, started, labels, span)
             try:
                 async for event in run.events(self.open_stream(target, request)):
                     yield event
                 self.metrics.requests.labels(*labels, "ok").inc()
+                self.metrics.provider_requests.labels(*labels, "ok").inc()
+                _end(span)
                 return
-            except AgentplaneError:
+            except AgentplaneError as exc:
+                _end(span, exc.reason)
                 raise
             except (asyncio.CancelledError, GeneratorExit):
                 self.metrics.requests.labels(*labels, "cancelled").inc()
+                self.metrics.provider_requests.labels(*labels, "cancelled").inc()
+                _end(span)
                 raise
             except Exception as exc:
                 failure = classify.classify(exc, base_url=target.provider.base_url)
@@ -170,34 +187,53 @@ class Generator:
                     )
                     self.metrics.errors.labels(*labels, error.reason).inc()
                     self.metrics.requests.labels(*labels, "error").inc()
+                    self.metrics.provider_requests.labels(*labels, "error").inc()
+                    _end(span, error.reason)
                     log.warning(
                         "generation failed",
                         extra={"reason": error.reason, "attempts": attempt, "detail": failure.detail[:500]},
                     )
                     raise error from None
                 self.metrics.retries.labels(*labels, failure.reason).inc()
+                self.metrics.provider_requests.labels(*labels, "retried").inc()
+                _end(span, failure.reason)
+                # A provider may quote the key it was sent (an echoing proxy, a verbose error).
+                detail = classify.redact(failure.detail, target.api_key)
                 yield GenerateResponse(
                     retry=inference_pb2.RetryNotice(
                         attempt=attempt + 1,
                         max_attempts=self.retry.max_attempts,
                         delay_ms=round(delay * 1000),
                         reason=failure.reason,
-                        message=f"{target.description} (model {target.model.model_name}): {failure.detail}"[
-                            :1000
-                        ],
+                        message=f"{target.description} (model {target.model.model_name}): {detail}"[:1000],
                     )
                 )
                 await asyncio.sleep(delay)
 
 
+def _end(span: Any, error_reason: str = "") -> None:
+    """End a provider span (None: tracing is off), as failed with `error_reason` when given."""
+    if span is None:
+        return
+    if error_reason:
+        from opentelemetry.trace import Status, StatusCode
+
+        span.set_attribute("error.type", error_reason)
+        span.set_status(Status(StatusCode.ERROR, error_reason))
+    span.end()
+
+
 class _Run:
     """One attempt: reads the adapter stream, coalesces deltas, emits normalized events."""
 
-    def __init__(self, gen: Generator, target: Target, started: float, labels: tuple[str, str]) -> None:
+    def __init__(
+        self, gen: Generator, target: Target, started: float, labels: tuple[str, str], span: Any = None
+    ) -> None:
         self.gen = gen
         self.target = target
         self.started = started
         self.labels = labels
+        self.span = span
         self.output_started = False
         self.first_output_at = 0.0
 
@@ -295,7 +331,25 @@ class _Run:
         cost = cost_micros(usage, self.target.model)
         if cost is not None:
             message.cost_micros = cost
+        self._count(usage, cost)
         return GenerateResponse(usage=message)
+
+    def _count(self, usage: UsageReport, cost: int | None) -> None:
+        tokens = self.gen.metrics.tokens
+        for kind, n in (
+            ("input", usage.input_tokens),
+            ("output", usage.output_tokens),
+            ("reasoning", usage.reasoning_tokens),
+            ("cache_read", usage.cache_read_tokens),
+            ("cache_write", usage.cache_write_tokens),
+        ):
+            if n:
+                tokens.labels(*self.labels, kind).inc(n)
+        if cost:
+            self.gen.metrics.cost.labels(*self.labels).inc(cost / 1_000_000)
+        if self.span is not None:
+            self.span.set_attribute("gen_ai.usage.input_tokens", usage.input_tokens)
+            self.span.set_attribute("gen_ai.usage.output_tokens", usage.output_tokens)
 
     def _observe_speed(self, usage: UsageReport | None) -> None:
         if usage is None or not self.output_started or usage.output_tokens <= 1:

@@ -1,4 +1,8 @@
-"""Prometheus collectors of the inference service."""
+"""Prometheus collectors of the inference service.
+
+Labels: `provider` is the provider's type (openai, anthropic, openai_compatible), `model` the
+model config's model name, `reason` an ErrorReason name; all bounded by the deployment's config.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +16,13 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
 TPS_BUCKETS = (1, 5, 10, 20, 40, 60, 80, 100, 150, 200, 400, 1000, 5000)
 
 
+TOKEN_KINDS = ("input", "output", "reasoning", "cache_read", "cache_write")
+PROVIDER_OUTCOMES = ("ok", "retried", "error", "cancelled")
+
+
 class InferenceMetrics:
-    """Requests, time to first token, output tokens per second, errors and retries."""
+    """Requests, provider requests, time to first token, output tokens per second, errors, retries,
+    tokens and cost."""
 
     _by_registry: weakref.WeakKeyDictionary[CollectorRegistry, InferenceMetrics] = weakref.WeakKeyDictionary()
     _lock = threading.Lock()
@@ -50,6 +59,26 @@ class InferenceMetrics:
             "agentplane_inference_retries",
             "Provider calls retried, by reason.",
             (*labels, "reason"),
+            registry=registry,
+        )
+        self.provider_requests = Counter(
+            "agentplane_inference_provider_requests",
+            "Requests sent to providers (each attempt of a generation), by outcome: ok, retried (failed "
+            "and tried again), error (failed for good), cancelled (the caller went away).",
+            (*labels, "outcome"),
+            registry=registry,
+        )
+        self.tokens = Counter(
+            "agentplane_inference_tokens",
+            "Tokens the providers reported, by kind (input, output, reasoning, cache_read, cache_write).",
+            (*labels, "kind"),
+            registry=registry,
+        )
+        self.cost = Counter(
+            "agentplane_inference_cost_dollars",
+            "Cost of the generations in US dollars, from the model configs' prices (models without "
+            "prices count nothing).",
+            labels,
             registry=registry,
         )
 

@@ -60,6 +60,8 @@ def _check_schema(schema_json: str) -> str | None:
         schema = json.loads(schema_json)
     except json.JSONDecodeError as exc:
         return f"not valid JSON: {exc.msg} at position {exc.pos}"
+    except RecursionError:
+        return "nested too deeply to read"
     if not isinstance(schema, dict):
         return "must be a JSON object (a JSON Schema)"
     if schema.get("type", "object") != "object":
@@ -68,6 +70,8 @@ def _check_schema(schema_json: str) -> str | None:
         jsonschema.Draft202012Validator.check_schema(schema)
     except jsonschema.SchemaError as exc:
         return f"not a valid JSON Schema: {exc.message}"
+    except RecursionError:
+        return "nested too deeply to check"
     return None
 
 

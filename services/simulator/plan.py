@@ -149,7 +149,7 @@ def build_plan(
         finish = finish or "length"
     calls = tuple(
         PlannedToolCall(
-            id=f"{call_id_prefix}{response_id[-14:]}_{i}",
+            id=f"{call_id_prefix}{response_id[-14:]}_{i}" if c.id is None else c.id,
             name=c.name,
             arguments=c.arguments_json(),
             fragments=fragments(c.arguments_json()),

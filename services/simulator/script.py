@@ -93,6 +93,9 @@ class ScriptedToolCall:
 
     name: str
     arguments: dict[str, Any] | str = field(default_factory=dict)
+    # The call's id as the provider sends it; None generates a unique one. Scripts set it to play
+    # providers that reuse ids ("call_0" every turn) or send none ("").
+    id: str | None = None
 
     def arguments_json(self) -> str:
         """The arguments as the JSON text the model "writes"."""
@@ -152,7 +155,10 @@ class Turn:
             args = raw.get("arguments", {})
             if not isinstance(args, dict | str):
                 raise ScriptError("tool_calls[].arguments must be an object or a string")
-            calls.append(ScriptedToolCall(name=str(raw["name"]), arguments=args))
+            call_id = raw.get("id")
+            if call_id is not None and not isinstance(call_id, str):
+                raise ScriptError(f"tool_calls[].id must be a string, got {call_id!r}")
+            calls.append(ScriptedToolCall(name=str(raw["name"]), arguments=args, id=call_id))
         finish = data.get("finish")
         if finish is not None and finish not in FINISH_REASONS:
             raise ScriptError(f"finish must be one of {', '.join(FINISH_REASONS)}, got {finish!r}")

@@ -25,6 +25,7 @@ from services.agent.tools.exec import DEFAULT_TIMEOUT_SECONDS as DEFAULT_EXECUTE
 from services.common.auth import Identity
 from services.common.errors import AgentplaneError, InvalidArgument
 from services.toolexec.ledger import Ledger, LedgerEntry, call_fingerprint
+from services.toolexec.metrics import ToolexecMetrics
 from services.toolexec.router import (
     AgentOffline,
     AgentOutcomeUnknown,
@@ -92,10 +93,17 @@ def _sanitize(result: ToolResult) -> ToolResult:
 class ToolCaller:
     """Runs tool calls through the ledger."""
 
-    def __init__(self, workspaces: WorkspaceManager, router: AgentRouter, ledger: Ledger) -> None:
+    def __init__(
+        self,
+        workspaces: WorkspaceManager,
+        router: AgentRouter,
+        ledger: Ledger,
+        metrics: ToolexecMetrics | None = None,
+    ) -> None:
         self._workspaces = workspaces
         self._router = router
         self._ledger = ledger
+        self._metrics = metrics or ToolexecMetrics.for_registry()
         # Calls running in this process, by (workspace, tool_call_id): a duplicate waits for the first.
         self._inflight: dict[tuple[str, str], tuple[str, asyncio.Task[CallOutcome]]] = {}
 
@@ -109,6 +117,22 @@ class ToolCaller:
         timeout_seconds: float | None = None,
     ) -> CallOutcome:
         """Run (or replay) one tool call in a workspace `identity` may touch."""
+        started = time.monotonic()
+        outcome = await self._call(
+            identity, workspace_id, tool_call_id, name, arguments_json, timeout_seconds
+        )
+        self._metrics.tool_call(name, outcome.result, outcome.replayed, time.monotonic() - started)
+        return outcome
+
+    async def _call(
+        self,
+        identity: Identity,
+        workspace_id: str,
+        tool_call_id: str,
+        name: str,
+        arguments_json: str,
+        timeout_seconds: float | None,
+    ) -> CallOutcome:
         if not tool_call_id:
             raise InvalidArgument("tool_call_id", "is required (the model's id for this call)")
         if len(tool_call_id) > MAX_TOOL_CALL_ID_LENGTH:

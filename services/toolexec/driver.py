@@ -2,8 +2,8 @@
 
 Everything above the driver (records, tokens, owner checks, the ledger, argument validation,
 routing calls to the agent) is shared by all drivers. `local` runs each agent in a sandbox on
-the toolexec host; `external` leaves running the agent to whoever holds its token; a
-Kubernetes driver (a pod per workspace) will implement the same protocol.
+the toolexec host; `external` leaves running the agent to whoever holds its token;
+`kubernetes` runs a pod per workspace (services/toolexec/k8s_driver.py).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from services.toolexec.templates import TemplateFill
+from services.toolexec.templates import PodSettings, TemplateFill
 
 # Issues a fresh agent token for a workspace (stores its hash, returns the token once).
 TokenIssuer = Callable[[str], Awaitable[str]]
@@ -29,8 +29,19 @@ class WorkspaceDriver(Protocol):
     async def start(self) -> None:
         """Prepare the driver."""
 
-    async def create(self, workspace_id: str, fill: TemplateFill | None, token: str, network: bool) -> None:
-        """Create the workspace, filled from `fill`, and start its agent if this driver runs agents."""
+    async def create(
+        self,
+        workspace_id: str,
+        fill: TemplateFill | None,
+        token: str,
+        network: bool,
+        *,
+        pod: PodSettings | None = None,
+    ) -> None:
+        """Create the workspace, filled from `fill`, and start its agent if this driver runs agents.
+
+        `pod` is the template's pod settings (image, resources, volume, egress): the kubernetes
+        driver's business, ignored by the others."""
 
     async def ensure_agent(self, workspace_id: str) -> None:
         """Start the workspace's agent if it is not running and this driver can (no-op otherwise)."""
@@ -50,7 +61,15 @@ class ExternalDriver:
     async def start(self) -> None:
         """Nothing to prepare."""
 
-    async def create(self, workspace_id: str, fill: TemplateFill | None, token: str, network: bool) -> None:
+    async def create(
+        self,
+        workspace_id: str,
+        fill: TemplateFill | None,
+        token: str,
+        network: bool,
+        *,
+        pod: PodSettings | None = None,
+    ) -> None:
         """Nothing to create: the agent brings its own directory."""
         if fill is not None:
             raise WorkspaceFillError(

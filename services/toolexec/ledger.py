@@ -73,7 +73,7 @@ def call_fingerprint(name: str, arguments_json: str) -> str:
     """SHA-256 of the tool name and the arguments (canonical JSON when it parses, else the raw text)."""
     try:
         canonical = json.dumps(json.loads(arguments_json or "{}"), sort_keys=True, separators=(",", ":"))
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         canonical = arguments_json
     return hashlib.sha256(f"{name}\x00{canonical}".encode()).hexdigest()
 

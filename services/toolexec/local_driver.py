@@ -42,7 +42,7 @@ from services.toolexec.sandbox import (
     environment,
     privilege_drop,
 )
-from services.toolexec.templates import DirectoryFill, GitFill, TemplateFill
+from services.toolexec.templates import DirectoryFill, GitFill, PodSettings, TemplateFill
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +92,16 @@ class LocalDriver:
     async def start(self) -> None:
         """Nothing to sweep: agents of earlier runs keep running and reconnect by themselves."""
 
-    async def create(self, workspace_id: str, fill: TemplateFill | None, token: str, network: bool) -> None:
-        """Make the directories, fill the root in a sandbox, start the agent."""
+    async def create(
+        self,
+        workspace_id: str,
+        fill: TemplateFill | None,
+        token: str,
+        network: bool,
+        *,
+        pod: PodSettings | None = None,
+    ) -> None:
+        """Make the directories, fill the root in a sandbox, start the agent (`pod` is not ours)."""
         await asyncio.to_thread(self._make_dirs, workspace_id, network)
         if fill is not None:
             await self._fill(workspace_id, fill)

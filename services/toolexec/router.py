@@ -25,6 +25,7 @@ from agentplane.toolexec.v1 import workspace_agent_service_pb2_grpc as pb_grpc
 from google.protobuf import duration_pb2
 
 from services.agent.tools.base import ToolError, ToolResult
+from services.common import tracing
 from services.common.client import create_channel
 from services.common.rpc_errors import error_info, reason_of
 from services.toolexec.agent_hub import AgentHub, AgentTimedOut, AgentUnreachable
@@ -120,12 +121,25 @@ class AgentRouter:
 
         `deadline_seconds` bounds the wait for a result once the call is with an agent.
         """
-        message = pb.AgentToolCall(
-            tool_call_id=tool_call_id,
-            name=name,
-            arguments_json=arguments_json,
-            arguments_sha256=arguments_sha256,
-        )
+        attributes = {"agentplane.tool": name, "agentplane.workspace_id": workspace_id}
+        with tracing.span(f"toolexec.agent {name}", kind=tracing.CLIENT, attributes=attributes):
+            message = pb.AgentToolCall(
+                tool_call_id=tool_call_id,
+                name=name,
+                arguments_json=arguments_json,
+                arguments_sha256=arguments_sha256,
+            )
+            # The agent's span of the call (and a relaying replica's) joins this trace.
+            tracing.inject(message.trace_context)
+            return await self._send(workspace_id, message, timeout_seconds, deadline_seconds)
+
+    async def _send(
+        self,
+        workspace_id: str,
+        message: pb.AgentToolCall,
+        timeout_seconds: float | None,
+        deadline_seconds: float | None,
+    ) -> ToolResult:
         if timeout_seconds is not None:
             timeout = duration_pb2.Duration()
             timeout.FromNanoseconds(int(timeout_seconds * 1e9))

@@ -44,8 +44,10 @@ from services.toolexec.agent_servicer import AgentRelayServicer, WorkspaceAgentS
 from services.toolexec.agent_store import AgentStore
 from services.toolexec.calls import ToolCaller
 from services.toolexec.driver import ExternalDriver, WorkspaceDriver
+from services.toolexec.k8s_driver import KubernetesDriver
 from services.toolexec.ledger import Ledger
 from services.toolexec.local_driver import FILL_TIMEOUT_SECONDS, LocalDriver
+from services.toolexec.metrics import ToolexecMetrics
 from services.toolexec.router import AgentRouter
 from services.toolexec.servicer import ToolExecServicer
 from services.toolexec.settings import ToolexecSettings
@@ -135,9 +137,9 @@ async def build_server(
     `templates` default to the config service at ``settings.address("config")``.
     """
     tx = toolexec_settings or ToolexecSettings.from_env(settings)
-    if tx.default_driver not in ("local", "external"):
+    if tx.default_driver not in ("local", "external", "kubernetes"):
         raise SettingsError(
-            f"AGENTPLANE_WORKSPACE_DRIVER must be local or external, got {tx.default_driver!r}"
+            f"AGENTPLANE_WORKSPACE_DRIVER must be local, external or kubernetes, got {tx.default_driver!r}"
         )
     sandbox = choose_sandbox(tx)
     if sandbox is not None and not sandbox.isolated:
@@ -150,6 +152,9 @@ async def build_server(
     local = LocalDriver(tx.workspaces_dir, sandbox, tx.limits) if sandbox is not None else None
     if local is not None:
         drivers["local"] = local
+    pods = _kubernetes_driver(tx)
+    if pods is not None:
+        drivers["kubernetes"] = pods
     for driver in drivers.values():
         await driver.start()
     closers = []
@@ -184,6 +189,8 @@ async def build_server(
     workspaces = WorkspaceManager(store, drivers, templates, tx.default_driver)
     if local is not None:
         local.set_token_issuer(workspaces.issue_token)
+    if pods is not None:
+        pods.set_token_issuer(workspaces.issue_token)
     router = AgentRouter(
         hub,
         agents,
@@ -201,7 +208,8 @@ async def build_server(
     workspaces.on_revoke(
         lambda ws: router.signal(ws, agent_pb.AGENT_SIGNAL_KIND_TOKEN_REVOKED, "the agent token was rotated")
     )
-    caller = ToolCaller(workspaces, router, Ledger(pool, replica_id))
+    metrics = ToolexecMetrics.for_registry()
+    caller = ToolCaller(workspaces, router, Ledger(pool, replica_id), metrics)
     agent_servicer = WorkspaceAgentServicer(hub, store, agents, "", tx.heartbeat_seconds)
     address_holder: dict[str, str] = {}
 
@@ -227,6 +235,8 @@ async def build_server(
     handle = create_server(settings, SERVICE_NAME, register, FULL_SERVICE_NAMES, interceptors)
     address = tx.advertise_address or handle.address
     address_holder["address"] = address
+    if pods is not None:
+        pods.set_agent_url(address)
     agent_servicer.replica_address = address
 
     agent_server = await _start_socket_server(local, agent_servicer) if local is not None else None
@@ -268,8 +278,15 @@ async def build_server(
         with contextlib.suppress(Exception):
             await agents.replica_gone(replica_id)
 
+    # Connected agents and workspaces by state (one query on scrape, cached).
+    stop_metrics = metrics.watch(pool, lambda: len(hub.links()))
+
+    async def stop_watching() -> None:
+        stop_metrics()
+
     handle.watch_health(db.probe(pool))
     handle.on_stop(pool.close)
+    handle.on_stop(stop_watching)
     for close in closers:
         handle.on_stop(close)
     for driver in drivers.values():
@@ -277,6 +294,13 @@ async def build_server(
     # Runs first (callbacks run last-added first), while the pool is still open.
     handle.on_stop(stop_background)
     return server
+
+
+def _kubernetes_driver(tx: ToolexecSettings) -> KubernetesDriver | None:
+    """The kubernetes driver when it is the default (AGENTPLANE_WORKSPACE_DRIVER=kubernetes)."""
+    if tx.default_driver != "kubernetes":
+        return None
+    return KubernetesDriver(tx.kubernetes, kubeconfig=tx.kubeconfig)
 
 
 async def _start_socket_server(local: LocalDriver, servicer: WorkspaceAgentServicer) -> grpc.aio.Server:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from services.agent.processes import ProcessLimits
 from services.common.settings import Settings, SettingsError, env_seconds
+from services.toolexec.k8s_objects import KubernetesSettings
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,9 @@ class ToolexecSettings:
     heartbeat_seconds: float = 10.0
     offline_wait_seconds: float = 10.0
     reconnect_grace_seconds: float = 15.0
+    # The kubernetes driver (on when it is the default driver): where and how workspace pods run.
+    kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
+    kubeconfig: str = ""
 
     @classmethod
     def from_env(cls, settings: Settings, environ: Mapping[str, str] | None = None) -> ToolexecSettings:
@@ -70,7 +74,36 @@ class ToolexecSettings:
             agent_url=(env.get("AGENTPLANE_AGENT_URL") or "").strip(),
             offline_wait_seconds=env_seconds(env, "AGENTPLANE_AGENT_OFFLINE_WAIT_SECONDS", 10.0),
             reconnect_grace_seconds=env_seconds(env, "AGENTPLANE_AGENT_RECONNECT_GRACE_SECONDS", 15.0),
+            kubernetes=kubernetes_from_env(env),
+            kubeconfig=(env.get("AGENTPLANE_K8S_KUBECONFIG") or "").strip(),
         )
+
+
+def kubernetes_from_env(env: Mapping[str, str]) -> KubernetesSettings:
+    """``AGENTPLANE_K8S_*`` (and the agent URL) over the defaults of `KubernetesSettings`."""
+    d = KubernetesSettings()
+
+    def text(name: str, default: str) -> str:
+        return (env.get(name) or "").strip() or default
+
+    return KubernetesSettings(
+        namespace=text("AGENTPLANE_K8S_NAMESPACE", d.namespace),
+        image=text("AGENTPLANE_K8S_WORKSPACE_IMAGE", d.image),
+        agent_url=text("AGENTPLANE_AGENT_URL", d.agent_url),
+        # Inside the cluster deploy/ passes the pod's own namespace (the downward API).
+        toolexec_namespace=text(
+            "AGENTPLANE_K8S_TOOLEXEC_NAMESPACE", text("POD_NAMESPACE", d.toolexec_namespace)
+        ),
+        agent_port=_int(env, "AGENTPLANE_K8S_AGENT_PORT", d.agent_port),
+        service_account=text("AGENTPLANE_K8S_SERVICE_ACCOUNT", d.service_account),
+        cpu=text("AGENTPLANE_K8S_WORKSPACE_CPU", d.cpu),
+        memory=text("AGENTPLANE_K8S_WORKSPACE_MEMORY", d.memory),
+        storage=text("AGENTPLANE_K8S_WORKSPACE_STORAGE", d.storage),
+        storage_class=text("AGENTPLANE_K8S_WORKSPACE_STORAGE_CLASS", d.storage_class),
+        start_timeout_seconds=env_seconds(
+            env, "AGENTPLANE_K8S_START_TIMEOUT_SECONDS", d.start_timeout_seconds
+        ),
+    )
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:

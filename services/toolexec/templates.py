@@ -47,6 +47,26 @@ TemplateFill = DirectoryFill | GitFill
 
 
 @dataclass(frozen=True)
+class EgressRule:
+    """A network (CIDR) and TCP ports (empty: every port) a workspace pod may connect to."""
+
+    cidr: str
+    ports: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class PodSettings:
+    """The template's wishes for a Kubernetes workspace pod; empty fields take the driver's defaults."""
+
+    image: str = ""
+    cpu: str = ""
+    memory: str = ""
+    storage: str = ""
+    storage_class: str = ""
+    egress: tuple[EgressRule, ...] = ()
+
+
+@dataclass(frozen=True)
 class Template:
     """A workspace template as toolexec needs it."""
 
@@ -57,6 +77,8 @@ class Template:
     parameters: tuple[TemplateParameter, ...] = field(default_factory=tuple)
     # Whether commands in workspaces made from it may use the network (git fetches, installs).
     network: bool = False
+    # How the kubernetes driver runs its workspaces (the other drivers ignore it).
+    pod: PodSettings | None = None
 
 
 class TemplateFetcher(Protocol):
@@ -140,4 +162,17 @@ def template_from_proto(message: Any) -> Template:
         source=source,
         parameters=tuple(TemplateParameter(p.name, p.default_value, p.required) for p in message.parameters),
         network=message.network_access,
+        pod=pod_settings_from_proto(message.pod) if message.HasField("pod") else None,
+    )
+
+
+def pod_settings_from_proto(message: Any) -> PodSettings:
+    """Convert a ``config_pb2.WorkspacePod``."""
+    return PodSettings(
+        image=message.image,
+        cpu=message.cpu,
+        memory=message.memory,
+        storage=message.storage,
+        storage_class=message.storage_class,
+        egress=tuple(EgressRule(rule.cidr, tuple(rule.ports)) for rule in message.egress),
     )

@@ -32,7 +32,13 @@ from services.toolexec.store import (
     WorkspaceRecord,
     WorkspaceStore,
 )
-from services.toolexec.templates import TemplateFetcher, TemplateFill, fill_for, resolve_parameters
+from services.toolexec.templates import (
+    PodSettings,
+    TemplateFetcher,
+    TemplateFill,
+    fill_for,
+    resolve_parameters,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +46,7 @@ WORKSPACE_ID_RE = re.compile(r"^ws_[0-9a-f]{20}$")
 MAX_NAME_LENGTH = 200
 MAX_REQUEST_ID_LENGTH = 200
 MAX_PARAMETER_VALUE_LENGTH = 4096
-DRIVERS = ("local", "external")
+DRIVERS = ("local", "external", "kubernetes")
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 
@@ -165,6 +171,7 @@ class WorkspaceManager:
         parameters: dict[str, str] = {}
         template_id = ""
         network = False
+        pod: PodSettings | None = None
         if spec.template_id:
             if self._templates is None:
                 raise FailedPrecondition(
@@ -181,6 +188,7 @@ class WorkspaceManager:
             fill = fill_for(template, parameters)
             template_id = template.id
             network = template.network
+            pod = template.pod
         elif spec.parameters:
             raise InvalidArgument("parameters", "parameters need a template_id")
         if fill is not None and driver_name == "external":
@@ -206,7 +214,7 @@ class WorkspaceManager:
                 raise FailedPrecondition("workspace id collision; retry", reason="WORKSPACE_ID_COLLISION")
             return Created(earlier)
         try:
-            await driver.create(record.id, fill, token, network)
+            await driver.create(record.id, fill, token, network, pod=pod)
         except WorkspaceFillError as exc:
             log.warning("workspace fill failed", extra={"workspace_id": record.id, "error": str(exc)})
             failed = await self._store.set_state(record.id, STATE_FAILED, str(exc))
@@ -270,9 +278,17 @@ class WorkspaceManager:
             next_token = _encode_token(owner, last.create_time, last.id)
         return records, next_token
 
-    async def delete(self, identity: Identity, workspace_id: str) -> None:
-        """Kill the workspace's processes, remove its directory and its record (with its ledger)."""
-        record = await self.get(identity, workspace_id)
+    async def delete(self, identity: Identity, workspace_id: str) -> bool:
+        """Kill the workspace's processes, remove its directory and its record (with its ledger).
+
+        Idempotent: False, and nothing touched, when `identity` has no such workspace: it is gone
+        already, or someone else's (answered alike, so the answer tells nothing about ids the
+        caller cannot see). A malformed id is still InvalidArgument.
+        """
+        try:
+            record = await self.get(identity, workspace_id)
+        except NotFound:
+            return False
         self._ready.pop(record.id, None)
         self.deleting.add(record.id)
         if self._terminate_agent is not None:
@@ -283,6 +299,7 @@ class WorkspaceManager:
             await self._store.delete(record.id)
         finally:
             self.deleting.discard(record.id)
+        return True
 
     async def sweep_creating(self, older_than_seconds: float) -> builtins.list[str]:
         """Fail workspaces a crash left CREATING (no create outlives the fill timeout)."""

@@ -253,6 +253,11 @@ class ToolCallRecord:
     # passes identity explicitly, so this is expected to be None).
     ambient_user: str | None
 
+    @property
+    def model_id(self) -> str:
+        """The model's id of the call, after the chat's namespace (see services/chat/tool_ids.py)."""
+        return self.tool_call_id.split("/", 3)[-1]
+
 
 Handler = Callable[[dict[str, Any]], ToolOutcome | str | Awaitable[ToolOutcome | str]]
 
@@ -390,6 +395,8 @@ class FakeChat:
     usage: chat_pb2.Usage = field(default_factory=chat_pb2.Usage)
     messages: list[chat_pb2.Message] = field(default_factory=list)
     queue: list[str] = field(default_factory=list)
+    # The reply whose deltas were numbered and which is not persisted yet (streaming_message_id).
+    streaming: str | None = None
 
 
 @dataclass(frozen=True)
@@ -501,7 +508,9 @@ class FakeStore:
         self.writes.append(Write("start_run", chat_id))
         began = self._committed(chat_id)
         await self._after("start_run", None)
-        info = RunInfo(chat.id, chat.owner_id, chat.model_config_id, chat.workspace_id, chat.agents_md)
+        info = RunInfo(
+            chat.id, chat.owner_id, chat.model_config_id, chat.workspace_id, chat.agents_md, chat.streaming
+        )
         return StartedRun(info, began)
 
     async def history(self, chat_id: str) -> list[chat_pb2.Message]:
@@ -512,6 +521,9 @@ class FakeStore:
     async def emit(self, chat_id: str, fence: Fence | None, events: Sequence[chat_pb2.ChatEvent]) -> None:
         chat = self._fenced(chat_id, fence)
         self._number(chat, events)
+        for ev in events:
+            if ev.WhichOneof("event") == "part_delta" and fence is not None:
+                chat.streaming = ev.part_delta.message_id
         self.writes.append(Write("emit", chat_id, fenced=fence is not None))
         await self._after("emit", None)
 
@@ -533,6 +545,8 @@ class FakeStore:
         for ev in pre_events:
             self._number(chat, [ev])
         persisted = self._append(chat, msg, message_id or str(uuid.uuid4()))
+        if chat.streaming == persisted.id:
+            chat.streaming = None
         self._number(chat, extra_events)
         if agents_md is not None:
             chat.agents_md = agents_md
@@ -566,6 +580,24 @@ class FakeStore:
         self._number(chat, [chat_pb2.ChatEvent(error=error), status])
         self.writes.append(Write("fail_run", chat_id))
         await self._after("fail_run", None)
+
+    async def discard_reply(
+        self,
+        chat_id: str,
+        fence: Fence,
+        message_id: str,
+        *,
+        reason: str,
+        retrying: bool,
+        then: Sequence[chat_pb2.ChatEvent] = (),
+    ) -> None:
+        chat = self._fenced(chat_id, fence)
+        discarded = chat_pb2.ReplyDiscarded(message_id=message_id, reason=reason, retrying=retrying)
+        self._number(chat, [chat_pb2.ChatEvent(reply_discarded=discarded), *then])
+        if chat.streaming == message_id:
+            chat.streaming = None
+        self.writes.append(Write("discard_reply", chat_id))
+        await self._after("discard_reply", None)
 
     # -- internals --
 
@@ -644,7 +676,7 @@ class LoopKit:
     tools: FakeTools = field(default_factory=FakeTools)
     prompts: FakePrompts = field(default_factory=FakePrompts)
     store: FakeStore = field(default_factory=FakeStore)
-    config: LoopConfig = field(default_factory=lambda: LoopConfig(delta_flush_ms=0))
+    config: LoopConfig = field(default_factory=lambda: LoopConfig(delta_flush_ms=0, stream_retry_delay_ms=0))
 
     def create_chat(self, text: str = "hello", **kwargs: Any) -> str:
         return self.store.create_chat(text, **kwargs)

@@ -105,7 +105,11 @@ async def test_owner_isolation(stack: Stack) -> None:
     await _fails(bob.SendMessage(cs.SendMessageRequest(chat_id=chat.id, content=text("x"))), nf)
     await _fails(bob.ListMessages(cs.ListMessagesRequest(chat_id=chat.id)), nf)
     await _fails(bob.InterruptChat(cs.InterruptChatRequest(chat_id=chat.id)), nf)
-    await _fails(bob.DeleteChat(cs.DeleteChatRequest(chat_id=chat.id)), nf)
+    # Deletes are idempotent: bob's delete of alice's chat answers as if it were gone (which, to
+    # him, it is) and leaves it alone; so does his delete of one of its queued messages.
+    await bob.DeleteChat(cs.DeleteChatRequest(chat_id=chat.id))
+    await bob.DeleteQueuedMessage(cs.DeleteQueuedMessageRequest(chat_id=chat.id, queued_message_id=MISSING))
+    assert (await alice.GetChat(cs.GetChatRequest(chat_id=chat.id))).chat.id == chat.id
     await _fails(bob.ForkChat(cs.ForkChatRequest(chat_id=chat.id)), nf)
     await _fails(bob.CompactChat(cs.CompactChatRequest(chat_id=chat.id)), nf)
     await _fails(bob.ListQueuedMessages(cs.ListQueuedMessagesRequest(chat_id=chat.id)), nf)
@@ -190,6 +194,7 @@ async def test_update_list_fork_edit_usage_delete(stack: Stack) -> None:
 
     await stub.DeleteChat(cs.DeleteChatRequest(chat_id=chats[2].id))
     await _fails(stub.GetChat(cs.GetChatRequest(chat_id=chats[2].id)), grpc.StatusCode.NOT_FOUND)
+    await stub.DeleteChat(cs.DeleteChatRequest(chat_id=chats[2].id))  # idempotent: gone is deleted
 
 
 async def test_queue_management_and_limit(stack: Stack) -> None:
@@ -219,10 +224,10 @@ async def test_queue_management_and_limit(stack: Stack) -> None:
     )
     assert promoted.queued_messages[0].id == ids[5]
     await stub.DeleteQueuedMessage(cs.DeleteQueuedMessageRequest(chat_id=chat.id, queued_message_id=ids[0]))
-    await _fails(
-        stub.DeleteQueuedMessage(cs.DeleteQueuedMessageRequest(chat_id=chat.id, queued_message_id=ids[0])),
-        grpc.StatusCode.NOT_FOUND,
-    )
+    # Idempotent: deleting it again succeeds and changes nothing.
+    last_seq = (await stub.GetChat(cs.GetChatRequest(chat_id=chat.id))).chat.last_seq
+    await stub.DeleteQueuedMessage(cs.DeleteQueuedMessageRequest(chat_id=chat.id, queued_message_id=ids[0]))
+    assert (await stub.GetChat(cs.GetChatRequest(chat_id=chat.id))).chat.last_seq == last_seq
     page = await stub.ListQueuedMessages(cs.ListQueuedMessagesRequest(chat_id=chat.id, page_size=5))
     rest = await stub.ListQueuedMessages(
         cs.ListQueuedMessagesRequest(chat_id=chat.id, page_size=100, page_token=page.next_page_token)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 import psycopg
@@ -14,6 +15,7 @@ from psycopg.types.json import Jsonb
 
 from services.chat.deltas import EventNumberer
 from services.chat.domain import LeaseLost, NewMessage
+from services.chat.liveness import LivenessLock
 from services.chat.server import create_chat_pool
 from services.chat.settings import ChatSettings
 from services.chat.store import ChatStore
@@ -40,6 +42,30 @@ async def store(database_url: str) -> AsyncIterator[tuple[ChatStore, list[chat_p
     finally:
         await numberer.close()
         await pool.close()
+
+
+@asynccontextmanager
+async def alive(database_url: str, worker_id: str) -> AsyncIterator[LivenessLock]:
+    """`worker_id` is alive to sweeps and interrupts: it holds its liveness lock, as a running
+    worker does. Leaving the block ends the lock's session, as the death of its process would."""
+    lock = LivenessLock(database_url, worker_id, on_held=lambda: None, on_lost=lambda: None)
+    await lock.start()
+    assert lock.held
+    try:
+        yield lock
+    finally:
+        await lock.stop()
+
+
+async def _owner(database_url: str, chat_id: str) -> tuple[str | None, str | None, str]:
+    """The chat row's worker_id, interrupt flag and status."""
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        cur = await conn.execute(
+            "SELECT worker_id, interrupt, status FROM chat_chats WHERE id = %s", (chat_id,)
+        )
+        row = await cur.fetchone()
+    assert row is not None
+    return row[0], row[1], row[2]
 
 
 async def test_stale_worker_cannot_write(store: tuple[ChatStore, list[chat_pb2.ChatEvent]]) -> None:
@@ -76,9 +102,14 @@ async def test_stale_worker_cannot_write(store: tuple[ChatStore, list[chat_pb2.C
 
 
 async def test_renewal_reports_lost_and_interrupted_chats(
-    store: tuple[ChatStore, list[chat_pb2.ChatEvent]],
+    store: tuple[ChatStore, list[chat_pb2.ChatEvent]], database_url: str
 ) -> None:
     s, _ = store
+    async with alive(database_url, "w"):
+        await _renewal_reports_lost_and_interrupted_chats(s)
+
+
+async def _renewal_reports_lost_and_interrupted_chats(s: ChatStore) -> None:
     ids = []
     for i in range(3):
         chat, _ = await s.create_chat(
@@ -99,7 +130,7 @@ async def test_renewal_reports_lost_and_interrupted_chats(
         message_id=(await s.history(ids[1]))[0].id,
         content=text("edited"),
     )
-    result = await s.renew("w", 30)
+    result = await s.renew("w", {c.chat_id: c.fence.generation for c in claims}, 30)
     # The edit took chat 1 away (new generation, no worker); chat 0 is still ours but interrupted.
     assert set(result.held) == {ids[0], ids[2]}
     assert result.interrupted == {ids[0]}
@@ -223,3 +254,103 @@ async def test_claim_of_a_resume_interrupt_leaves_delivery_to_start_run(
     history = await s.history(chat.id)
     assert [m.id for m in history][-1] == queued.id
     assert (await s.get_chat("alice", chat.id)).queued_message_count == 0
+
+
+async def test_renewal_renews_only_held_runs_and_hands_back_the_rest(
+    store: tuple[ChatStore, list[chat_pb2.ChatEvent]], database_url: str
+) -> None:
+    s, _ = store
+    ids = []
+    for i in range(4):
+        chat, _ = await s.create_chat(
+            owner_id="alice",
+            request_id="",
+            content=text(f"c{i}"),
+            model_config_id="m",
+            workspace_id="",
+            title="t",
+        )
+        ids.append(chat.id)
+    async with alive(database_url, "w"):
+        claims = {c.chat_id: c for c in await s.claim("w", 10, lease_seconds=30)}
+        assert set(claims) == set(ids)
+        # Chat 3 was interrupted (WAITING, still owned until its run wraps up).
+        await s.interrupt("alice", ids[3])
+        assert await _owner(database_url, ids[3]) == ("w", "stop", "waiting")
+        # Only chat 0's run is still in memory (chat 1's with an older generation): the runs of
+        # 1, 2 and 3 ended without giving their chats back (their database was away).
+        held = {ids[0]: claims[ids[0]].fence.generation, ids[1]: claims[ids[1]].fence.generation - 1}
+        result = await s.renew("w", held, 30)
+        assert set(result.held) == {ids[0]} and result.held[ids[0]] == claims[ids[0]].fence
+        assert result.handed_back == {ids[1], ids[2], ids[3]}
+        assert await _owner(database_url, ids[0]) == ("w", None, "running")
+        for chat_id in ids[1:3]:
+            assert await _owner(database_url, chat_id) == (None, None, "pending")
+        assert await _owner(database_url, ids[3]) == (None, None, "waiting")
+        # Their old fences write nothing; any worker continues the pending ones.
+        reply = NewMessage(role="assistant", parts=text("late"), sender_id="service:chat")
+        with pytest.raises(LeaseLost):
+            await s.persist(ids[2], claims[ids[2]].fence, reply)
+        again = {c.chat_id: c for c in await s.claim("w2", 10, lease_seconds=30)}
+        assert set(again) == {ids[1], ids[2]}
+        assert again[ids[2]].fence.generation > claims[ids[2]].fence.generation
+        # The interrupted chat is idle: the next message goes into the history and runs.
+        _, message, queued = await s.send_message(
+            owner_id="alice", chat_id=ids[3], request_id="", content=text("next"), interrupt=False
+        )
+        assert message is not None and queued is None
+        assert await _owner(database_url, ids[3]) == (None, None, "pending")
+
+
+async def test_sweep_hands_back_the_chats_of_a_worker_whose_session_ended(
+    store: tuple[ChatStore, list[chat_pb2.ChatEvent]], database_url: str
+) -> None:
+    s, _ = store
+    ids = []
+    for i in range(2):
+        chat, _ = await s.create_chat(
+            owner_id="alice",
+            request_id="",
+            content=text(f"c{i}"),
+            model_config_id="m",
+            workspace_id="",
+            title="t",
+        )
+        ids.append(chat.id)
+    async with alive(database_url, "live"):
+        async with alive(database_url, "doomed"):
+            [kept] = await s.claim("live", 1, lease_seconds=30)
+            [doomed] = await s.claim("doomed", 1, lease_seconds=30)
+            # Both owners hold their locks and their leases run for 30 s: nothing to sweep.
+            assert await s.sweep() == []
+        # The doomed worker's session ended (its process was killed): its chat comes back at
+        # the next sweep, long before its lease would expire.
+        swept = await wait_until(s.sweep, what="the dead worker's chat to be swept")
+        assert swept == [doomed.chat_id]
+        assert await _owner(database_url, doomed.chat_id) == (None, None, "pending")
+        assert await _owner(database_url, kept.chat_id) == ("live", None, "running")
+        [again] = await s.claim("live", 5, lease_seconds=30)
+        assert again.chat_id == doomed.chat_id and again.fence.generation > doomed.fence.generation
+
+
+async def test_interrupt_of_a_chat_whose_worker_is_gone_leaves_it_idle_and_unowned(
+    store: tuple[ChatStore, list[chat_pb2.ChatEvent]], database_url: str
+) -> None:
+    s, _ = store
+    chat, _ = await s.create_chat(
+        owner_id="alice", request_id="", content=text("hi"), model_config_id="m", workspace_id="", title="t"
+    )
+    async with alive(database_url, "gone"):
+        [claim] = await s.claim("gone", 5, lease_seconds=30)
+    # Its worker died with the run; the lease still runs for 30 s.
+    interrupted = await s.interrupt("alice", chat.id)
+    assert interrupted.status == chat_pb2.CHAT_STATUS_WAITING
+    assert await _owner(database_url, chat.id) == (None, None, "waiting")
+    with pytest.raises(LeaseLost):
+        await s.finish_turn(chat.id, claim.fence)
+    # The next message is not queued behind a run that no longer exists: it runs.
+    _, message, queued = await s.send_message(
+        owner_id="alice", chat_id=chat.id, request_id="", content=text("again"), interrupt=False
+    )
+    assert message is not None and queued is None
+    assert (await s.get_chat("alice", chat.id)).status == chat_pb2.CHAT_STATUS_PENDING

@@ -224,3 +224,46 @@ async def test_without_a_reachable_redis_local_subscribers_still_get_events(stor
 def _subscribed(hub: EventHub, chat_id: str, count: int) -> bool:
     """Whether `count` subscriptions of `chat_id` are registered (they get what is offered)."""
     return len(hub._subs.get(chat_id, ())) == count
+
+
+async def test_a_seq_never_published_is_skipped_not_waited_for(redis_url: str, store: ChatStore) -> None:
+    # A replica that dies between numbering events and publishing them leaves seqs nobody will
+    # ever publish. A subscriber (live, on another replica, or replaying later) goes on with the
+    # next event at once: the durable poll (an hour here) is not what unblocks it.
+    sub_client, pub_client = aioredis.Redis.from_url(redis_url), aioredis.Redis.from_url(redis_url)
+    subscriber, publisher = EventHub(sub_client, poll_seconds=3600), EventHub(pub_client)
+    chat_id = str(uuid.uuid4())
+    live = cast(
+        AsyncGenerator[chat_pb2.ChatEvent, None], subscriber.subscribe(chat_id, 0, store.events_between)
+    )
+    try:
+        async with asyncio.timeout(20):
+            first = asyncio.create_task(anext(live))
+            await wait_until(
+                functools.partial(subscriber.follows, chat_id),
+                what="the replica to follow the chat",
+                timeout=5,
+            )
+            await publisher.publish(chat_id, [_delta(chat_id, 1), _delta(chat_id, 2)])
+            # Seqs 3 and 4 were numbered by a replica that died before publishing them.
+            await publisher.publish(chat_id, [_delta(chat_id, 5)])
+            seen = [await first]
+            while seen[-1].seq < 5:
+                seen.append(await anext(live))
+            replayed = cast(
+                AsyncGenerator[chat_pb2.ChatEvent, None],
+                subscriber.subscribe(chat_id, 0, store.events_between),
+            )
+            try:
+                again = [await anext(replayed) for _ in range(3)]
+            finally:
+                await replayed.aclose()
+        # (Consecutive deltas may be merged into one event carrying the later seq.)
+        assert "".join(ev.part_delta.text for ev in seen) == "d1d2d5" and seen[-1].seq == 5
+        assert [ev.seq for ev in again] == [1, 2, 5]
+    finally:
+        await live.aclose()
+        await subscriber.close()
+        await publisher.close()
+        await sub_client.aclose()
+        await pub_client.aclose()

@@ -10,6 +10,7 @@ from agentplane.chat.v1 import chat_pb2
 from agentplane.inference.v1 import inference_pb2
 
 from services.chat import loop as loop_mod
+from services.chat import tool_ids
 from services.chat.domain import Fence, NewMessage, RunInfo
 from services.chat.loop import LoopConfig, ToolOutcome
 from services.common.errors import FailedPrecondition
@@ -178,10 +179,16 @@ async def test_tool_calls_run_and_their_results_are_persisted_in_call_order() ->
     assert results[2].is_error and "Unknown tool 'nope'" in results[2].content
     assert results[3].is_error and "not valid JSON" in results[3].content
     assert results[4].is_error and "must be a JSON object" in results[4].content
-    # Only valid calls of known tools reach the tools, with the model's ids, for the chat's workspace.
-    assert [(c.tool_call_id, c.name, c.workspace_id) for c in kit.tools.model_calls] == [
+    # Only valid calls of known tools reach the tools, for the chat's workspace, with the model's
+    # ids namespaced by chat, message and position (toolexec's ledger key).
+    assert [(c.model_id, c.name, c.workspace_id) for c in kit.tools.model_calls] == [
         ("c1", "write_file", "ws-1"),
         ("c2", "echo", "ws-1"),
+    ]
+    assistant = kit.store.messages(chat_id)[1].id
+    assert [c.tool_call_id for c in kit.tools.model_calls] == [
+        tool_ids.ledger_id(chat_id, assistant, 0, "c1"),
+        tool_ids.ledger_id(chat_id, assistant, 1, "c2"),
     ]
     assert kit.tools.files["a.txt"] == "A"
     started = [e.tool_call_started.tool_call.id for e in kit.store.events_of(chat_id, "tool_call_started")]
@@ -243,7 +250,11 @@ async def test_a_run_that_died_after_persisting_calls_runs_them_with_the_same_id
     kit.store.add_message(chat_id, calls)  # persisted by a run that died before the results
     kit.model.add([Text("Recovered.")])
     await kit.run(chat_id)
-    assert [(c.tool_call_id, c.arguments) for c in kit.tools.model_calls] == [("c7", {"a": 1})]
+    # The same key the dead run used: the message's id and the call's position did not change.
+    persisted = kit.store.messages(chat_id)[1].id
+    assert [(c.tool_call_id, c.arguments) for c in kit.tools.model_calls] == [
+        (tool_ids.ledger_id(chat_id, persisted, 0, "c7"), {"a": 1})
+    ]
     assert kit.store.roles(chat_id) == ["user", "assistant", "tool", "assistant"]
     assert kit.model.requests[0].messages[2].parts[0].tool_result.content == '{"a": 1}'
 

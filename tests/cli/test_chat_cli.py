@@ -169,3 +169,24 @@ async def test_watch_gives_up_when_the_server_goes_away_mid_stream(cli_stack: Cl
     lines = err.decode().strip().splitlines()
     assert "retrying" in lines[-2] and "attempt 2 of 2" in lines[-2], err
     assert lines[-1].startswith("error: UNAVAILABLE: giving up"), err
+
+
+async def test_a_discarded_reply_is_marked_and_its_retry_printed(cli_stack: CliStack) -> None:
+    stack = cli_stack.stack
+    # The provider's connection drops after three words (once); the chat service discards the
+    # partial reply and generates it again.
+    stack.sim.set_script(
+        Script.from_data(
+            [{"turns": [{"text": "one two three four five", "fault": {"kind": "drop", "after_chunks": 3}}]}]
+        )
+    )
+    r = await cli_stack.run("chat", "new", "go", "--user", "alice", "--wait")
+    assert r.code == 0, r.err
+    lines = r.out.splitlines()
+    note = "[reply discarded (STREAM_INTERRUPTED): the text above is not kept; retrying]"
+    assert note in lines, r.out
+    at = lines.index(note)
+    # The partial text (what reached the chat service before the drop), then the note under it.
+    partial = lines[at - 1]
+    assert partial and "one two three four five".startswith(partial) and partial != "one two three four five"
+    assert lines[-2:] == ["one two three four five", "[waiting]"], r.out

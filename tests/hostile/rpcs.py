@@ -135,12 +135,14 @@ async def invoke(
     metadata: Sequence[tuple[str, str]],
     *,
     stream_window: float = 0.3,
+    refusal_window: float | None = None,
 ) -> list[Message]:
     """Call `target` with `request`; the responses, or the AioRpcError raised.
 
     A server stream is read for at most `stream_window` seconds: a stream that is accepted stays
     open (StreamChat, WatchChats) and its errors come first, so what it has not said by then is
-    not an error of this request. A client stream sends `request` alone, then closes.
+    not an error of this request. A client stream sends `request` alone, then closes; before it
+    does, it waits `refusal_window` (default `stream_window`) for a server refusing the caller.
     """
     m = target.method
     serialize = type(request).SerializeToString
@@ -160,7 +162,8 @@ async def invoke(
         # written meanwhile fails on our side as a local INTERNAL that hides the server's status.
         # So the message goes only to a server still waiting for it after the window.
         ended = asyncio.ensure_future(call.code())
-        done, _ = await asyncio.wait([ended], timeout=stream_window)
+        window = stream_window if refusal_window is None else refusal_window
+        done, _ = await asyncio.wait([ended], timeout=window) if window > 0 else (set(), set())
         if not done:
             await call.write(request)
             await call.done_writing()

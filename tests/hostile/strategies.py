@@ -93,7 +93,11 @@ def json_texts() -> st.SearchStrategy[str]:
     return st.one_of(
         valid,
         valid.map(lambda s: s[: max(1, len(s) // 2)]),
-        st.sampled_from(['{"a": NaN}', "[Infinity]", '{"a": 1, "a": 2}', "{" * 5000, '"\\ud800"']),
+        st.sampled_from(
+            ['{"a": NaN}', "[Infinity]", '{"a": 1, "a": 2}', "{" * 5000, '"\\ud800"', '{"a": "\\u0000"}']
+        ),
+        # Nested past any parser's recursion limit, closed and not.
+        st.sampled_from(["[" * 100_000, "[" * 50_000 + "]" * 50_000, '{"a":' * 30_000 + "1" + "}" * 30_000]),
         st.text(max_size=50),
     )
 

@@ -28,13 +28,14 @@ from agentplane.chat.v1 import chat_pb2, chat_service_pb2
 from agentplane.config.v1 import config_service_pb2
 from agentplane.toolexec.v1 import toolexec_service_pb2
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from google.protobuf import field_mask_pb2
+from google.protobuf import field_mask_pb2, text_format
+from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import Message
 
 from services.common import auth
 from services.common.keys import Keys
 from tests.helpers import wait_until
-from tests.hostile.rpcs import ALL_RPCS, Rpc, check_error, invoke, rpc
+from tests.hostile.rpcs import ALL_RPCS, Rpc, check_error, error_info, invoke, rpc
 from tests.hostile.world import SECRET, UserData, World, text
 
 # --- credentials ------------------------------------------------------------------------------
@@ -438,7 +439,7 @@ NOT_USER_OWNED = {
 NOT_AN_ID = ("request_id", "tool_call_id", "page_token")
 
 
-def _id_fields(descriptor: object, depth: int = 0) -> list[str]:
+def _id_fields(descriptor: Descriptor, depth: int = 0) -> list[str]:
     out: list[str] = []
     for field in descriptor.fields:
         if field.message_type is not None and depth < 2:
@@ -498,6 +499,30 @@ async def _alices_state(world: World) -> dict[str, object]:
 @pytest.mark.parametrize(
     "caller", [("bob", "user", ""), ("service:chat", "service", "bob")], ids=["bob", "chat-acting-for-bob"]
 )
+async def _answer(world: World, target: Rpc, request: Message, caller: tuple[str, str, str]) -> str:
+    """What a call tells its caller, for comparison: OK, or the status code and reason."""
+    try:
+        await invoke(world.channel(target.server), target, request, world.metadata(*caller))
+    except grpc.aio.AioRpcError as exc:
+        info = error_info(exc)
+        return f"{exc.code().name} {info.reason if info else ''}"
+    return "OK"
+
+
+def _twin(world: World, request: Message) -> Message:
+    """`request` with each of alice's ids replaced by a fresh id of the same form, never issued."""
+    wire = text_format.MessageToString(request)
+    alice = world.users["alice"]
+    for value in (alice.chat_id, alice.busy_chat_id, alice.user_message_id, alice.assistant_message_id,
+                  alice.queued_message_id, world.disabled_model_id, world.disabled_template_id):  # fmt: skip
+        wire = wire.replace(value, str(uuid.uuid4()))
+    wire = wire.replace(alice.workspace_id, "ws_" + uuid.uuid4().hex[:20])
+    return text_format.Parse(wire, type(request)())
+
+
+@pytest.mark.parametrize(
+    "caller", [("bob", "user", ""), ("service:chat", "service", "bob")], ids=["bob", "chat-acting-for-bob"]
+)
 async def test_bob_cannot_reach_alices_things(world: World, caller: tuple[str, str, str]) -> None:
     before = await _alices_state(world)
     failures: list[str] = []
@@ -505,19 +530,26 @@ async def test_bob_cannot_reach_alices_things(world: World, caller: tuple[str, s
         target = rpc(case.rpc)
         request = case.build(world)
         what = f"{case.rpc}{f' ({case.label})' if case.label else ''} as {caller[0]}"
-        sent = str(request)
+        # What bob is told about alice's things is what he is told about things that never were:
+        # the answer gives away neither their contents nor their existence.
+        twin = await _answer(world, target, _twin(world, request), caller)
         try:
             await invoke(world.channel(target.server), target, request, world.metadata(*caller))
         except grpc.aio.AioRpcError as exc:
             info = check_error(exc, what)
             if exc.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED):
                 failures.append(f"{what}: {exc.code().name} {info.reason}: {exc.details()}")
+            if f"{exc.code().name} {info.reason}" != twin:
+                failures.append(f"{what}: {exc.code().name} {info.reason}, for ids that never were {twin}")
             told = " ".join([exc.details() or "", *info.metadata.values()])
-            leaked = [s for s in _alices(world) if s and s in told and s not in sent]
+            leaked = [s for s in _alices(world) if s and s in told and s not in str(request)]
             if leaked:
                 failures.append(f"{what}: the error names {leaked}: {told}")
             continue
-        failures.append(f"{what}: succeeded")
+        # Only an idempotent delete answers OK: the same as for an id that never was (and the
+        # state check below shows it deleted nothing).
+        if not (target.method.name.startswith("Delete") and twin == "OK"):
+            failures.append(f"{what}: succeeded")
     assert not failures, "\n".join(failures)
     assert await _alices_state(world) == before, "bob's attempts changed alice's data"
 

@@ -149,3 +149,39 @@ async def test_any_request_gets_an_answer_or_a_clean_error(
     except grpc.aio.AioRpcError as exc:
         check_error(exc, f"{target.name} as {caller}")
     await assert_serving(channel, f"{target.server} after {target.name}")
+
+
+@pytest.fixture(scope="module")
+async def agent(world: World) -> tuple[str, str]:
+    """An external workspace of bob's and its agent token: (workspace id, token)."""
+    created = await world.toolexec("bob").CreateWorkspace(
+        toolexec_service_pb2.CreateWorkspaceRequest(name="agent fuzz", driver="external")
+    )
+    return created.workspace.id, created.agent_token
+
+
+@settings(
+    max_examples=max(5, FUZZ_EXAMPLES // 3),
+    deadline=None,
+    derandomize=not RANDOM,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(data=st.data())
+async def test_an_agent_with_its_token_and_any_first_message(
+    world: World, fuzzer: Fuzzer, agent: tuple[str, str], data: st.DataObject
+) -> None:
+    # Past the token check: the agent's first message decides (hello first, for its own workspace,
+    # within the hello's limits). A valid hello is welcomed; the stream is then closed.
+    workspace_id, token = agent
+    target = next(t for t in ALL_RPCS if t.name == "WorkspaceAgentService.Connect")
+    first = data.draw(fuzzer.message(target.method.input_type), label="first message")
+    if data.draw(st.booleans(), label="a hello for its own workspace"):
+        first.hello.workspace_id = workspace_id
+    channel = world.channel("toolexec")
+    metadata = [(auth.AUTHORIZATION_METADATA_KEY, f"Bearer {token}")]
+    try:
+        await invoke(channel, target, first, metadata, refusal_window=0)
+    except grpc.aio.AioRpcError as exc:
+        check_error(exc, "Connect with a valid agent token")
+    await assert_serving(channel, "toolexec after an agent's first message")

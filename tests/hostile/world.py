@@ -104,6 +104,9 @@ class World:
     def __repr__(self) -> str:  # what a failing example prints: short
         return f"World({', '.join(f'{n}={h.address}' for n, h in self.handles.items())})"
 
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:  # hypothesis prints with this
+        printer.text(repr(self))
+
     def address(self, service: str) -> str:
         """`127.0.0.1:<port>` of a service."""
         return self.handles[service].address
@@ -173,6 +176,17 @@ class World:
             ]
         return [v for v in values if v]
 
+    async def agent_connected(self, user: str, workspace_id: str) -> None:
+        """Wait until the workspace's agent is connected (a local workspace's starts with it)."""
+        await wait_until(
+            lambda: self.toolexec(user).GetWorkspace(
+                toolexec_service_pb2.GetWorkspaceRequest(workspace_id=workspace_id)
+            ),
+            until=lambda r: r.workspace.agent.connected,
+            what=f"the agent of {workspace_id} to connect",
+            timeout=30,
+        )
+
     async def release(self) -> None:
         """Let every held model reply finish."""
         await self.sim.open_gate(HOLD_GATE)
@@ -193,9 +207,9 @@ async def start_world(
     workspaces_dir: str,
     *,
     default_driver: str = "external",
-    seed: bool = True,
+    seed_users: bool = True,
 ) -> World:
-    """Start the deployment (and seed it unless `seed` is false)."""
+    """Start the deployment and seed it: the admin's config always, the users' data if `seed_users`."""
     sim = await start_simulator(expected_api_key=SIM_KEY)
     sim.set_script(
         Script.from_data(
@@ -216,7 +230,13 @@ async def start_world(
         settings = settings.with_service("inference", address=inference.address)
         toolexec = await toolexec_server.start(
             settings,
-            toolexec_settings=ToolexecSettings(workspaces_dir=workspaces_dir, default_driver=default_driver),
+            # A call to an external workspace (no agent behind it) waits this long for the agent;
+            # a local one's agent is started by toolexec, which may take a few seconds under load.
+            toolexec_settings=ToolexecSettings(
+                workspaces_dir=workspaces_dir,
+                default_driver=default_driver,
+                offline_wait_seconds=1.0 if default_driver == "external" else 10.0,
+            ),
         )
         stoppers.append(toolexec.stop)
         handles["toolexec"] = toolexec.handle
@@ -231,16 +251,15 @@ async def start_world(
         await sim.stop()
         raise
     world = World(settings, sim, make_token, handles, stoppers)
-    if seed:
-        try:
-            await _seed(world)
-        except BaseException:
-            await world.stop()
-            raise
+    try:
+        await _seed(world, seed_users)
+    except BaseException:
+        await world.stop()
+        raise
     return world
 
 
-async def _seed(world: World) -> None:
+async def _seed(world: World, users: bool) -> None:
     admin = world.config("admin", "admin")
     world.provider_id, world.model_id = await seed_provider_and_model(
         world.address("config"),
@@ -284,7 +303,7 @@ async def _seed(world: World) -> None:
         )
     )
     world.disabled_template_id = hidden.workspace_template.id
-    for name in ("alice", "bob"):
+    for name in ("alice", "bob") if users else ():
         world.users[name] = await _seed_user(world, name)
 
 

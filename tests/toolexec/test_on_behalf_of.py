@@ -176,11 +176,9 @@ async def test_service_acting_for_alice_cannot_touch_bobs_workspace(toolexec: To
             ),
             "WORKSPACE_NOT_FOUND",
         )
-        await _expect(
-            nf,
-            chat.DeleteWorkspace(Req.DeleteWorkspaceRequest(workspace_id=ws), metadata=FOR_ALICE),
-            "WORKSPACE_NOT_FOUND",
-        )
+        # Deletes are idempotent: to alice, bob's workspace is gone, so deleting it succeeds and
+        # leaves it alone.
+        await chat.DeleteWorkspace(Req.DeleteWorkspaceRequest(workspace_id=ws), metadata=FOR_ALICE)
     # Both still exist: the admin sees them.
     left = await admin.ListWorkspaces(Req.ListWorkspacesRequest(owner_id="bob"))
     assert {w.id for w in left.workspaces} == {local, external}

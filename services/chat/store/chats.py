@@ -5,7 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from agentplane.chat.v1 import chat_pb2
 
@@ -27,6 +28,52 @@ from services.chat.store.rows import (
     status_event,
     usage_of,
 )
+
+
+@dataclass(frozen=True)
+class WatchPosition:
+    """Where a chat-list watch stands (what its cursor holds; see services/chat/watch.py).
+
+    Every change whose transaction `snapshot` (``pg_snapshot`` text) sees was delivered, except,
+    when `previous` is set, those `previous` does not see on chats whose id is above `after_id`.
+    """
+
+    snapshot: str
+    previous: str | None = None
+    after_id: str = ""
+
+
+@dataclass(frozen=True)
+class WatchChange:
+    """One chat of a watch batch: its state now (None: deleted), and whether the change was owed
+    from before the position's `snapshot` (`previous` did not see it) rather than new."""
+
+    chat_id: str
+    chat: chat_pb2.Chat | None
+    owed_before: bool
+
+
+@dataclass(frozen=True)
+class WatchBatch:
+    """The changes a watch has not delivered, read at `snapshot`."""
+
+    snapshot: str
+    changes: list[WatchChange]
+
+
+@dataclass(frozen=True)
+class RequestClaim:
+    """What claiming a long request's idempotency key found: "mine" (do the work), "running"
+    (another call is doing it) or "done" (its result is `message_id`), and for which chat."""
+
+    state: Literal["mine", "running", "done"]
+    chat_id: str
+    message_id: str
+
+
+# How long tombstones of deleted chats are kept for resumed watches: a day more than a watch
+# cursor lives (services/chat/watch.py), so a cursor never needs a pruned one.
+TOMBSTONE_SECONDS = 8 * 24 * 3600
 
 
 class Chats(Part):
@@ -152,17 +199,27 @@ class Chats(Part):
             await self._log.write(chat_id, [], set_sql=", ".join(sets), params=p, cur=cur)
             return await queries.read_chat(cur, chat_id)
 
-    async def delete_chat(self, owner_id: str, chat_id: str) -> None:
-        """Delete a chat and everything in it; a worker running it loses its fence and stops."""
+    async def delete_chat(self, owner_id: str, chat_id: str) -> bool:
+        """Delete a chat and everything in it; a worker running it loses its fence and stops.
+
+        Idempotent: False (and nothing touched) when the owner has no such chat, because it is
+        gone or was never theirs; the API answers both alike. One statement: the delete, the
+        tombstone resumed watches report it from, the pruning of tombstones no cursor can still
+        need, and both notifications.
+        """
         async with self._log.stmt() as cur:
             await cur.execute(
-                "DELETE FROM chat_chats WHERE id = %s AND owner_id = %s"
-                f" RETURNING pg_notify('{WATCH_CHANNEL}', owner_id || ' ' || id::text || ' d'),"
-                f" pg_notify('{INTERRUPT_CHANNEL}', id::text)",
-                (chat_id, owner_id),
+                "WITH d AS (DELETE FROM chat_chats WHERE id = %(id)s AND owner_id = %(owner)s"
+                f" RETURNING owner_id, id, pg_notify('{WATCH_CHANNEL}', owner_id || ' ' || id::text || ' d'),"
+                f" pg_notify('{INTERRUPT_CHANNEL}', id::text)),"
+                " t AS (INSERT INTO chat_watch_deletions (owner_id, chat_id) SELECT owner_id, id FROM d"
+                " ON CONFLICT DO NOTHING),"
+                " pruned AS (DELETE FROM chat_watch_deletions"
+                " WHERE deleted_at < now() - make_interval(secs => %(keep)s) AND EXISTS (SELECT 1 FROM d))"
+                " SELECT id FROM d",
+                {"id": chat_id, "owner": owner_id, "keep": TOMBSTONE_SECONDS},
             )
-            if await cur.fetchone() is None:
-                raise chat_not_found(chat_id)
+            return await cur.fetchone() is not None
 
     async def fork_chat(
         self, *, owner_id: str, chat_id: str, message_id: str, request_id: str, title: str
@@ -273,9 +330,103 @@ class Chats(Part):
             rows = await cur.fetchall()
         return [stored_event(chat_id, int(r["seq"]), r["event"]) for r in rows]
 
-    async def chat_for_watch(self, chat_id: str) -> chat_pb2.Chat | None:
-        """A chat by id (no owner check: the watcher filters by owner), or None."""
+    async def watch_snapshot(self) -> str:
+        """The database's current snapshot (``pg_snapshot`` text): where a new watch starts."""
         async with self._pool.connection() as conn, conn.cursor() as cur:
-            await cur.execute(f"SELECT {CHAT_COLUMNS} FROM chat_chats c WHERE c.id = %s", (chat_id,))
+            await cur.execute("SELECT pg_current_snapshot()::text AS snap")
             row = await cur.fetchone()
-        return chat_from_row(row) if row else None
+        assert row is not None
+        return str(row["snap"])
+
+    async def watch_changes(self, owner_id: str, since: WatchPosition) -> WatchBatch:
+        """The owner's chats changed and deleted since `since`, read in one statement (one snapshot).
+
+        A change is new when its transaction is not visible in ``since.snapshot``; with
+        ``since.previous`` set, those not visible in that older snapshot whose chat id is above
+        ``since.after_id`` are still owed too (see services/chat/watch.py).
+        """
+        owed = (
+            "(NOT pg_visible_in_snapshot({xid}, %(s)s::pg_snapshot) OR (%(p)s::text IS NOT NULL"
+            " AND NOT pg_visible_in_snapshot({xid}, %(p)s::pg_snapshot) AND {id} > %(a)s::uuid))"
+        )
+        p = {"o": owner_id, "s": since.snapshot, "p": since.previous, "a": since.after_id or None}
+        async with self._pool.connection() as conn, conn.cursor() as cur:
+            await cur.execute(
+                "SELECT s.snap, s.deleted, c.*, pg_visible_in_snapshot(c.watch_xid, %(s)s::pg_snapshot)"
+                " AS _owed_before"
+                " FROM (SELECT pg_current_snapshot()::text AS snap, ARRAY(SELECT json_build_array(d.chat_id,"
+                " pg_visible_in_snapshot(d.xid, %(s)s::pg_snapshot)) FROM chat_watch_deletions d"
+                " WHERE d.owner_id = %(o)s AND "
+                + owed.format(xid="d.xid", id="d.chat_id")
+                + ") AS deleted) s"
+                f" LEFT JOIN LATERAL (SELECT {CHAT_COLUMNS} FROM chat_chats c WHERE c.owner_id = %(o)s AND "
+                + owed.format(xid="c.watch_xid", id="c.id")
+                + ") c ON true",
+                p,
+            )
+            rows = await cur.fetchall()
+        changes = [WatchChange(str(d[0]), None, bool(d[1])) for d in rows[0]["deleted"]]
+        changes += [
+            WatchChange(str(r["id"]), chat_from_row(r), bool(r["_owed_before"])) for r in rows if r["id"]
+        ]
+        return WatchBatch(str(rows[0]["snap"]), changes)
+
+    async def claim_request(
+        self, owner_id: str, kind: str, request_id: str, chat_id: str, *, stale_seconds: float
+    ) -> RequestClaim:
+        """Claim the idempotency key of a long request (CompactChat) before doing its work.
+
+        A new key is recorded as running (no message yet) and the caller does the work; so is a
+        running key older than `stale_seconds` for the same chat, left by a replica that died
+        (taken over). Otherwise the earlier claim is returned: done (its message) or running.
+        """
+        p = {"o": owner_id, "k": kind, "r": request_id, "c": chat_id, "stale": stale_seconds}
+        async with self._log.stmt() as cur:
+            await cur.execute(
+                "INSERT INTO chat_requests (owner_id, kind, request_id, chat_id, message_id)"
+                " VALUES (%(o)s, %(k)s, %(r)s, %(c)s, NULL)"
+                " ON CONFLICT (owner_id, kind, request_id) DO UPDATE SET created_at = now()"
+                " WHERE chat_requests.message_id IS NULL AND chat_requests.chat_id = EXCLUDED.chat_id"
+                " AND chat_requests.created_at < now() - make_interval(secs => %(stale)s)"
+                " RETURNING chat_id",
+                p,
+            )
+            if await cur.fetchone() is not None:
+                return RequestClaim("mine", chat_id, "")
+            # A statement of its own: it sees the earlier key even when that committed after the
+            # insert's snapshot was taken.
+            await cur.execute(
+                "SELECT chat_id, message_id FROM chat_requests"
+                " WHERE owner_id = %(o)s AND kind = %(k)s AND request_id = %(r)s",
+                p,
+            )
+            row = await cur.fetchone()
+        if row is None:  # the earlier claim failed and was dropped in between: claim again
+            return await self.claim_request(owner_id, kind, request_id, chat_id, stale_seconds=stale_seconds)
+        if row["message_id"] is None:
+            return RequestClaim("running", str(row["chat_id"]), "")
+        return RequestClaim("done", str(row["chat_id"]), str(row["message_id"]))
+
+    async def finish_request(self, owner_id: str, kind: str, request_id: str, message_id: str) -> None:
+        """Record the result of a claimed request: repeats now return `message_id`."""
+        async with self._log.stmt() as cur:
+            await cur.execute(
+                "UPDATE chat_requests SET message_id = %s"
+                " WHERE owner_id = %s AND kind = %s AND request_id = %s AND message_id IS NULL",
+                (message_id, owner_id, kind, request_id),
+            )
+
+    async def drop_request(self, owner_id: str, kind: str, request_id: str) -> None:
+        """Forget a claimed request that failed: a repeat does the work again."""
+        async with self._log.stmt() as cur:
+            await cur.execute(
+                "DELETE FROM chat_requests"
+                " WHERE owner_id = %s AND kind = %s AND request_id = %s AND message_id IS NULL",
+                (owner_id, kind, request_id),
+            )
+
+    async def get_message(self, owner_id: str, chat_id: str, message_id: str) -> chat_pb2.Message:
+        """A message of one of the owner's chats, even one an edit has since removed."""
+        async with self._log.stmt() as cur:
+            await queries.check_owned(cur, owner_id, chat_id)
+            return await queries.read_message(cur, chat_id, message_id)

@@ -42,7 +42,7 @@ from services.chat.store.rows import PB_TO_ROLE, USAGE_FIELDS, chat_not_found, n
 Publisher = Callable[[str, Sequence[chat_pb2.ChatEvent]], Awaitable[None]]
 
 DURABLE_KINDS = frozenset(
-    {"status_changed", "message_persisted", "queue_changed", "error", "history_truncated"}
+    {"status_changed", "message_persisted", "queue_changed", "error", "history_truncated", "reply_discarded"}
 )
 
 # The number of seqs a change takes, as a statement parameter (set by `log_ctes`).

@@ -22,6 +22,7 @@ from services.chat.domain import NewMessage
 from services.chat.store import queries
 from services.chat.store.channels import NOTIFY_INTERRUPT, NOTIFY_PENDING, NOTIFY_WATCH
 from services.chat.store.eventlog import N, Part, log_ctes, number
+from services.chat.store.leases import owner_gone
 from services.chat.store.rows import (
     bad_token,
     chat_from_row,
@@ -54,10 +55,15 @@ class Messages(Part):
         content: Sequence[chat_pb2.ContentPart],
         interrupt: bool,
     ) -> SendResult:
-        """Add a user message: into the history when idle, else queued (or queued first + interrupt)."""
+        """Add a user message: into the history when idle, else queued (or queued first + interrupt).
+
+        Messages run in the order they were sent: an idle chat whose queue is not empty (its last
+        turn failed or was stopped with messages queued) runs the front of the queue now and
+        queues this one behind the rest, unless `interrupt` asks to run this one first.
+        """
         new_id = str(uuid.uuid4())
         when = now()
-        sent = await self._send_when_idle(owner_id, chat_id, request_id, content, new_id, when)
+        sent = await self._send_when_idle(owner_id, chat_id, request_id, content, new_id, when, interrupt)
         if sent is not None:
             return sent
         # Not the common case (busy, a repeated request id, a race): lock the row and look.
@@ -68,7 +74,12 @@ class Messages(Part):
                 if str(earlier["chat_id"]) != chat_id:
                     raise InvalidArgument("request_id", "was already used for a message to another chat")
                 return await self._earlier_send(cur, chat_id, str(earlier["message_id"]))
-            if row["worker_id"] is None and row["status"] in ("waiting", "error"):
+            idle = row["worker_id"] is None and row["status"] in ("waiting", "error")
+            delivered = await queries.pop_front(cur, chat_id) if idle and not interrupt else []
+            if delivered:
+                events, queued = await self._run_queue_first(cur, row, delivered[0], content, new_id, when)
+                result: SendResult = (await queries.read_chat(cur, chat_id), None, queued)
+            elif idle:
                 msg = NewMessage(role="user", parts=content, sender_id=owner_id)
                 events = [message_event(chat_id, new_id, msg, when), status_event("pending")]
                 await self._log.write(
@@ -78,7 +89,7 @@ class Messages(Part):
                     returning=NOTIFY_PENDING,
                     cur=cur,
                 )
-                result: SendResult = (
+                result = (
                     await queries.read_chat(cur, chat_id),
                     await queries.read_message(cur, chat_id, new_id),
                     None,
@@ -88,6 +99,33 @@ class Messages(Part):
                 result = (await queries.read_chat(cur, chat_id), None, queued)
         await self._log.publish(chat_id, events)
         return result
+
+    async def _run_queue_first(
+        self,
+        cur: AsyncCursor[Any],
+        row: dict[str, Any],
+        front: chat_pb2.ChatEvent,
+        content: Sequence[chat_pb2.ContentPart],
+        new_id: str,
+        when: dt.datetime,
+    ) -> tuple[list[chat_pb2.ChatEvent], chat_pb2.QueuedMessage]:
+        """An idle chat (`row`, locked) whose queue's front `queries.pop_front` just took (`front`,
+        its message_persisted event): queue the new message at the back and make the chat
+        PENDING, one change with `front`. Its events (numbered) and the new entry.
+
+        The front left first, so a full queue still takes the new message.
+        """
+        chat_id = str(row["id"])
+        await self._insert_queued(cur, row, content, new_id, when, front=False)
+        events = [front, await queries.queue_event(cur, chat_id), status_event("pending")]
+        await self._log.write(
+            chat_id,
+            events,
+            set_sql=f"status = 'pending', {_CLEAR_ERROR}",
+            returning=NOTIFY_PENDING,
+            cur=cur,
+        )
+        return events, next(m for m in events[1].queue_changed.queued_messages if m.id == new_id)
 
     async def _enqueue(
         self,
@@ -104,6 +142,31 @@ class Messages(Part):
         # wake it, so it delivers the message instead of releasing the chat.
         finishing = row["worker_id"] is not None and row["status"] == "waiting"
         front = interrupt or finishing
+        await self._insert_queued(cur, row, content, new_id, when, front=front)
+        wake = row["worker_id"] is not None and front
+        events = [await queries.queue_event(cur, chat_id)]
+        await self._log.write(
+            chat_id,
+            events,
+            set_sql="interrupt = 'resume'" if wake else "",
+            returning=NOTIFY_INTERRUPT if wake else "",
+            cur=cur,
+        )
+        return events, next(m for m in events[0].queue_changed.queued_messages if m.id == new_id)
+
+    async def _insert_queued(
+        self,
+        cur: AsyncCursor[Any],
+        row: dict[str, Any],
+        content: Sequence[chat_pb2.ContentPart],
+        new_id: str,
+        when: dt.datetime,
+        *,
+        front: bool,
+    ) -> None:
+        """Insert a message into the queue of the chat `row` (locked), first or last; QUEUE_FULL
+        when it holds `max_queued` already."""
+        chat_id = str(row["id"])
         await cur.execute(
             "SELECT count(*) AS n, min(position) AS lo, max(position) AS hi FROM chat_queued_messages"
             " WHERE chat_id = %s",
@@ -124,16 +187,6 @@ class Messages(Part):
             " VALUES (%s, %s, %s, %s, %s, %s)",
             (new_id, chat_id, position, Jsonb(parts_mod.to_json(content)), row["owner_id"], when),
         )
-        wake = row["worker_id"] is not None and front
-        events = [await queries.queue_event(cur, chat_id)]
-        await self._log.write(
-            chat_id,
-            events,
-            set_sql="interrupt = 'resume'" if wake else "",
-            returning=NOTIFY_INTERRUPT if wake else "",
-            cur=cur,
-        )
-        return events, next(m for m in events[0].queue_changed.queued_messages if m.id == new_id)
 
     async def _send_when_idle(
         self,
@@ -143,10 +196,12 @@ class Messages(Part):
         content: Sequence[chat_pb2.ContentPart],
         new_id: str,
         when: dt.datetime,
+        interrupt: bool,
     ) -> SendResult | None:
         """The common case of `send_message` (an idle chat, a new request id) in one statement.
 
-        The chat row's update matches only an idle chat of the owner whose request id is new; the
+        The chat row's update matches only an idle chat of the owner whose request id is new and
+        whose queue is empty (unless `interrupt`: the message runs before the queue); the
         idempotency key, the message and its two durable events hang off its RETURNING. None (and
         nothing written): not the common case; the caller takes the general path.
 
@@ -157,7 +212,7 @@ class Messages(Part):
         msg = NewMessage(role="user", parts=content, sender_id=owner_id)
         events = [message_event(chat_id, new_id, msg, when), status_event("pending")]
         log, p = log_ctes(chat_id, events, when=when)
-        p.update(id=chat_id, owner=owner_id, rid=request_id, m_id=new_id)
+        p.update(id=chat_id, owner=owner_id, rid=request_id, m_id=new_id, first=interrupt)
         async with self._pool.connection() as conn, conn.transaction() as tx, conn.cursor() as cur:
             await cur.execute(
                 f"WITH c AS (UPDATE chat_chats SET last_seq = last_seq + {N}, updated_at = now(),"
@@ -165,6 +220,7 @@ class Messages(Part):
                 " WHERE id = %(id)s AND owner_id = %(owner)s AND worker_id IS NULL"
                 " AND status IN ('waiting', 'error') AND NOT EXISTS (SELECT 1 FROM chat_requests"
                 " WHERE owner_id = %(owner)s AND kind = 'send' AND request_id = %(rid)s)"
+                " AND (%(first)s OR NOT EXISTS (SELECT 1 FROM chat_queued_messages WHERE chat_id = %(id)s))"
                 f" RETURNING *, {NOTIFY_PENDING}, {NOTIFY_WATCH}),"
                 " r AS (INSERT INTO chat_requests (owner_id, kind, request_id, chat_id, message_id)"
                 " SELECT %(owner)s, 'send', %(rid)s, c.id, %(m_id)s FROM c WHERE %(rid)s <> ''"
@@ -197,13 +253,32 @@ class Messages(Part):
         return chat, None, None
 
     async def edit_message(
-        self, *, owner_id: str, chat_id: str, message_id: str, content: Sequence[chat_pb2.ContentPart]
+        self,
+        *,
+        owner_id: str,
+        chat_id: str,
+        message_id: str,
+        content: Sequence[chat_pb2.ContentPart],
+        request_id: str = "",
     ) -> tuple[chat_pb2.Chat, chat_pb2.Message]:
-        """Replace a user message: soft-delete it and everything after, add the new one, run again."""
+        """Replace a user message: soft-delete it and everything after, add the new one, run again.
+
+        A repeated `request_id` changes nothing and returns the chat and the message the first
+        edit stored (its key is recorded in the edit's transaction, under the chat row's lock, so
+        concurrent duplicates are ordered too).
+        """
         new_id = str(uuid.uuid4())
         when = now()
         async with self._log.tx() as cur:
             await queries.lock_chat(cur, owner_id, chat_id)
+            earlier = await queries.record_request(cur, owner_id, "edit", request_id, chat_id, new_id)
+            if earlier is not None:
+                if str(earlier["chat_id"]) != chat_id:
+                    raise InvalidArgument("request_id", "was already used for an edit in another chat")
+                return (
+                    await queries.read_chat(cur, chat_id),
+                    await queries.read_message(cur, chat_id, str(earlier["message_id"])),
+                )
             old = await queries.live_message(cur, chat_id, message_id)
             if old["role"] != "user":
                 raise FailedPrecondition(
@@ -283,19 +358,29 @@ class Messages(Part):
         token = encode_token({"o": offset + page_size}) if offset + page_size < len(queued) else ""
         return page, token
 
-    async def delete_queued(self, owner_id: str, chat_id: str, queued_id: str) -> None:
-        """Remove a queued message."""
+    async def delete_queued(self, owner_id: str, chat_id: str, queued_id: str) -> bool:
+        """Remove a queued message; False (nothing changed, no event) when it is not there.
+
+        Idempotent: the message may have been deleted already, delivered into the history (where
+        it keeps its id), or never queued in this chat; the chat may be gone or another user's.
+        None of these is an error, and they are not told apart.
+        """
         async with self._log.tx() as cur:
-            await queries.lock_chat(cur, owner_id, chat_id)
+            await cur.execute(
+                "SELECT 1 FROM chat_chats WHERE id = %s AND owner_id = %s FOR UPDATE", (chat_id, owner_id)
+            )
+            if await cur.fetchone() is None:
+                return False
             await cur.execute(
                 "DELETE FROM chat_queued_messages WHERE id = %s AND chat_id = %s RETURNING id",
                 (queued_id, chat_id),
             )
             if await cur.fetchone() is None:
-                raise queued_not_found(chat_id, queued_id)
+                return False
             events = [await queries.queue_event(cur, chat_id)]
             await self._log.write(chat_id, events, cur=cur)
         await self._log.publish(chat_id, events)
+        return True
 
     async def promote_queued(
         self, owner_id: str, chat_id: str, queued_id: str
@@ -321,7 +406,21 @@ class Messages(Part):
         events: list[chat_pb2.ChatEvent] = []
         async with self._log.tx() as cur:
             row = await queries.lock_chat(cur, owner_id, chat_id)
-            if row["status"] in ("running", "pending"):
+            if row["worker_id"] is not None and await owner_gone(cur, chat_id):
+                # Its worker died or lost its database session: no run will ever wrap up and release
+                # the chat, so it becomes idle and unowned now (a new generation fences any late
+                # write) and the next message runs. Queued messages stay queued, as after any stop.
+                if row["status"] in ("running", "pending"):
+                    events = [status_event("waiting")]
+                await self._log.write(
+                    chat_id,
+                    events,
+                    set_sql=("status = 'waiting', " if events else "")
+                    + "interrupt = NULL, worker_id = NULL, lease_expires_at = NULL,"
+                    " generation = generation + 1",
+                    cur=cur,
+                )
+            elif row["status"] in ("running", "pending"):
                 events = [status_event("waiting")]
                 if row["worker_id"] is not None:
                     # The worker keeps its fence to persist partial output, then releases the chat.

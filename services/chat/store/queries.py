@@ -7,12 +7,16 @@ from typing import Any
 from agentplane.chat.v1 import chat_pb2
 from psycopg import AsyncCursor
 
+from services.chat import parts as parts_mod
+from services.chat.domain import NewMessage
 from services.chat.store.rows import (
     CHAT_COLUMNS,
     chat_from_row,
     chat_not_found,
+    message_event,
     message_from_row,
     message_not_found,
+    now,
     queued_from_row,
 )
 
@@ -75,6 +79,23 @@ async def queued(cur: AsyncCursor[Any], chat_id: str, limit: int = 100) -> list[
 async def queue_event(cur: AsyncCursor[Any], chat_id: str) -> chat_pb2.ChatEvent:
     """A `queue_changed` event with the chat's queue as it is now."""
     return chat_pb2.ChatEvent(queue_changed=chat_pb2.QueueChanged(queued_messages=await queued(cur, chat_id)))
+
+
+async def pop_front(cur: AsyncCursor[Any], chat_id: str) -> list[chat_pb2.ChatEvent]:
+    """Move the front queued message into the history: its message_persisted and queue_changed
+    events (none when the queue is empty), for the caller to store with its change of the row."""
+    await cur.execute(
+        "DELETE FROM chat_queued_messages WHERE id ="
+        " (SELECT id FROM chat_queued_messages WHERE chat_id = %s ORDER BY position LIMIT 1)"
+        " RETURNING *",
+        (chat_id,),
+    )
+    q = await cur.fetchone()
+    if q is None:
+        return []
+    msg = NewMessage(role="user", parts=parts_mod.from_json(q["parts"]), sender_id=q["sender_id"])
+    # The queued message keeps its id, so an idempotent SendMessage finds it in the history.
+    return [message_event(chat_id, str(q["id"]), msg, now()), await queue_event(cur, chat_id)]
 
 
 async def record_request(

@@ -128,7 +128,14 @@ def queued_from_row(row: dict[str, Any], position: int) -> chat_pb2.QueuedMessag
 
 def run_info_from_row(chat_id: str, row: dict[str, Any]) -> RunInfo:
     """What a run needs to know, from a chat_chats row (or a RETURNING with those columns)."""
-    return RunInfo(chat_id, row["owner_id"], row["model_config_id"], row["workspace_id"], row["agents_md"])
+    return RunInfo(
+        chat_id,
+        row["owner_id"],
+        row["model_config_id"],
+        row["workspace_id"],
+        row["agents_md"],
+        row.get("streaming_message_id"),
+    )
 
 
 def message_event(chat_id: str, message_id: str, msg: NewMessage, when: dt.datetime) -> chat_pb2.ChatEvent:

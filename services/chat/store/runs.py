@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from agentplane.chat.v1 import chat_pb2
-from psycopg import AsyncCursor
 
 from services.chat import parts as parts_mod
 from services.chat.domain import Fence, LeaseLost, NewMessage, RunInfo, StartedRun
@@ -52,7 +51,7 @@ class Runs(Part):
             fence=fence,
             set_sql="interrupt = NULL",
             where_sql="interrupt IS DISTINCT FROM 'resume'",
-            returning="owner_id, model_config_id, workspace_id, agents_md",
+            returning="owner_id, model_config_id, workspace_id, agents_md, streaming_message_id",
         )
         if row is None:
             events, row = await self._start_with_delivery(chat_id, fence)
@@ -74,25 +73,10 @@ class Runs(Part):
             if row is None:
                 raise LeaseLost(chat_id)
             if row["interrupt"] == "resume":
-                events += await self._pop_front(cur, chat_id)
+                events += await queries.pop_front(cur, chat_id)
             events.append(status_event("running"))
             await self._log.write(chat_id, events, fence=fence, set_sql="interrupt = NULL", cur=cur)
         return events, dict(row)
-
-    async def _pop_front(self, cur: AsyncCursor[Any], chat_id: str) -> list[chat_pb2.ChatEvent]:
-        """Pop the front queued message; its message_persisted and queue_changed events."""
-        await cur.execute(
-            "DELETE FROM chat_queued_messages WHERE id ="
-            " (SELECT id FROM chat_queued_messages WHERE chat_id = %s ORDER BY position LIMIT 1)"
-            " RETURNING *",
-            (chat_id,),
-        )
-        q = await cur.fetchone()
-        if q is None:
-            return []
-        msg = NewMessage(role="user", parts=parts_mod.from_json(q["parts"]), sender_id=q["sender_id"])
-        # The queued message keeps its id, so an idempotent SendMessage finds it in the history.
-        return [message_event(chat_id, str(q["id"]), msg, now()), await queries.queue_event(cur, chat_id)]
 
     async def history(self, chat_id: str) -> list[chat_pb2.Message]:
         """Live messages from the last summary on, oldest first."""
@@ -128,12 +112,15 @@ class Runs(Part):
         One statement: chat row, message and events. `pre_events` (last deltas, last tool result
         announcement) come just before the message. `guard_idle` (CompactChat outside a run)
         requires that no worker owns the chat. `agents_md`, when given, is cached on the chat row.
+        The message's deltas are no longer a reply in flight (`streaming_message_id`).
         """
         message_id = message_id or str(uuid.uuid4())
         usage = msg.usage or chat_pb2.Usage()
         events = [*pre_events, message_event(chat_id, message_id, msg, now()), *extra_events]
         sets = ", ".join(f"{f} = {f} + %({f})s" for f in USAGE_FIELDS)
+        sets += ", streaming_message_id = NULLIF(streaming_message_id, %(message_id)s)"
         params: dict[str, Any] = {f: getattr(usage, f) for f in USAGE_FIELDS}
+        params["message_id"] = message_id
         if agents_md is not None:
             sets += ", agents_md = %(agents_md)s"
             params["agents_md"] = agents_md
@@ -153,6 +140,37 @@ class Runs(Part):
             raise lost(chat_id, fence)
         await self._log.publish(chat_id, events)
         return events[len(pre_events)].message_persisted
+
+    async def discard_reply(
+        self,
+        chat_id: str,
+        fence: Fence,
+        message_id: str,
+        *,
+        reason: str,
+        retrying: bool,
+        then: Sequence[chat_pb2.ChatEvent] = (),
+    ) -> None:
+        """Announce that the reply streamed as deltas of `message_id` will never be persisted
+        (a durable `reply_discarded` event), followed by `then` (a retry notice), in one statement.
+
+        Only runs on failure paths (a broken provider stream, a run finding an abandoned reply),
+        never per step.
+        """
+        discarded = chat_pb2.ReplyDiscarded(message_id=message_id, reason=reason, retrying=retrying)
+        events = [chat_pb2.ChatEvent(reply_discarded=discarded), *then]
+        row = await self._log.write(
+            chat_id,
+            events,
+            fence=fence,
+            set_sql="streaming_message_id = NULLIF(streaming_message_id, %(discarded)s)",
+            params={"discarded": message_id},
+            notify=False,
+            touch=False,
+        )
+        if row is None:
+            raise LeaseLost(chat_id)
+        await self._log.publish(chat_id, events)
 
     async def finish_turn(self, chat_id: str, fence: Fence) -> float | None:
         """End a turn: deliver the next queued message (keep running) or wait for the user (None).

@@ -38,7 +38,7 @@ MIN_ANSWER_TOKENS = 1024
 def _arguments(raw: str) -> dict[str, Any]:
     try:
         value = json.loads(raw) if raw else {}
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         value = None
     # Anthropic requires an object; a model's malformed call is replayed as its raw text.
     return value if isinstance(value, dict) else {"_raw_arguments": raw}

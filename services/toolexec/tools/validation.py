@@ -49,13 +49,18 @@ def parse_arguments(name: str, arguments_json: str) -> dict[str, Any]:
             f"Send one JSON object: {usage(spec)}.",
             code="invalid_arguments",
         ) from None
+    except RecursionError:
+        raise _too_deep(spec) from None
     if not isinstance(args, dict):
         raise ToolError(
             f"the arguments of {name} must be a JSON object, got {type(args).__name__}. "
             f"Call it as {usage(spec)}.",
             code="invalid_arguments",
         )
-    errors = sorted(_VALIDATORS[name].iter_errors(args), key=lambda e: list(e.absolute_path))
+    try:
+        errors = sorted(_VALIDATORS[name].iter_errors(args), key=lambda e: list(e.absolute_path))
+    except RecursionError:
+        raise _too_deep(spec) from None
     if errors:
         lines = [_describe(e) for e in errors[:MAX_REPORTED_ERRORS]]
         raise ToolError(
@@ -64,6 +69,14 @@ def parse_arguments(name: str, arguments_json: str) -> dict[str, Any]:
             errors=lines,
         )
     return args
+
+
+def _too_deep(spec: ToolSpec) -> ToolError:
+    return ToolError(
+        f"the arguments of {spec.name} are nested too deeply to read. "
+        f"Send one flat JSON object: {usage(spec)}.",
+        code="invalid_arguments",
+    )
 
 
 def _describe(error: ValidationError) -> str:

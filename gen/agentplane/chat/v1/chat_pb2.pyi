@@ -149,6 +149,11 @@ class _ChatChangeKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ChatCh
     """The chat was created or changed."""
     CHAT_CHANGE_KIND_DELETED: _ChatChangeKind.ValueType  # 2
     """The chat was deleted."""
+    CHAT_CHANGE_KIND_BOOKMARK: _ChatChangeKind.ValueType  # 3
+    """No change: the response carries only a cursor. WatchChats sends one when it goes live (after
+    the changes a resumed watch replays), so a client has a cursor to resume from even if no
+    chat changes before it disconnects; every change after it is reported.
+    """
 
 class ChatChangeKind(_ChatChangeKind, metaclass=_ChatChangeKindEnumTypeWrapper):
     """ChatChangeKind says how a chat in the caller's list changed."""
@@ -159,6 +164,11 @@ CHAT_CHANGE_KIND_UPSERTED: ChatChangeKind.ValueType  # 1
 """The chat was created or changed."""
 CHAT_CHANGE_KIND_DELETED: ChatChangeKind.ValueType  # 2
 """The chat was deleted."""
+CHAT_CHANGE_KIND_BOOKMARK: ChatChangeKind.ValueType  # 3
+"""No change: the response carries only a cursor. WatchChats sends one when it goes live (after
+the changes a resumed watch replays), so a client has a cursor to resume from even if no
+chat changes before it disconnects; every change after it is reported.
+"""
 Global___ChatChangeKind: _TypeAlias = ChatChangeKind  # noqa: Y015
 
 @_typing.final
@@ -405,7 +415,10 @@ class ToolCallPart(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     ARGUMENTS_JSON_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """The model's id for the call."""
+    """The model's id for the call, unique within its message: a call whose id the model left empty
+    or repeated within the message gets a new one (the model's id plus "_2", "_3"...; "call_<n>"
+    for an empty id) before it is stored, so every result answers exactly one call.
+    """
     name: _builtins.str
     """The tool's name."""
     arguments_json: _builtins.str
@@ -810,6 +823,47 @@ class RetryScheduled(_message.Message):
 Global___RetryScheduled: _TypeAlias = RetryScheduled  # noqa: Y015
 
 @_typing.final
+class ReplyDiscarded(_message.Message):
+    """ReplyDiscarded says that the assistant reply whose PartDelta events carry `message_id` will
+    never be persisted: its provider stream broke mid-reply, or its run ended without persisting
+    it (the replica running it stopped or crashed, its lease was lost, the run failed). Clients
+    drop the text they built from those deltas, and ignore any delta of that id arriving later;
+    the reply that takes its place streams under a new message id. The event is durable: a
+    client replaying the stream from an earlier seq gets it too, after the deltas it cancels.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    RETRYING_FIELD_NUMBER: _builtins.int
+    message_id: _builtins.str
+    """The message_id of the PartDelta events to drop; no message with this id is ever persisted."""
+    reason: _builtins.str
+    """Machine-readable cause: RUN_ABANDONED (the run that streamed it ended without persisting it;
+    reported by the next run of the chat) or the generation's failure reason, such as
+    STREAM_INTERRUPTED (the provider's stream broke after output had started).
+    """
+    retrying: _builtins.bool
+    """True when a new reply is being generated in its place right away (the agent loop retries
+    the generation, or a resumed run answers); false when the run ends here (in ERROR).
+    """
+    def __init__(
+        self,
+        *,
+        message_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        retrying: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message_id", b"message_id", "reason", b"reason", "retrying", b"retrying"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplyDiscarded: _TypeAlias = ReplyDiscarded  # noqa: Y015
+
+@_typing.final
 class ChatEvent(_message.Message):
     """ChatEvent is one event of a chat's stream, numbered by a per-chat sequence."""
 
@@ -827,6 +881,7 @@ class ChatEvent(_message.Message):
     RETRY_SCHEDULED_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     HISTORY_TRUNCATED_FIELD_NUMBER: _builtins.int
+    REPLY_DISCARDED_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """Per-chat, strictly increasing sequence number."""
     chat_id: _builtins.str
@@ -871,6 +926,10 @@ class ChatEvent(_message.Message):
     def history_truncated(self) -> Global___Message:
         """Messages after this one were deleted by an edit; clients drop them."""
 
+    @_builtins.property
+    def reply_discarded(self) -> Global___ReplyDiscarded:
+        """A reply streamed as part_delta events will never be persisted; clients drop its deltas."""
+
     def __init__(
         self,
         *,
@@ -886,12 +945,13 @@ class ChatEvent(_message.Message):
         retry_scheduled: Global___RetryScheduled | None = ...,
         error: Global___ChatError | None = ...,
         history_truncated: Global___Message | None = ...,
+        reply_discarded: Global___ReplyDiscarded | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "event", b"event", "history_truncated", b"history_truncated", "message_persisted", b"message_persisted", "part_delta", b"part_delta", "queue_changed", b"queue_changed", "retry_scheduled", b"retry_scheduled", "status_changed", b"status_changed", "time", b"time", "tool_call_finished", b"tool_call_finished", "tool_call_started", b"tool_call_started"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "event", b"event", "history_truncated", b"history_truncated", "message_persisted", b"message_persisted", "part_delta", b"part_delta", "queue_changed", b"queue_changed", "reply_discarded", b"reply_discarded", "retry_scheduled", b"retry_scheduled", "status_changed", b"status_changed", "time", b"time", "tool_call_finished", b"tool_call_finished", "tool_call_started", b"tool_call_started"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat_id", b"chat_id", "error", b"error", "event", b"event", "history_truncated", b"history_truncated", "message_persisted", b"message_persisted", "part_delta", b"part_delta", "queue_changed", b"queue_changed", "retry_scheduled", b"retry_scheduled", "seq", b"seq", "status_changed", b"status_changed", "time", b"time", "tool_call_finished", b"tool_call_finished", "tool_call_started", b"tool_call_started"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat_id", b"chat_id", "error", b"error", "event", b"event", "history_truncated", b"history_truncated", "message_persisted", b"message_persisted", "part_delta", b"part_delta", "queue_changed", b"queue_changed", "reply_discarded", b"reply_discarded", "retry_scheduled", b"retry_scheduled", "seq", b"seq", "status_changed", b"status_changed", "time", b"time", "tool_call_finished", b"tool_call_finished", "tool_call_started", b"tool_call_started"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["status_changed", "part_delta", "tool_call_started", "tool_call_finished", "message_persisted", "queue_changed", "retry_scheduled", "error", "history_truncated"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["status_changed", "part_delta", "tool_call_started", "tool_call_finished", "message_persisted", "queue_changed", "retry_scheduled", "error", "history_truncated", "reply_discarded"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 

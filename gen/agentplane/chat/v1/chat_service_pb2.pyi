@@ -377,10 +377,16 @@ class EditMessageRequest(_message.Message):
     CHAT_ID_FIELD_NUMBER: _builtins.int
     MESSAGE_ID_FIELD_NUMBER: _builtins.int
     CONTENT_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     chat_id: _builtins.str
     """The chat's id."""
     message_id: _builtins.str
     """The user message to replace."""
+    request_id: _builtins.str
+    """Idempotency key (at most 200 characters): repeating an edit with the same id returns the
+    first edit's result (the chat as it is now and the message that edit stored) and changes
+    nothing. Keys are per user; one used for an edit of another chat is INVALID_ARGUMENT.
+    """
     @_builtins.property
     def content(self) -> _containers.RepeatedCompositeFieldContainer[_chat_pb2.ContentPart]:
         """The new content."""
@@ -391,10 +397,11 @@ class EditMessageRequest(_message.Message):
         chat_id: _builtins.str = ...,
         message_id: _builtins.str = ...,
         content: _abc.Iterable[_chat_pb2.ContentPart] | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat_id", b"chat_id", "content", b"content", "message_id", b"message_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat_id", b"chat_id", "content", b"content", "message_id", b"message_id", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -750,16 +757,25 @@ class CompactChatRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CHAT_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     chat_id: _builtins.str
     """The chat's id."""
+    request_id: _builtins.str
+    """Idempotency key (at most 200 characters): repeating a compaction with the same id returns the
+    first one's summary without a second model call. A repeat that arrives while the first still
+    runs waits for it on the same replica, and is ABORTED (COMPACTION_IN_PROGRESS) on another:
+    repeat it once the first has finished. A compaction that failed keeps no key, so its repeat
+    runs again. Keys are per user; one used for another chat is INVALID_ARGUMENT.
+    """
     def __init__(
         self,
         *,
         chat_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat_id", b"chat_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat_id", b"chat_id", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -851,12 +867,22 @@ class WatchChatsRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    CURSOR_FIELD_NUMBER: _builtins.int
+    cursor: _builtins.str
+    """Resume after this cursor (a WatchChatsResponse.cursor): the watch first reports every chat
+    that changed or was deleted since, each once in its current state, then goes live. Empty:
+    only changes from now on. A cursor is valid for 7 days (FAILED_PRECONDITION
+    WATCH_CURSOR_EXPIRED after that: list the chats and watch again without one); one the
+    service did not issue is INVALID_ARGUMENT.
+    """
     def __init__(
         self,
+        *,
+        cursor: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -870,21 +896,28 @@ class WatchChatsResponse(_message.Message):
 
     KIND_FIELD_NUMBER: _builtins.int
     CHAT_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
     kind: _chat_pb2.ChatChangeKind.ValueType
-    """How the chat changed."""
+    """How the chat changed; BOOKMARK responses carry only a cursor."""
+    cursor: _builtins.str
+    """Where the watch stands after this response, opaque: send it as WatchChatsRequest.cursor to
+    resume right after this response. Several changes of one chat made while no response was
+    read may arrive as one (the chat's latest state).
+    """
     @_builtins.property
     def chat(self) -> _chat_pb2.Chat:
-        """The chat as it is now (only its id for deletions)."""
+        """The chat as it is now (only its id for deletions; unset for bookmarks)."""
 
     def __init__(
         self,
         *,
         kind: _chat_pb2.ChatChangeKind.ValueType = ...,
         chat: _chat_pb2.Chat | None = ...,
+        cursor: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "kind", b"kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "cursor", b"cursor", "kind", b"kind"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -157,7 +157,8 @@ class ChatServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteChat(self, request, context):
-        """DeleteChat deletes a chat, interrupting it first if it runs.
+        """DeleteChat deletes a chat, interrupting it first if it runs. Idempotent: deleting a chat that
+        is already gone succeeds, and so does naming another user's chat (which is left untouched).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -173,6 +174,7 @@ class ChatServiceServicer:
 
     def EditMessage(self, request, context):
         """EditMessage replaces a user message, deletes every later message and runs again from there.
+        Idempotent with a request_id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -193,7 +195,8 @@ class ChatServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteQueuedMessage(self, request, context):
-        """DeleteQueuedMessage removes a message from the queue.
+        """DeleteQueuedMessage removes a message from the queue. Idempotent: a queued message that is
+        gone (already delivered, deleted, or never in this chat of the caller's) is not an error.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -221,7 +224,8 @@ class ChatServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CompactChat(self, request, context):
-        """CompactChat summarizes the chat's history so later turns send less context.
+        """CompactChat summarizes the chat's history so later turns send less context. Idempotent with a
+        request_id: a repeat returns the first summary and makes no second model call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -235,7 +239,8 @@ class ChatServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchChats(self, request, context):
-        """WatchChats streams changes to the caller's chat list.
+        """WatchChats streams changes to the caller's chat list; a watch resumed with the cursor of the
+        last response it received misses no change and repeats none.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -44,19 +44,25 @@ class ChatServiceStub:
     UpdateChat: _grpc.UnaryUnaryMultiCallable[_chat_service_pb2.UpdateChatRequest, _chat_service_pb2.UpdateChatResponse]
     """UpdateChat changes a chat's title or archived flag."""
     DeleteChat: _grpc.UnaryUnaryMultiCallable[_chat_service_pb2.DeleteChatRequest, _chat_service_pb2.DeleteChatResponse]
-    """DeleteChat deletes a chat, interrupting it first if it runs."""
+    """DeleteChat deletes a chat, interrupting it first if it runs. Idempotent: deleting a chat that
+    is already gone succeeds, and so does naming another user's chat (which is left untouched).
+    """
     SendMessage: _grpc.UnaryUnaryMultiCallable[_chat_service_pb2.SendMessageRequest, _chat_service_pb2.SendMessageResponse]
     """SendMessage adds a user message: it runs at once when the chat is idle, otherwise it is
     queued or interrupts the current turn, as busy_behavior says.
     """
     EditMessage: _grpc.UnaryUnaryMultiCallable[_chat_service_pb2.EditMessageRequest, _chat_service_pb2.EditMessageResponse]
-    """EditMessage replaces a user message, deletes every later message and runs again from there."""
+    """EditMessage replaces a user message, deletes every later message and runs again from there.
+    Idempotent with a request_id.
+    """
     ListMessages: _grpc.UnaryUnaryMultiCallable[_chat_service_pb2.ListMessagesRequest, _chat_service_pb2.ListMessagesResponse]
     """ListMessages lists a chat's messages, oldest first."""
     ListQueuedMessages: _grpc.UnaryUnaryMultiCallable[_chat_service_pb2.ListQueuedMessagesRequest, _chat_service_pb2.ListQueuedMessagesResponse]
     """ListQueuedMessages lists the messages waiting in a chat's queue, in order."""
     DeleteQueuedMessage: _grpc.UnaryUnaryMultiCallable[_chat_service_pb2.DeleteQueuedMessageRequest, _chat_service_pb2.DeleteQueuedMessageResponse]
-    """DeleteQueuedMessage removes a message from the queue."""
+    """DeleteQueuedMessage removes a message from the queue. Idempotent: a queued message that is
+    gone (already delivered, deleted, or never in this chat of the caller's) is not an error.
+    """
     PromoteQueuedMessage: _grpc.UnaryUnaryMultiCallable[_chat_service_pb2.PromoteQueuedMessageRequest, _chat_service_pb2.PromoteQueuedMessageResponse]
     """PromoteQueuedMessage moves a queued message to the front: it runs next."""
     InterruptChat: _grpc.UnaryUnaryMultiCallable[_chat_service_pb2.InterruptChatRequest, _chat_service_pb2.InterruptChatResponse]
@@ -64,11 +70,15 @@ class ChatServiceStub:
     ForkChat: _grpc.UnaryUnaryMultiCallable[_chat_service_pb2.ForkChatRequest, _chat_service_pb2.ForkChatResponse]
     """ForkChat copies a chat's history up to a message into a new chat."""
     CompactChat: _grpc.UnaryUnaryMultiCallable[_chat_service_pb2.CompactChatRequest, _chat_service_pb2.CompactChatResponse]
-    """CompactChat summarizes the chat's history so later turns send less context."""
+    """CompactChat summarizes the chat's history so later turns send less context. Idempotent with a
+    request_id: a repeat returns the first summary and makes no second model call.
+    """
     StreamChat: _grpc.UnaryStreamMultiCallable[_chat_service_pb2.StreamChatRequest, _chat_service_pb2.StreamChatResponse]
     """StreamChat streams a chat's events after a sequence number, then live events, until cancelled."""
     WatchChats: _grpc.UnaryStreamMultiCallable[_chat_service_pb2.WatchChatsRequest, _chat_service_pb2.WatchChatsResponse]
-    """WatchChats streams changes to the caller's chat list."""
+    """WatchChats streams changes to the caller's chat list; a watch resumed with the cursor of the
+    last response it received misses no change and repeats none.
+    """
     GetUsage: _grpc.UnaryUnaryMultiCallable[_chat_service_pb2.GetUsageRequest, _chat_service_pb2.GetUsageResponse]
     """GetUsage sums token usage and cost over a time range."""
 
@@ -88,19 +98,25 @@ class ChatServiceAsyncStub(ChatServiceStub):
     UpdateChat: _aio.UnaryUnaryMultiCallable[_chat_service_pb2.UpdateChatRequest, _chat_service_pb2.UpdateChatResponse]  # type: ignore[assignment]
     """UpdateChat changes a chat's title or archived flag."""
     DeleteChat: _aio.UnaryUnaryMultiCallable[_chat_service_pb2.DeleteChatRequest, _chat_service_pb2.DeleteChatResponse]  # type: ignore[assignment]
-    """DeleteChat deletes a chat, interrupting it first if it runs."""
+    """DeleteChat deletes a chat, interrupting it first if it runs. Idempotent: deleting a chat that
+    is already gone succeeds, and so does naming another user's chat (which is left untouched).
+    """
     SendMessage: _aio.UnaryUnaryMultiCallable[_chat_service_pb2.SendMessageRequest, _chat_service_pb2.SendMessageResponse]  # type: ignore[assignment]
     """SendMessage adds a user message: it runs at once when the chat is idle, otherwise it is
     queued or interrupts the current turn, as busy_behavior says.
     """
     EditMessage: _aio.UnaryUnaryMultiCallable[_chat_service_pb2.EditMessageRequest, _chat_service_pb2.EditMessageResponse]  # type: ignore[assignment]
-    """EditMessage replaces a user message, deletes every later message and runs again from there."""
+    """EditMessage replaces a user message, deletes every later message and runs again from there.
+    Idempotent with a request_id.
+    """
     ListMessages: _aio.UnaryUnaryMultiCallable[_chat_service_pb2.ListMessagesRequest, _chat_service_pb2.ListMessagesResponse]  # type: ignore[assignment]
     """ListMessages lists a chat's messages, oldest first."""
     ListQueuedMessages: _aio.UnaryUnaryMultiCallable[_chat_service_pb2.ListQueuedMessagesRequest, _chat_service_pb2.ListQueuedMessagesResponse]  # type: ignore[assignment]
     """ListQueuedMessages lists the messages waiting in a chat's queue, in order."""
     DeleteQueuedMessage: _aio.UnaryUnaryMultiCallable[_chat_service_pb2.DeleteQueuedMessageRequest, _chat_service_pb2.DeleteQueuedMessageResponse]  # type: ignore[assignment]
-    """DeleteQueuedMessage removes a message from the queue."""
+    """DeleteQueuedMessage removes a message from the queue. Idempotent: a queued message that is
+    gone (already delivered, deleted, or never in this chat of the caller's) is not an error.
+    """
     PromoteQueuedMessage: _aio.UnaryUnaryMultiCallable[_chat_service_pb2.PromoteQueuedMessageRequest, _chat_service_pb2.PromoteQueuedMessageResponse]  # type: ignore[assignment]
     """PromoteQueuedMessage moves a queued message to the front: it runs next."""
     InterruptChat: _aio.UnaryUnaryMultiCallable[_chat_service_pb2.InterruptChatRequest, _chat_service_pb2.InterruptChatResponse]  # type: ignore[assignment]
@@ -108,11 +124,15 @@ class ChatServiceAsyncStub(ChatServiceStub):
     ForkChat: _aio.UnaryUnaryMultiCallable[_chat_service_pb2.ForkChatRequest, _chat_service_pb2.ForkChatResponse]  # type: ignore[assignment]
     """ForkChat copies a chat's history up to a message into a new chat."""
     CompactChat: _aio.UnaryUnaryMultiCallable[_chat_service_pb2.CompactChatRequest, _chat_service_pb2.CompactChatResponse]  # type: ignore[assignment]
-    """CompactChat summarizes the chat's history so later turns send less context."""
+    """CompactChat summarizes the chat's history so later turns send less context. Idempotent with a
+    request_id: a repeat returns the first summary and makes no second model call.
+    """
     StreamChat: _aio.UnaryStreamMultiCallable[_chat_service_pb2.StreamChatRequest, _chat_service_pb2.StreamChatResponse]  # type: ignore[assignment]
     """StreamChat streams a chat's events after a sequence number, then live events, until cancelled."""
     WatchChats: _aio.UnaryStreamMultiCallable[_chat_service_pb2.WatchChatsRequest, _chat_service_pb2.WatchChatsResponse]  # type: ignore[assignment]
-    """WatchChats streams changes to the caller's chat list."""
+    """WatchChats streams changes to the caller's chat list; a watch resumed with the cursor of the
+    last response it received misses no change and repeats none.
+    """
     GetUsage: _aio.UnaryUnaryMultiCallable[_chat_service_pb2.GetUsageRequest, _chat_service_pb2.GetUsageResponse]  # type: ignore[assignment]
     """GetUsage sums token usage and cost over a time range."""
 
@@ -159,7 +179,9 @@ class ChatServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _chat_service_pb2.DeleteChatRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_chat_service_pb2.DeleteChatResponse, _abc.Awaitable[_chat_service_pb2.DeleteChatResponse]]:
-        """DeleteChat deletes a chat, interrupting it first if it runs."""
+        """DeleteChat deletes a chat, interrupting it first if it runs. Idempotent: deleting a chat that
+        is already gone succeeds, and so does naming another user's chat (which is left untouched).
+        """
 
     @_abc_1.abstractmethod
     def SendMessage(
@@ -177,7 +199,9 @@ class ChatServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _chat_service_pb2.EditMessageRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_chat_service_pb2.EditMessageResponse, _abc.Awaitable[_chat_service_pb2.EditMessageResponse]]:
-        """EditMessage replaces a user message, deletes every later message and runs again from there."""
+        """EditMessage replaces a user message, deletes every later message and runs again from there.
+        Idempotent with a request_id.
+        """
 
     @_abc_1.abstractmethod
     def ListMessages(
@@ -201,7 +225,9 @@ class ChatServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _chat_service_pb2.DeleteQueuedMessageRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_chat_service_pb2.DeleteQueuedMessageResponse, _abc.Awaitable[_chat_service_pb2.DeleteQueuedMessageResponse]]:
-        """DeleteQueuedMessage removes a message from the queue."""
+        """DeleteQueuedMessage removes a message from the queue. Idempotent: a queued message that is
+        gone (already delivered, deleted, or never in this chat of the caller's) is not an error.
+        """
 
     @_abc_1.abstractmethod
     def PromoteQueuedMessage(
@@ -233,7 +259,9 @@ class ChatServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _chat_service_pb2.CompactChatRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_chat_service_pb2.CompactChatResponse, _abc.Awaitable[_chat_service_pb2.CompactChatResponse]]:
-        """CompactChat summarizes the chat's history so later turns send less context."""
+        """CompactChat summarizes the chat's history so later turns send less context. Idempotent with a
+        request_id: a repeat returns the first summary and makes no second model call.
+        """
 
     @_abc_1.abstractmethod
     def StreamChat(
@@ -249,7 +277,9 @@ class ChatServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _chat_service_pb2.WatchChatsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_chat_service_pb2.WatchChatsResponse], _abc.AsyncIterator[_chat_service_pb2.WatchChatsResponse]]:
-        """WatchChats streams changes to the caller's chat list."""
+        """WatchChats streams changes to the caller's chat list; a watch resumed with the cursor of the
+        last response it received misses no change and repeats none.
+        """
 
     @_abc_1.abstractmethod
     def GetUsage(

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%agentplane/chat/v1/error_reason.proto\x12\x12\x61gentplane.chat.v1*\xc4\x02\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x45RROR_REASON_CHAT_NOT_FOUND\x10\x01\x12\x1a\n\x16\x45RROR_REASON_CHAT_BUSY\x10\x02\x12#\n\x1f\x45RROR_REASON_NOTHING_TO_COMPACT\x10\x03\x12\"\n\x1e\x45RROR_REASON_MESSAGE_NOT_FOUND\x10\x04\x12#\n\x1f\x45RROR_REASON_NOT_A_USER_MESSAGE\x10\x05\x12)\n%ERROR_REASON_QUEUED_MESSAGE_NOT_FOUND\x10\x06\x12\x1b\n\x17\x45RROR_REASON_QUEUE_FULL\x10\x07\x12$\n ERROR_REASON_SUBSCRIBER_TOO_SLOW\x10\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%agentplane/chat/v1/error_reason.proto\x12\x12\x61gentplane.chat.v1*\x94\x03\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x45RROR_REASON_CHAT_NOT_FOUND\x10\x01\x12\x1a\n\x16\x45RROR_REASON_CHAT_BUSY\x10\x02\x12#\n\x1f\x45RROR_REASON_NOTHING_TO_COMPACT\x10\x03\x12\"\n\x1e\x45RROR_REASON_MESSAGE_NOT_FOUND\x10\x04\x12#\n\x1f\x45RROR_REASON_NOT_A_USER_MESSAGE\x10\x05\x12)\n%ERROR_REASON_QUEUED_MESSAGE_NOT_FOUND\x10\x06\x12\x1b\n\x17\x45RROR_REASON_QUEUE_FULL\x10\x07\x12$\n ERROR_REASON_SUBSCRIBER_TOO_SLOW\x10\x08\x12\'\n#ERROR_REASON_COMPACTION_IN_PROGRESS\x10\t\x12%\n!ERROR_REASON_WATCH_CURSOR_EXPIRED\x10\nb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,5 +32,5 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentplane.chat.v1.error_re
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ERRORREASON']._serialized_start=62
-  _globals['_ERRORREASON']._serialized_end=386
+  _globals['_ERRORREASON']._serialized_end=466
 # @@protoc_insertion_point(module_scope)

@@ -52,9 +52,18 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     metadata chat_id). Wait for the current turn or delete queued messages, then send again.
     """
     ERROR_REASON_SUBSCRIBER_TOO_SLOW: _ErrorReason.ValueType  # 8
-    """StreamChat or WatchChats ended because the client read too slowly and fell too far behind
-    (RESOURCE_EXHAUSTED). For StreamChat (metadata chat_id and last_seq), reconnect with
-    after_seq=last_seq and nothing is lost; for WatchChats, list the chats and watch again.
+    """StreamChat ended because the client read too slowly and fell too far behind
+    (RESOURCE_EXHAUSTED; metadata chat_id and last_seq): reconnect with after_seq=last_seq and
+    nothing is lost. (WatchChats sent it too before it had cursors; it no longer does.)
+    """
+    ERROR_REASON_COMPACTION_IN_PROGRESS: _ErrorReason.ValueType  # 9
+    """CompactChat with a request_id whose first compaction is still running on another replica
+    (ABORTED; metadata chat_id and request_id). Repeat the same request once it has finished:
+    the repeat then returns its summary. (On the same replica a repeat waits for it instead.)
+    """
+    ERROR_REASON_WATCH_CURSOR_EXPIRED: _ErrorReason.ValueType  # 10
+    """WatchChats was given a cursor older than 7 days, beyond the record of deleted chats it would
+    need (FAILED_PRECONDITION). List the chats (ListChats) and watch again without a cursor.
     """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
@@ -98,8 +107,17 @@ ERROR_REASON_QUEUE_FULL: ErrorReason.ValueType  # 7
 metadata chat_id). Wait for the current turn or delete queued messages, then send again.
 """
 ERROR_REASON_SUBSCRIBER_TOO_SLOW: ErrorReason.ValueType  # 8
-"""StreamChat or WatchChats ended because the client read too slowly and fell too far behind
-(RESOURCE_EXHAUSTED). For StreamChat (metadata chat_id and last_seq), reconnect with
-after_seq=last_seq and nothing is lost; for WatchChats, list the chats and watch again.
+"""StreamChat ended because the client read too slowly and fell too far behind
+(RESOURCE_EXHAUSTED; metadata chat_id and last_seq): reconnect with after_seq=last_seq and
+nothing is lost. (WatchChats sent it too before it had cursors; it no longer does.)
+"""
+ERROR_REASON_COMPACTION_IN_PROGRESS: ErrorReason.ValueType  # 9
+"""CompactChat with a request_id whose first compaction is still running on another replica
+(ABORTED; metadata chat_id and request_id). Repeat the same request once it has finished:
+the repeat then returns its summary. (On the same replica a repeat waits for it instead.)
+"""
+ERROR_REASON_WATCH_CURSOR_EXPIRED: ErrorReason.ValueType  # 10
+"""WatchChats was given a cursor older than 7 days, beyond the record of deleted chats it would
+need (FAILED_PRECONDITION). List the chats (ListChats) and watch again without a cursor.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

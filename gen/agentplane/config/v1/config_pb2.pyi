@@ -95,6 +95,7 @@ class Provider(_message.Message):
     ENABLED_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned identifier."""
     type: Global___ProviderType.ValueType
@@ -107,6 +108,12 @@ class Provider(_message.Message):
     """Whether an API key is stored. The key itself is never returned except by GetProviderCredentials."""
     enabled: _builtins.bool
     """Disabled providers cannot serve any model."""
+    etag: _builtins.str
+    """The provider's version, opaque, changed by every change of it (AIP-154 etag). Send it back
+    in UpdateProvider (this field) or DeleteProvider (the request's etag) to make the call fail
+    with ABORTED (ETAG_MISMATCH) instead of acting on a provider changed since it was read;
+    empty skips the check.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the provider was created."""
@@ -126,10 +133,11 @@ class Provider(_message.Message):
         enabled: _builtins.bool = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_set", b"api_key_set", "base_url", b"base_url", "create_time", b"create_time", "display_name", b"display_name", "enabled", b"enabled", "id", b"id", "type", b"type", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_set", b"api_key_set", "base_url", b"base_url", "create_time", b"create_time", "display_name", b"display_name", "enabled", b"enabled", "etag", b"etag", "id", b"id", "type", b"type", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -230,6 +238,7 @@ class ModelConfig(_message.Message):
     OPTIONS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned identifier."""
     provider_id: _builtins.str
@@ -248,6 +257,12 @@ class ModelConfig(_message.Message):
     """Percentage of the context window (0-100) at which the chat service compacts history."""
     max_output_tokens: _builtins.int
     """Maximum output tokens per generation; zero means the provider's default."""
+    etag: _builtins.str
+    """The model config's version, opaque, changed by every change of it, SetDefaultModelConfig's
+    included (AIP-154 etag). Send it back in UpdateModelConfig (this field) or DeleteModelConfig
+    (the request's etag) to make the call fail with ABORTED (ETAG_MISMATCH) instead of acting on
+    a model config changed since it was read; empty skips the check.
+    """
     @_builtins.property
     def pricing(self) -> Global___ModelPricing:
         """Prices; unset means the model has no pricing and costs are not computed."""
@@ -280,10 +295,11 @@ class ModelConfig(_message.Message):
         options: Global___ModelOptions | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "options", b"options", "pricing", b"pricing", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compaction_threshold_percent", b"compaction_threshold_percent", "context_limit", b"context_limit", "create_time", b"create_time", "display_name", b"display_name", "enabled", b"enabled", "id", b"id", "is_default", b"is_default", "max_output_tokens", b"max_output_tokens", "model_name", b"model_name", "options", b"options", "pricing", b"pricing", "provider_id", b"provider_id", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compaction_threshold_percent", b"compaction_threshold_percent", "context_limit", b"context_limit", "create_time", b"create_time", "display_name", b"display_name", "enabled", b"enabled", "etag", b"etag", "id", b"id", "is_default", b"is_default", "max_output_tokens", b"max_output_tokens", "model_name", b"model_name", "options", b"options", "pricing", b"pricing", "provider_id", b"provider_id", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -418,6 +434,8 @@ class WorkspaceTemplate(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     NETWORK_ACCESS_FIELD_NUMBER: _builtins.int
+    POD_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned identifier."""
     name: _builtins.str
@@ -428,6 +446,12 @@ class WorkspaceTemplate(_message.Message):
     """Disabled templates are not listed for users."""
     network_access: _builtins.bool
     """Whether commands in workspaces made from this template may use the network; off by default."""
+    etag: _builtins.str
+    """The template's version, opaque, changed by every change of it (AIP-154 etag). Send it back
+    in UpdateWorkspaceTemplate (this field) or DeleteWorkspaceTemplate (the request's etag) to
+    make the call fail with ABORTED (ETAG_MISMATCH) instead of acting on a template changed
+    since it was read; empty skips the check.
+    """
     @_builtins.property
     def parameters(self) -> _containers.RepeatedCompositeFieldContainer[Global___TemplateParameter]:
         """Parameters the template accepts."""
@@ -444,6 +468,13 @@ class WorkspaceTemplate(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When the template was last changed."""
 
+    @_builtins.property
+    def pod(self) -> Global___WorkspacePod:
+        """How the kubernetes workspace driver runs workspaces made from this template (image,
+        resources, volume, where commands may connect); unset fields take the driver's defaults.
+        The local and external drivers ignore it.
+        """
+
     def __init__(
         self,
         *,
@@ -456,14 +487,102 @@ class WorkspaceTemplate(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         network_access: _builtins.bool = ...,
+        pod: Global___WorkspacePod | None = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "source", b"source", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "pod", b"pod", "source", b"source", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "enabled", b"enabled", "id", b"id", "name", b"name", "network_access", b"network_access", "parameters", b"parameters", "source", b"source", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "enabled", b"enabled", "etag", b"etag", "id", b"id", "name", b"name", "network_access", b"network_access", "parameters", b"parameters", "pod", b"pod", "source", b"source", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WorkspaceTemplate: _TypeAlias = WorkspaceTemplate  # noqa: Y015
+
+@_typing.final
+class WorkspacePod(_message.Message):
+    """WorkspacePod is what the kubernetes workspace driver needs to run a workspace's pod."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMAGE_FIELD_NUMBER: _builtins.int
+    CPU_FIELD_NUMBER: _builtins.int
+    MEMORY_FIELD_NUMBER: _builtins.int
+    STORAGE_FIELD_NUMBER: _builtins.int
+    STORAGE_CLASS_FIELD_NUMBER: _builtins.int
+    EGRESS_FIELD_NUMBER: _builtins.int
+    image: _builtins.str
+    """Container image of the workspace. It must contain the workspace agent (`agentplane` on the
+    PATH, e.g. an image built FROM the agentplane image) and git for git sources. Empty: the
+    driver's default image.
+    """
+    cpu: _builtins.str
+    """CPU of the workspace container, a Kubernetes quantity ("500m", "2"), as request and limit.
+    Empty: the driver's default.
+    """
+    memory: _builtins.str
+    """Memory of the workspace container, a Kubernetes quantity ("2Gi"), as request and limit.
+    Empty: the driver's default.
+    """
+    storage: _builtins.str
+    """Size of the workspace's persistent volume, a Kubernetes quantity ("20Gi"). Empty: the
+    driver's default.
+    """
+    storage_class: _builtins.str
+    """StorageClass of that volume. Empty: the driver's default (else the cluster's default class)."""
+    @_builtins.property
+    def egress(self) -> _containers.RepeatedCompositeFieldContainer[Global___EgressRule]:
+        """Where the workspace may connect, for example the address ranges of the git hosts the
+        template clones from (NetworkPolicies match addresses, not names): the clone of a git source
+        always, commands only when network_access is on. Empty: the clone may reach any public
+        address on the git ports (22, 443, 9418), commands with network_access any public address;
+        never a private, link-local or cluster address.
+        """
+
+    def __init__(
+        self,
+        *,
+        image: _builtins.str = ...,
+        cpu: _builtins.str = ...,
+        memory: _builtins.str = ...,
+        storage: _builtins.str = ...,
+        storage_class: _builtins.str = ...,
+        egress: _abc.Iterable[Global___EgressRule] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu", b"cpu", "egress", b"egress", "image", b"image", "memory", b"memory", "storage", b"storage", "storage_class", b"storage_class"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkspacePod: _TypeAlias = WorkspacePod  # noqa: Y015
+
+@_typing.final
+class EgressRule(_message.Message):
+    """EgressRule lets a workspace pod open TCP connections to an address range."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CIDR_FIELD_NUMBER: _builtins.int
+    PORTS_FIELD_NUMBER: _builtins.int
+    cidr: _builtins.str
+    """An IPv4 or IPv6 network in CIDR notation, e.g. "140.82.112.0/20"."""
+    @_builtins.property
+    def ports(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """TCP ports (1-65535); empty means every port."""
+
+    def __init__(
+        self,
+        *,
+        cidr: _builtins.str = ...,
+        ports: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cidr", b"cidr", "ports", b"ports"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EgressRule: _TypeAlias = EgressRule  # noqa: Y015
 
 @_typing.final
 class SystemPrompt(_message.Message):
@@ -474,10 +593,16 @@ class SystemPrompt(_message.Message):
     TEXT_FIELD_NUMBER: _builtins.int
     IS_DEFAULT_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """The prompt text."""
     is_default: _builtins.bool
     """True when no prompt was set and the built-in default is returned."""
+    etag: _builtins.str
+    """The prompt's version, opaque, changed by every update of it (AIP-154 etag). Send it back
+    as UpdateSystemPromptRequest.etag to make the update fail with ABORTED
+    (ETAG_MISMATCH) instead of overwriting a change made since it was read.
+    """
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When the prompt was last set; unset for the built-in default."""
@@ -488,10 +613,11 @@ class SystemPrompt(_message.Message):
         text: _builtins.str = ...,
         is_default: _builtins.bool = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["is_default", b"is_default", "text", b"text", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "is_default", b"is_default", "text", b"text", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -506,10 +632,16 @@ class UserPrompt(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The user the prompt belongs to."""
     text: _builtins.str
     """The prompt text; empty when the user has none."""
+    etag: _builtins.str
+    """The prompt's version, opaque, changed by every update of it (AIP-154 etag). Send it back
+    as UpdateUserPromptRequest.etag to make the update fail with ABORTED
+    (ETAG_MISMATCH) instead of overwriting a change made since it was read.
+    """
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When the prompt was last set."""
@@ -520,10 +652,11 @@ class UserPrompt(_message.Message):
         user_id: _builtins.str = ...,
         text: _builtins.str = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["text", b"text", "update_time", b"update_time", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "text", b"text", "update_time", b"update_time", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

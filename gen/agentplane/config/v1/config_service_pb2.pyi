@@ -191,7 +191,9 @@ class UpdateProviderRequest(_message.Message):
     """
     @_builtins.property
     def provider(self) -> _config_pb2.Provider:
-        """The provider with its id set and the new values of the masked fields."""
+        """The provider with its id set and the new values of the masked fields. Its etag, when set, must
+        be the provider's current one (else ABORTED, ETAG_MISMATCH); it is not a mask path.
+        """
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
@@ -243,16 +245,22 @@ class DeleteProviderRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PROVIDER_ID_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     provider_id: _builtins.str
     """The provider's id."""
+    etag: _builtins.str
+    """The provider's etag as last read: when set and the provider has changed since, nothing is
+    deleted (ABORTED, ETAG_MISMATCH). A provider that is gone is not an error either way.
+    """
     def __init__(
         self,
         *,
         provider_id: _builtins.str = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["provider_id", b"provider_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "provider_id", b"provider_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -549,7 +557,9 @@ class UpdateModelConfigRequest(_message.Message):
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def model_config(self) -> _config_pb2.ModelConfig:
-        """The model config with its id set and the new values of the masked fields."""
+        """The model config with its id set and the new values of the masked fields. Its etag, when set,
+        must be the model config's current one (else ABORTED, ETAG_MISMATCH); it is not a mask path.
+        """
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
@@ -602,16 +612,22 @@ class DeleteModelConfigRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_CONFIG_ID_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     model_config_id: _builtins.str
     """The model config's id."""
+    etag: _builtins.str
+    """The model config's etag as last read: when set and the model config has changed since,
+    nothing is deleted (ABORTED, ETAG_MISMATCH). One that is gone is not an error either way.
+    """
     def __init__(
         self,
         *,
         model_config_id: _builtins.str = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_config_id", b"model_config_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "model_config_id", b"model_config_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -906,7 +922,9 @@ class UpdateWorkspaceTemplateRequest(_message.Message):
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def workspace_template(self) -> _config_pb2.WorkspaceTemplate:
-        """The template with its id set and the new values of the masked fields."""
+        """The template with its id set and the new values of the masked fields. Its etag, when set, must
+        be the template's current one (else ABORTED, ETAG_MISMATCH); it is not a mask path.
+        """
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
@@ -957,16 +975,22 @@ class DeleteWorkspaceTemplateRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     WORKSPACE_TEMPLATE_ID_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     workspace_template_id: _builtins.str
     """The template's id."""
+    etag: _builtins.str
+    """The template's etag as last read: when set and the template has changed since, nothing is
+    deleted (ABORTED, ETAG_MISMATCH). A template that is gone is not an error either way.
+    """
     def __init__(
         self,
         *,
         workspace_template_id: _builtins.str = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["workspace_template_id", b"workspace_template_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "workspace_template_id", b"workspace_template_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1037,16 +1061,22 @@ class UpdateSystemPromptRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TEXT_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """The new prompt text; empty restores the built-in default."""
+    etag: _builtins.str
+    """The prompt's etag as last read (SystemPrompt.etag): when set and the prompt has changed
+    since, nothing is written (ABORTED, ETAG_MISMATCH). Empty overwrites unconditionally.
+    """
     def __init__(
         self,
         *,
         text: _builtins.str = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1132,16 +1162,22 @@ class UpdateUserPromptRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TEXT_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """The new prompt text (at most 32 KiB); empty clears it."""
+    etag: _builtins.str
+    """The prompt's etag as last read (UserPrompt.etag): when set and the prompt has changed since,
+    nothing is written (ABORTED, ETAG_MISMATCH). Empty overwrites unconditionally.
+    """
     def __init__(
         self,
         *,
         text: _builtins.str = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -189,6 +189,7 @@ class ConfigServiceServicer:
 
     def DeleteProvider(self, request, context):
         """DeleteProvider removes a provider; FAILED_PRECONDITION while model configs use it. Admin only.
+        Idempotent: deleting a provider that does not exist succeeds.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -239,6 +240,7 @@ class ConfigServiceServicer:
 
     def DeleteModelConfig(self, request, context):
         """DeleteModelConfig removes a model config; the default cannot be deleted. Admin only.
+        Idempotent: deleting a model config that does not exist succeeds.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -288,7 +290,8 @@ class ConfigServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteWorkspaceTemplate(self, request, context):
-        """DeleteWorkspaceTemplate removes a template. Admin only.
+        """DeleteWorkspaceTemplate removes a template. Admin only. Idempotent: deleting a template that
+        does not exist succeeds.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

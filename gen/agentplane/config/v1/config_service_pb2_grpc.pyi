@@ -46,7 +46,9 @@ class ConfigServiceStub:
     the stored API key unless the same request sets a new one (api_key in the mask).
     """
     DeleteProvider: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.DeleteProviderRequest, _config_service_pb2.DeleteProviderResponse]
-    """DeleteProvider removes a provider; FAILED_PRECONDITION while model configs use it. Admin only."""
+    """DeleteProvider removes a provider; FAILED_PRECONDITION while model configs use it. Admin only.
+    Idempotent: deleting a provider that does not exist succeeds.
+    """
     GetProviderCredentials: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.GetProviderCredentialsRequest, _config_service_pb2.GetProviderCredentialsResponse]
     """GetProviderCredentials returns a provider's decrypted API key. Only the inference service may call it."""
     RotateEncryptionKey: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.RotateEncryptionKeyRequest, _config_service_pb2.RotateEncryptionKeyResponse]
@@ -62,7 +64,9 @@ class ConfigServiceStub:
     UpdateModelConfig: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.UpdateModelConfigRequest, _config_service_pb2.UpdateModelConfigResponse]
     """UpdateModelConfig changes the fields named in the update mask. Admin only."""
     DeleteModelConfig: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.DeleteModelConfigRequest, _config_service_pb2.DeleteModelConfigResponse]
-    """DeleteModelConfig removes a model config; the default cannot be deleted. Admin only."""
+    """DeleteModelConfig removes a model config; the default cannot be deleted. Admin only.
+    Idempotent: deleting a model config that does not exist succeeds.
+    """
     SetDefaultModelConfig: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.SetDefaultModelConfigRequest, _config_service_pb2.SetDefaultModelConfigResponse]
     """SetDefaultModelConfig makes one model the default, atomically. Admin only."""
     ResolveModel: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.ResolveModelRequest, _config_service_pb2.ResolveModelResponse]
@@ -78,7 +82,9 @@ class ConfigServiceStub:
     UpdateWorkspaceTemplate: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.UpdateWorkspaceTemplateRequest, _config_service_pb2.UpdateWorkspaceTemplateResponse]
     """UpdateWorkspaceTemplate changes the fields named in the update mask. Admin only."""
     DeleteWorkspaceTemplate: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.DeleteWorkspaceTemplateRequest, _config_service_pb2.DeleteWorkspaceTemplateResponse]
-    """DeleteWorkspaceTemplate removes a template. Admin only."""
+    """DeleteWorkspaceTemplate removes a template. Admin only. Idempotent: deleting a template that
+    does not exist succeeds.
+    """
     GetSystemPrompt: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.GetSystemPromptRequest, _config_service_pb2.GetSystemPromptResponse]
     """GetSystemPrompt returns the deployment system prompt, or the built-in default when none is set."""
     UpdateSystemPrompt: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.UpdateSystemPromptRequest, _config_service_pb2.UpdateSystemPromptResponse]
@@ -106,7 +112,9 @@ class ConfigServiceAsyncStub(ConfigServiceStub):
     the stored API key unless the same request sets a new one (api_key in the mask).
     """
     DeleteProvider: _aio.UnaryUnaryMultiCallable[_config_service_pb2.DeleteProviderRequest, _config_service_pb2.DeleteProviderResponse]  # type: ignore[assignment]
-    """DeleteProvider removes a provider; FAILED_PRECONDITION while model configs use it. Admin only."""
+    """DeleteProvider removes a provider; FAILED_PRECONDITION while model configs use it. Admin only.
+    Idempotent: deleting a provider that does not exist succeeds.
+    """
     GetProviderCredentials: _aio.UnaryUnaryMultiCallable[_config_service_pb2.GetProviderCredentialsRequest, _config_service_pb2.GetProviderCredentialsResponse]  # type: ignore[assignment]
     """GetProviderCredentials returns a provider's decrypted API key. Only the inference service may call it."""
     RotateEncryptionKey: _aio.UnaryUnaryMultiCallable[_config_service_pb2.RotateEncryptionKeyRequest, _config_service_pb2.RotateEncryptionKeyResponse]  # type: ignore[assignment]
@@ -122,7 +130,9 @@ class ConfigServiceAsyncStub(ConfigServiceStub):
     UpdateModelConfig: _aio.UnaryUnaryMultiCallable[_config_service_pb2.UpdateModelConfigRequest, _config_service_pb2.UpdateModelConfigResponse]  # type: ignore[assignment]
     """UpdateModelConfig changes the fields named in the update mask. Admin only."""
     DeleteModelConfig: _aio.UnaryUnaryMultiCallable[_config_service_pb2.DeleteModelConfigRequest, _config_service_pb2.DeleteModelConfigResponse]  # type: ignore[assignment]
-    """DeleteModelConfig removes a model config; the default cannot be deleted. Admin only."""
+    """DeleteModelConfig removes a model config; the default cannot be deleted. Admin only.
+    Idempotent: deleting a model config that does not exist succeeds.
+    """
     SetDefaultModelConfig: _aio.UnaryUnaryMultiCallable[_config_service_pb2.SetDefaultModelConfigRequest, _config_service_pb2.SetDefaultModelConfigResponse]  # type: ignore[assignment]
     """SetDefaultModelConfig makes one model the default, atomically. Admin only."""
     ResolveModel: _aio.UnaryUnaryMultiCallable[_config_service_pb2.ResolveModelRequest, _config_service_pb2.ResolveModelResponse]  # type: ignore[assignment]
@@ -138,7 +148,9 @@ class ConfigServiceAsyncStub(ConfigServiceStub):
     UpdateWorkspaceTemplate: _aio.UnaryUnaryMultiCallable[_config_service_pb2.UpdateWorkspaceTemplateRequest, _config_service_pb2.UpdateWorkspaceTemplateResponse]  # type: ignore[assignment]
     """UpdateWorkspaceTemplate changes the fields named in the update mask. Admin only."""
     DeleteWorkspaceTemplate: _aio.UnaryUnaryMultiCallable[_config_service_pb2.DeleteWorkspaceTemplateRequest, _config_service_pb2.DeleteWorkspaceTemplateResponse]  # type: ignore[assignment]
-    """DeleteWorkspaceTemplate removes a template. Admin only."""
+    """DeleteWorkspaceTemplate removes a template. Admin only. Idempotent: deleting a template that
+    does not exist succeeds.
+    """
     GetSystemPrompt: _aio.UnaryUnaryMultiCallable[_config_service_pb2.GetSystemPromptRequest, _config_service_pb2.GetSystemPromptResponse]  # type: ignore[assignment]
     """GetSystemPrompt returns the deployment system prompt, or the built-in default when none is set."""
     UpdateSystemPrompt: _aio.UnaryUnaryMultiCallable[_config_service_pb2.UpdateSystemPromptRequest, _config_service_pb2.UpdateSystemPromptResponse]  # type: ignore[assignment]
@@ -193,7 +205,9 @@ class ConfigServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _config_service_pb2.DeleteProviderRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_config_service_pb2.DeleteProviderResponse, _abc.Awaitable[_config_service_pb2.DeleteProviderResponse]]:
-        """DeleteProvider removes a provider; FAILED_PRECONDITION while model configs use it. Admin only."""
+        """DeleteProvider removes a provider; FAILED_PRECONDITION while model configs use it. Admin only.
+        Idempotent: deleting a provider that does not exist succeeds.
+        """
 
     @_abc_1.abstractmethod
     def GetProviderCredentials(
@@ -251,7 +265,9 @@ class ConfigServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _config_service_pb2.DeleteModelConfigRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_config_service_pb2.DeleteModelConfigResponse, _abc.Awaitable[_config_service_pb2.DeleteModelConfigResponse]]:
-        """DeleteModelConfig removes a model config; the default cannot be deleted. Admin only."""
+        """DeleteModelConfig removes a model config; the default cannot be deleted. Admin only.
+        Idempotent: deleting a model config that does not exist succeeds.
+        """
 
     @_abc_1.abstractmethod
     def SetDefaultModelConfig(
@@ -309,7 +325,9 @@ class ConfigServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _config_service_pb2.DeleteWorkspaceTemplateRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_config_service_pb2.DeleteWorkspaceTemplateResponse, _abc.Awaitable[_config_service_pb2.DeleteWorkspaceTemplateResponse]]:
-        """DeleteWorkspaceTemplate removes a template. Admin only."""
+        """DeleteWorkspaceTemplate removes a template. Admin only. Idempotent: deleting a template that
+        does not exist succeeds.
+        """
 
     @_abc_1.abstractmethod
     def GetSystemPrompt(

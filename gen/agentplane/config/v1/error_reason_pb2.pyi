@@ -85,6 +85,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """GetUserPrompt or UpdateUserPrompt named another user's prompt (PERMISSION_DENIED). Leave
     user_id empty to address the caller's own prompt; only admins name others.
     """
+    ERROR_REASON_ETAG_MISMATCH: _ErrorReason.ValueType  # 15
+    """An update or delete named an etag that is no longer the resource's: someone changed it since
+    the caller read it (ABORTED; metadata: the resource's id field, e.g. provider_id, and etag,
+    the current one). Nothing was changed. Read the resource again, re-apply the change to what
+    it is now, and send the new etag.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason lists the reasons about the config service's own resources (providers, model
@@ -157,5 +163,11 @@ the provider's API key again.
 ERROR_REASON_NOT_OWNER: ErrorReason.ValueType  # 14
 """GetUserPrompt or UpdateUserPrompt named another user's prompt (PERMISSION_DENIED). Leave
 user_id empty to address the caller's own prompt; only admins name others.
+"""
+ERROR_REASON_ETAG_MISMATCH: ErrorReason.ValueType  # 15
+"""An update or delete named an etag that is no longer the resource's: someone changed it since
+the caller read it (ABORTED; metadata: the resource's id field, e.g. provider_id, and etag,
+the current one). Nothing was changed. Read the resource again, re-apply the change to what
+it is now, and send the new etag.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

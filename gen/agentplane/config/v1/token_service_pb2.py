@@ -22,26 +22,37 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(agentplane/config/v1/token_service.proto\x12\x14\x61gentplane.config.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa6\x01\n\x0cRevokedToken\x12\x10\n\x08token_id\x18\x01 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrevoked_by\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\"g\n\x12RevokeTokenRequest\x12\x10\n\x08token_id\x18\x01 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x03 \x01(\t\"P\n\x13RevokeTokenResponse\x12\x39\n\rrevoked_token\x18\x01 \x01(\x0b\x32\".agentplane.config.v1.RevokedToken\"A\n\x18ListRevokedTokensRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"p\n\x19ListRevokedTokensResponse\x12:\n\x0erevoked_tokens\x18\x01 \x03(\x0b\x32\".agentplane.config.v1.RevokedToken\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xe8\x01\n\x0cTokenService\x12\x62\n\x0bRevokeToken\x12(.agentplane.config.v1.RevokeTokenRequest\x1a).agentplane.config.v1.RevokeTokenResponse\x12t\n\x11ListRevokedTokens\x12..agentplane.config.v1.ListRevokedTokensRequest\x1a/.agentplane.config.v1.ListRevokedTokensResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(agentplane/config/v1/token_service.proto\x12\x14\x61gentplane.config.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa6\x01\n\x0cRevokedToken\x12\x10\n\x08token_id\x18\x01 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrevoked_by\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\"y\n\x12RevokeTokenRequest\x12\x16\n\x08token_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x35\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01\x12\x14\n\x06reason\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"P\n\x13RevokeTokenResponse\x12\x39\n\rrevoked_token\x18\x01 \x01(\x0b\x32\".agentplane.config.v1.RevokedToken\"M\n\x18ListRevokedTokensRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"p\n\x19ListRevokedTokensResponse\x12:\n\x0erevoked_tokens\x18\x01 \x03(\x0b\x32\".agentplane.config.v1.RevokedToken\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xe8\x01\n\x0cTokenService\x12\x62\n\x0bRevokeToken\x12(.agentplane.config.v1.RevokeTokenRequest\x1a).agentplane.config.v1.RevokeTokenResponse\x12t\n\x11ListRevokedTokens\x12..agentplane.config.v1.ListRevokedTokensRequest\x1a/.agentplane.config.v1.ListRevokedTokensResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentplane.config.v1.token_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REVOKEDTOKEN']._serialized_start=100
-  _globals['_REVOKEDTOKEN']._serialized_end=266
-  _globals['_REVOKETOKENREQUEST']._serialized_start=268
-  _globals['_REVOKETOKENREQUEST']._serialized_end=371
-  _globals['_REVOKETOKENRESPONSE']._serialized_start=373
-  _globals['_REVOKETOKENRESPONSE']._serialized_end=453
-  _globals['_LISTREVOKEDTOKENSREQUEST']._serialized_start=455
-  _globals['_LISTREVOKEDTOKENSREQUEST']._serialized_end=520
-  _globals['_LISTREVOKEDTOKENSRESPONSE']._serialized_start=522
-  _globals['_LISTREVOKEDTOKENSRESPONSE']._serialized_end=634
-  _globals['_TOKENSERVICE']._serialized_start=637
-  _globals['_TOKENSERVICE']._serialized_end=869
+  _globals['_REVOKETOKENREQUEST'].fields_by_name['token_id']._loaded_options = None
+  _globals['_REVOKETOKENREQUEST'].fields_by_name['token_id']._serialized_options = b'\342A\001\002'
+  _globals['_REVOKETOKENREQUEST'].fields_by_name['expire_time']._loaded_options = None
+  _globals['_REVOKETOKENREQUEST'].fields_by_name['expire_time']._serialized_options = b'\342A\001\001'
+  _globals['_REVOKETOKENREQUEST'].fields_by_name['reason']._loaded_options = None
+  _globals['_REVOKETOKENREQUEST'].fields_by_name['reason']._serialized_options = b'\342A\001\001'
+  _globals['_LISTREVOKEDTOKENSREQUEST'].fields_by_name['page_size']._loaded_options = None
+  _globals['_LISTREVOKEDTOKENSREQUEST'].fields_by_name['page_size']._serialized_options = b'\342A\001\001'
+  _globals['_LISTREVOKEDTOKENSREQUEST'].fields_by_name['page_token']._loaded_options = None
+  _globals['_LISTREVOKEDTOKENSREQUEST'].fields_by_name['page_token']._serialized_options = b'\342A\001\001'
+  _globals['_REVOKEDTOKEN']._serialized_start=133
+  _globals['_REVOKEDTOKEN']._serialized_end=299
+  _globals['_REVOKETOKENREQUEST']._serialized_start=301
+  _globals['_REVOKETOKENREQUEST']._serialized_end=422
+  _globals['_REVOKETOKENRESPONSE']._serialized_start=424
+  _globals['_REVOKETOKENRESPONSE']._serialized_end=504
+  _globals['_LISTREVOKEDTOKENSREQUEST']._serialized_start=506
+  _globals['_LISTREVOKEDTOKENSREQUEST']._serialized_end=583
+  _globals['_LISTREVOKEDTOKENSRESPONSE']._serialized_start=585
+  _globals['_LISTREVOKEDTOKENSRESPONSE']._serialized_end=697
+  _globals['_TOKENSERVICE']._serialized_start=700
+  _globals['_TOKENSERVICE']._serialized_end=932
 # @@protoc_insertion_point(module_scope)

@@ -23,23 +23,46 @@ _sym_db = _symbol_database.Default()
 
 
 from agentplane.inference.v1 import inference_pb2 as agentplane_dot_inference_dot_v1_dot_inference__pb2
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n/agentplane/inference/v1/inference_service.proto\x12\x17\x61gentplane.inference.v1\x1a\'agentplane/inference/v1/inference.proto\"\xc6\x02\n\x0fGenerateRequest\x12\x17\n\x0fmodel_config_id\x18\x01 \x01(\t\x12\x15\n\rsystem_prompt\x18\x02 \x01(\t\x12\x32\n\x08messages\x18\x03 \x03(\x0b\x32 .agentplane.inference.v1.Message\x12\x36\n\x05tools\x18\x04 \x03(\x0b\x32\'.agentplane.inference.v1.ToolDefinition\x12\x38\n\x0btool_choice\x18\x05 \x01(\x0b\x32#.agentplane.inference.v1.ToolChoice\x12;\n\x07options\x18\x06 \x01(\x0b\x32*.agentplane.inference.v1.GenerationOptions\x12\x0f\n\x07user_id\x18\x07 \x01(\t\x12\x0f\n\x07\x63hat_id\x18\x08 \x01(\t\"\xf0\x02\n\x10GenerateResponse\x12\x38\n\ntext_delta\x18\x01 \x01(\x0b\x32\".agentplane.inference.v1.TextDeltaH\x00\x12\x42\n\x0freasoning_delta\x18\x02 \x01(\x0b\x32\'.agentplane.inference.v1.ReasoningDeltaH\x00\x12:\n\ttool_call\x18\x03 \x01(\x0b\x32%.agentplane.inference.v1.ToolCallPartH\x00\x12/\n\x05usage\x18\x04 \x01(\x0b\x32\x1e.agentplane.inference.v1.UsageH\x00\x12\x35\n\x05retry\x18\x05 \x01(\x0b\x32$.agentplane.inference.v1.RetryNoticeH\x00\x12\x31\n\x06\x66inish\x18\x06 \x01(\x0b\x32\x1f.agentplane.inference.v1.FinishH\x00\x42\x07\n\x05\x65vent\"W\n\x19ListProviderModelsRequest\x12\x13\n\x0bprovider_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"m\n\x1aListProviderModelsResponse\x12\x36\n\x06models\x18\x01 \x03(\x0b\x32&.agentplane.inference.v1.ProviderModel\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xf4\x01\n\x10InferenceService\x12\x61\n\x08Generate\x12(.agentplane.inference.v1.GenerateRequest\x1a).agentplane.inference.v1.GenerateResponse0\x01\x12}\n\x12ListProviderModels\x12\x32.agentplane.inference.v1.ListProviderModelsRequest\x1a\x33.agentplane.inference.v1.ListProviderModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n/agentplane/inference/v1/inference_service.proto\x12\x17\x61gentplane.inference.v1\x1a\'agentplane/inference/v1/inference.proto\x1a\x1fgoogle/api/field_behavior.proto\"\xf6\x02\n\x0fGenerateRequest\x12\x1d\n\x0fmodel_config_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1b\n\rsystem_prompt\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x38\n\x08messages\x18\x03 \x03(\x0b\x32 .agentplane.inference.v1.MessageB\x04\xe2\x41\x01\x02\x12<\n\x05tools\x18\x04 \x03(\x0b\x32\'.agentplane.inference.v1.ToolDefinitionB\x04\xe2\x41\x01\x01\x12>\n\x0btool_choice\x18\x05 \x01(\x0b\x32#.agentplane.inference.v1.ToolChoiceB\x04\xe2\x41\x01\x01\x12\x41\n\x07options\x18\x06 \x01(\x0b\x32*.agentplane.inference.v1.GenerationOptionsB\x04\xe2\x41\x01\x01\x12\x15\n\x07user_id\x18\x07 \x01(\tB\x04\xe2\x41\x01\x01\x12\x15\n\x07\x63hat_id\x18\x08 \x01(\tB\x04\xe2\x41\x01\x01\"\xf0\x02\n\x10GenerateResponse\x12\x38\n\ntext_delta\x18\x01 \x01(\x0b\x32\".agentplane.inference.v1.TextDeltaH\x00\x12\x42\n\x0freasoning_delta\x18\x02 \x01(\x0b\x32\'.agentplane.inference.v1.ReasoningDeltaH\x00\x12:\n\ttool_call\x18\x03 \x01(\x0b\x32%.agentplane.inference.v1.ToolCallPartH\x00\x12/\n\x05usage\x18\x04 \x01(\x0b\x32\x1e.agentplane.inference.v1.UsageH\x00\x12\x35\n\x05retry\x18\x05 \x01(\x0b\x32$.agentplane.inference.v1.RetryNoticeH\x00\x12\x31\n\x06\x66inish\x18\x06 \x01(\x0b\x32\x1f.agentplane.inference.v1.FinishH\x00\x42\x07\n\x05\x65vent\"i\n\x19ListProviderModelsRequest\x12\x19\n\x0bprovider_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"m\n\x1aListProviderModelsResponse\x12\x36\n\x06models\x18\x01 \x03(\x0b\x32&.agentplane.inference.v1.ProviderModel\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xf4\x01\n\x10InferenceService\x12\x61\n\x08Generate\x12(.agentplane.inference.v1.GenerateRequest\x1a).agentplane.inference.v1.GenerateResponse0\x01\x12}\n\x12ListProviderModels\x12\x32.agentplane.inference.v1.ListProviderModelsRequest\x1a\x33.agentplane.inference.v1.ListProviderModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentplane.inference.v1.inference_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GENERATEREQUEST']._serialized_start=118
-  _globals['_GENERATEREQUEST']._serialized_end=444
-  _globals['_GENERATERESPONSE']._serialized_start=447
-  _globals['_GENERATERESPONSE']._serialized_end=815
-  _globals['_LISTPROVIDERMODELSREQUEST']._serialized_start=817
-  _globals['_LISTPROVIDERMODELSREQUEST']._serialized_end=904
-  _globals['_LISTPROVIDERMODELSRESPONSE']._serialized_start=906
-  _globals['_LISTPROVIDERMODELSRESPONSE']._serialized_end=1015
-  _globals['_INFERENCESERVICE']._serialized_start=1018
-  _globals['_INFERENCESERVICE']._serialized_end=1262
+  _globals['_GENERATEREQUEST'].fields_by_name['model_config_id']._loaded_options = None
+  _globals['_GENERATEREQUEST'].fields_by_name['model_config_id']._serialized_options = b'\342A\001\001'
+  _globals['_GENERATEREQUEST'].fields_by_name['system_prompt']._loaded_options = None
+  _globals['_GENERATEREQUEST'].fields_by_name['system_prompt']._serialized_options = b'\342A\001\001'
+  _globals['_GENERATEREQUEST'].fields_by_name['messages']._loaded_options = None
+  _globals['_GENERATEREQUEST'].fields_by_name['messages']._serialized_options = b'\342A\001\002'
+  _globals['_GENERATEREQUEST'].fields_by_name['tools']._loaded_options = None
+  _globals['_GENERATEREQUEST'].fields_by_name['tools']._serialized_options = b'\342A\001\001'
+  _globals['_GENERATEREQUEST'].fields_by_name['tool_choice']._loaded_options = None
+  _globals['_GENERATEREQUEST'].fields_by_name['tool_choice']._serialized_options = b'\342A\001\001'
+  _globals['_GENERATEREQUEST'].fields_by_name['options']._loaded_options = None
+  _globals['_GENERATEREQUEST'].fields_by_name['options']._serialized_options = b'\342A\001\001'
+  _globals['_GENERATEREQUEST'].fields_by_name['user_id']._loaded_options = None
+  _globals['_GENERATEREQUEST'].fields_by_name['user_id']._serialized_options = b'\342A\001\001'
+  _globals['_GENERATEREQUEST'].fields_by_name['chat_id']._loaded_options = None
+  _globals['_GENERATEREQUEST'].fields_by_name['chat_id']._serialized_options = b'\342A\001\001'
+  _globals['_LISTPROVIDERMODELSREQUEST'].fields_by_name['provider_id']._loaded_options = None
+  _globals['_LISTPROVIDERMODELSREQUEST'].fields_by_name['provider_id']._serialized_options = b'\342A\001\002'
+  _globals['_LISTPROVIDERMODELSREQUEST'].fields_by_name['page_size']._loaded_options = None
+  _globals['_LISTPROVIDERMODELSREQUEST'].fields_by_name['page_size']._serialized_options = b'\342A\001\001'
+  _globals['_LISTPROVIDERMODELSREQUEST'].fields_by_name['page_token']._loaded_options = None
+  _globals['_LISTPROVIDERMODELSREQUEST'].fields_by_name['page_token']._serialized_options = b'\342A\001\001'
+  _globals['_GENERATEREQUEST']._serialized_start=151
+  _globals['_GENERATEREQUEST']._serialized_end=525
+  _globals['_GENERATERESPONSE']._serialized_start=528
+  _globals['_GENERATERESPONSE']._serialized_end=896
+  _globals['_LISTPROVIDERMODELSREQUEST']._serialized_start=898
+  _globals['_LISTPROVIDERMODELSREQUEST']._serialized_end=1003
+  _globals['_LISTPROVIDERMODELSRESPONSE']._serialized_start=1005
+  _globals['_LISTPROVIDERMODELSRESPONSE']._serialized_end=1114
+  _globals['_INFERENCESERVICE']._serialized_start=1117
+  _globals['_INFERENCESERVICE']._serialized_end=1361
 # @@protoc_insertion_point(module_scope)

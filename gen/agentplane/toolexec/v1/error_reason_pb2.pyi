@@ -81,6 +81,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     (FAILED_PRECONDITION). The call may have run: the calling replica waits for the agent to
     reconnect and repeats the same tool_call_id, which the agent answers without running twice.
     """
+    ERROR_REASON_WORKSPACE_BACKEND_UNAVAILABLE: _ErrorReason.ValueType  # 14
+    """The system a workspace's driver runs it on (the Kubernetes API for the kubernetes driver)
+    failed or refused a request while deleting the workspace (UNAVAILABLE; metadata
+    workspace_id). Retry; if it persists an operator checks toolexec's access to that API (its
+    Role in the workspaces namespace, docs/kubernetes.md).
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason lists the reasons about toolexec's own resources (workspaces, their drivers and
@@ -148,5 +154,11 @@ ERROR_REASON_AGENT_LOST_AFTER_SEND: ErrorReason.ValueType  # 13
 """AgentRelayService.RelayToolCall lost the agent's connection after the call was sent to it
 (FAILED_PRECONDITION). The call may have run: the calling replica waits for the agent to
 reconnect and repeats the same tool_call_id, which the agent answers without running twice.
+"""
+ERROR_REASON_WORKSPACE_BACKEND_UNAVAILABLE: ErrorReason.ValueType  # 14
+"""The system a workspace's driver runs it on (the Kubernetes API for the kubernetes driver)
+failed or refused a request while deleting the workspace (UNAVAILABLE; metadata
+workspace_id). Retry; if it persists an operator checks toolexec's access to that API (its
+Role in the workspaces namespace, docs/kubernetes.md).
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -22,10 +22,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%agentplane/toolexec/v1/toolexec.proto\x12\x16\x61gentplane.toolexec.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbf\x03\n\tWorkspace\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08owner_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x13\n\x0btemplate_id\x18\x04 \x01(\t\x12\x45\n\nparameters\x18\x05 \x03(\x0b\x32\x31.agentplane.toolexec.v1.Workspace.ParametersEntry\x12\x35\n\x05state\x18\x06 \x01(\x0e\x32&.agentplane.toolexec.v1.WorkspaceState\x12\x17\n\x0f\x66\x61ilure_message\x18\x07 \x01(\t\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x64river\x18\n \x01(\t\x12\x35\n\x05\x61gent\x18\x0b \x01(\x0b\x32&.agentplane.toolexec.v1.WorkspaceAgent\x1a\x31\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb0\x01\n\x0eWorkspaceAgent\x12\x11\n\tconnected\x18\x01 \x01(\x08\x12\x32\n\x0elast_seen_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x04 \x03(\t\x12\x30\n\x0c\x63onnect_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"N\n\x0eToolDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x19\n\x11input_schema_json\x18\x03 \x01(\t*\x86\x01\n\x0eWorkspaceState\x12\x1f\n\x1bWORKSPACE_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18WORKSPACE_STATE_CREATING\x10\x01\x12\x19\n\x15WORKSPACE_STATE_READY\x10\x02\x12\x1a\n\x16WORKSPACE_STATE_FAILED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%agentplane/toolexec/v1/toolexec.proto\x12\x16\x61gentplane.toolexec.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x81\x04\n\tWorkspace\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08owner_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x12\n\x04name\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x19\n\x0btemplate_id\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12K\n\nparameters\x18\x05 \x03(\x0b\x32\x31.agentplane.toolexec.v1.Workspace.ParametersEntryB\x04\xe2\x41\x01\x03\x12;\n\x05state\x18\x06 \x01(\x0e\x32&.agentplane.toolexec.v1.WorkspaceStateB\x04\xe2\x41\x01\x03\x12\x1d\n\x0f\x66\x61ilure_message\x18\x07 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x14\n\x06\x64river\x18\n \x01(\tB\x04\xe2\x41\x01\x03\x12;\n\x05\x61gent\x18\x0b \x01(\x0b\x32&.agentplane.toolexec.v1.WorkspaceAgentB\x04\xe2\x41\x01\x03\x1a\x31\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xce\x01\n\x0eWorkspaceAgent\x12\x17\n\tconnected\x18\x01 \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\x38\n\x0elast_seen_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x15\n\x07version\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1a\n\x0c\x63\x61pabilities\x18\x04 \x03(\tB\x04\xe2\x41\x01\x03\x12\x36\n\x0c\x63onnect_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\"N\n\x0eToolDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x19\n\x11input_schema_json\x18\x03 \x01(\t*\x86\x01\n\x0eWorkspaceState\x12\x1f\n\x1bWORKSPACE_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18WORKSPACE_STATE_CREATING\x10\x01\x12\x19\n\x15WORKSPACE_STATE_READY\x10\x02\x12\x1a\n\x16WORKSPACE_STATE_FAILED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,14 +35,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_WORKSPACE_PARAMETERSENTRY']._loaded_options = None
   _globals['_WORKSPACE_PARAMETERSENTRY']._serialized_options = b'8\001'
-  _globals['_WORKSPACESTATE']._serialized_start=808
-  _globals['_WORKSPACESTATE']._serialized_end=942
-  _globals['_WORKSPACE']._serialized_start=99
-  _globals['_WORKSPACE']._serialized_end=546
-  _globals['_WORKSPACE_PARAMETERSENTRY']._serialized_start=497
-  _globals['_WORKSPACE_PARAMETERSENTRY']._serialized_end=546
-  _globals['_WORKSPACEAGENT']._serialized_start=549
-  _globals['_WORKSPACEAGENT']._serialized_end=725
-  _globals['_TOOLDEFINITION']._serialized_start=727
-  _globals['_TOOLDEFINITION']._serialized_end=805
+  _globals['_WORKSPACE'].fields_by_name['id']._loaded_options = None
+  _globals['_WORKSPACE'].fields_by_name['id']._serialized_options = b'\342A\001\003'
+  _globals['_WORKSPACE'].fields_by_name['owner_id']._loaded_options = None
+  _globals['_WORKSPACE'].fields_by_name['owner_id']._serialized_options = b'\342A\001\003'
+  _globals['_WORKSPACE'].fields_by_name['name']._loaded_options = None
+  _globals['_WORKSPACE'].fields_by_name['name']._serialized_options = b'\342A\001\003'
+  _globals['_WORKSPACE'].fields_by_name['template_id']._loaded_options = None
+  _globals['_WORKSPACE'].fields_by_name['template_id']._serialized_options = b'\342A\001\003'
+  _globals['_WORKSPACE'].fields_by_name['parameters']._loaded_options = None
+  _globals['_WORKSPACE'].fields_by_name['parameters']._serialized_options = b'\342A\001\003'
+  _globals['_WORKSPACE'].fields_by_name['state']._loaded_options = None
+  _globals['_WORKSPACE'].fields_by_name['state']._serialized_options = b'\342A\001\003'
+  _globals['_WORKSPACE'].fields_by_name['failure_message']._loaded_options = None
+  _globals['_WORKSPACE'].fields_by_name['failure_message']._serialized_options = b'\342A\001\003'
+  _globals['_WORKSPACE'].fields_by_name['create_time']._loaded_options = None
+  _globals['_WORKSPACE'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
+  _globals['_WORKSPACE'].fields_by_name['update_time']._loaded_options = None
+  _globals['_WORKSPACE'].fields_by_name['update_time']._serialized_options = b'\342A\001\003'
+  _globals['_WORKSPACE'].fields_by_name['driver']._loaded_options = None
+  _globals['_WORKSPACE'].fields_by_name['driver']._serialized_options = b'\342A\001\003'
+  _globals['_WORKSPACE'].fields_by_name['agent']._loaded_options = None
+  _globals['_WORKSPACE'].fields_by_name['agent']._serialized_options = b'\342A\001\003'
+  _globals['_WORKSPACEAGENT'].fields_by_name['connected']._loaded_options = None
+  _globals['_WORKSPACEAGENT'].fields_by_name['connected']._serialized_options = b'\342A\001\003'
+  _globals['_WORKSPACEAGENT'].fields_by_name['last_seen_time']._loaded_options = None
+  _globals['_WORKSPACEAGENT'].fields_by_name['last_seen_time']._serialized_options = b'\342A\001\003'
+  _globals['_WORKSPACEAGENT'].fields_by_name['version']._loaded_options = None
+  _globals['_WORKSPACEAGENT'].fields_by_name['version']._serialized_options = b'\342A\001\003'
+  _globals['_WORKSPACEAGENT'].fields_by_name['capabilities']._loaded_options = None
+  _globals['_WORKSPACEAGENT'].fields_by_name['capabilities']._serialized_options = b'\342A\001\003'
+  _globals['_WORKSPACEAGENT'].fields_by_name['connect_time']._loaded_options = None
+  _globals['_WORKSPACEAGENT'].fields_by_name['connect_time']._serialized_options = b'\342A\001\003'
+  _globals['_WORKSPACESTATE']._serialized_start=937
+  _globals['_WORKSPACESTATE']._serialized_end=1071
+  _globals['_WORKSPACE']._serialized_start=132
+  _globals['_WORKSPACE']._serialized_end=645
+  _globals['_WORKSPACE_PARAMETERSENTRY']._serialized_start=596
+  _globals['_WORKSPACE_PARAMETERSENTRY']._serialized_end=645
+  _globals['_WORKSPACEAGENT']._serialized_start=648
+  _globals['_WORKSPACEAGENT']._serialized_end=854
+  _globals['_TOOLDEFINITION']._serialized_start=856
+  _globals['_TOOLDEFINITION']._serialized_end=934
 # @@protoc_insertion_point(module_scope)

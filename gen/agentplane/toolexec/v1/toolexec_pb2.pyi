@@ -98,8 +98,8 @@ class Workspace(_message.Message):
     failure_message: _builtins.str
     """Why creation failed, when state is FAILED."""
     driver: _builtins.str
-    """Where the workspace's agent runs: "local" (a sandbox on a toolexec host) or "external"
-    (anywhere, started by whoever holds the agent token).
+    """Where the workspace's agent runs: "local" (a sandbox on a toolexec host), "external"
+    (anywhere, started by whoever holds the agent token) or "kubernetes" (its own pod).
     """
     @_builtins.property
     def parameters(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:

@@ -95,8 +95,9 @@ class CreateWorkspaceRequest(_message.Message):
     template_id: _builtins.str
     """Workspace template id or name from the config service; empty for an empty workspace."""
     driver: _builtins.str
-    """Where the agent runs: "local" (default: a sandbox on the toolexec host, started by toolexec)
-    or "external" (the response carries the token and the command to run the agent anywhere).
+    """Where the agent runs: "local" (a sandbox on the toolexec host, started by toolexec),
+    "external" (the response carries the token and the command to run the agent anywhere) or
+    "kubernetes" (a pod per workspace, started by toolexec); empty: the deployment's default.
     """
     @_builtins.property
     def parameters(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -371,7 +372,11 @@ class CallToolRequest(_message.Message):
     workspace_id: _builtins.str
     """The workspace to act in."""
     tool_call_id: _builtins.str
-    """The model's id for this call; the ledger key together with the workspace."""
+    """The call's id (at most 256 characters); the ledger key together with the workspace: a repeat
+    with the same id is answered from the ledger and never runs twice. It must be unique among
+    all calls ever made in the workspace, so callers namespace the model's id, which providers
+    may omit or reuse (the chat service sends "<chat id>/<message id>/<index>/<model's id>").
+    """
     name: _builtins.str
     """The tool's name."""
     arguments_json: _builtins.str

@@ -98,7 +98,9 @@ class ToolExecServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteWorkspace(self, request, context):
-        """DeleteWorkspace kills the workspace's processes and removes it.
+        """DeleteWorkspace kills the workspace's processes and removes it. Idempotent: deleting a
+        workspace that is already gone succeeds, and so does naming another user's workspace (which
+        is left untouched).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

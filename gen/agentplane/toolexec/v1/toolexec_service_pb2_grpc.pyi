@@ -40,7 +40,10 @@ class ToolExecServiceStub:
     ListWorkspaces: _grpc.UnaryUnaryMultiCallable[_toolexec_service_pb2.ListWorkspacesRequest, _toolexec_service_pb2.ListWorkspacesResponse]
     """ListWorkspaces lists the caller's workspaces (admins may list any owner's)."""
     DeleteWorkspace: _grpc.UnaryUnaryMultiCallable[_toolexec_service_pb2.DeleteWorkspaceRequest, _toolexec_service_pb2.DeleteWorkspaceResponse]
-    """DeleteWorkspace kills the workspace's processes and removes it."""
+    """DeleteWorkspace kills the workspace's processes and removes it. Idempotent: deleting a
+    workspace that is already gone succeeds, and so does naming another user's workspace (which
+    is left untouched).
+    """
     ListTools: _grpc.UnaryUnaryMultiCallable[_toolexec_service_pb2.ListToolsRequest, _toolexec_service_pb2.ListToolsResponse]
     """ListTools returns the definitions of the workspace tools, to pass to a model unchanged."""
     CallTool: _grpc.UnaryUnaryMultiCallable[_toolexec_service_pb2.CallToolRequest, _toolexec_service_pb2.CallToolResponse]
@@ -66,7 +69,10 @@ class ToolExecServiceAsyncStub(ToolExecServiceStub):
     ListWorkspaces: _aio.UnaryUnaryMultiCallable[_toolexec_service_pb2.ListWorkspacesRequest, _toolexec_service_pb2.ListWorkspacesResponse]  # type: ignore[assignment]
     """ListWorkspaces lists the caller's workspaces (admins may list any owner's)."""
     DeleteWorkspace: _aio.UnaryUnaryMultiCallable[_toolexec_service_pb2.DeleteWorkspaceRequest, _toolexec_service_pb2.DeleteWorkspaceResponse]  # type: ignore[assignment]
-    """DeleteWorkspace kills the workspace's processes and removes it."""
+    """DeleteWorkspace kills the workspace's processes and removes it. Idempotent: deleting a
+    workspace that is already gone succeeds, and so does naming another user's workspace (which
+    is left untouched).
+    """
     ListTools: _aio.UnaryUnaryMultiCallable[_toolexec_service_pb2.ListToolsRequest, _toolexec_service_pb2.ListToolsResponse]  # type: ignore[assignment]
     """ListTools returns the definitions of the workspace tools, to pass to a model unchanged."""
     CallTool: _aio.UnaryUnaryMultiCallable[_toolexec_service_pb2.CallToolRequest, _toolexec_service_pb2.CallToolResponse]  # type: ignore[assignment]
@@ -113,7 +119,10 @@ class ToolExecServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _toolexec_service_pb2.DeleteWorkspaceRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_toolexec_service_pb2.DeleteWorkspaceResponse, _abc.Awaitable[_toolexec_service_pb2.DeleteWorkspaceResponse]]:
-        """DeleteWorkspace kills the workspace's processes and removes it."""
+        """DeleteWorkspace kills the workspace's processes and removes it. Idempotent: deleting a
+        workspace that is already gone succeeds, and so does naming another user's workspace (which
+        is left untouched).
+        """
 
     @_abc_1.abstractmethod
     def ListTools(
