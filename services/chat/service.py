@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from services.chat.notify import Notifier
 from services.chat.store import PB_TO_STATUS, WATCH_CHANNEL, ChatStore, chat_not_found, parse_uuid
 from services.common import auth
 from services.common.errors import Aborted, FailedPrecondition, InvalidArgument, PermissionDenied
+
+log = logging.getLogger(__name__)
 
 MAX_TITLE = 200
 MAX_REQUEST_ID = 200
@@ -303,7 +306,10 @@ class ChatAPI:
         chat_id = parse_uuid("chat_id", req.chat_id)
         request_id = _request_id(req.request_id)
         if not request_id:
-            return await self._compact(owner, chat_id)
+            summary = await self._compact(owner, chat_id)
+            return chat_service_pb2.CompactChatResponse(
+                chat=await self.store.get_chat(owner, chat_id), summary=summary
+            )
         key = (owner, request_id)
         running = self._compactions.get(key)
         if running is None:
@@ -336,18 +342,30 @@ class ChatAPI:
                 metadata={"chat_id": chat_id, "request_id": request_id},
             )
         try:
-            resp = await self._compact(owner, chat_id)
+            summary = await self._compact(owner, chat_id)
         except BaseException:
-            # Nothing was stored: let a repeat compact again. (If even this fails, the key goes
-            # stale and a repeat takes it over after COMPACT_CLAIM_STALE_SECONDS.)
+            # No summary was stored (storing it is the last step): let a repeat compact again. If
+            # even this fails, the key goes stale and a repeat takes it over after
+            # COMPACT_CLAIM_STALE_SECONDS.
             with contextlib.suppress(Exception):
                 await asyncio.shield(self.store.drop_request(owner, "compact", request_id))
             raise
-        await self.store.finish_request(owner, "compact", request_id, resp.summary.id)
-        return resp
+        try:
+            await self.store.finish_request(owner, "compact", request_id, summary.id)
+        except Exception:
+            # The summary is stored: this caller gets it. Repeats see the key running until it
+            # goes stale, then compact again; better than failing a compaction that happened.
+            log.warning(
+                "could not record the result of a CompactChat request id",
+                extra={"chat_id": chat_id},
+                exc_info=True,
+            )
+        return chat_service_pb2.CompactChatResponse(
+            chat=await self.store.get_chat(owner, chat_id), summary=summary
+        )
 
-    async def _compact(self, owner: str, chat_id: str) -> chat_service_pb2.CompactChatResponse:
-        """Summarize the owner's idle chat now (one model call) and store the summary."""
+    async def _compact(self, owner: str, chat_id: str) -> chat_pb2.Message:
+        """Summarize the owner's idle chat now (one model call); the stored summary message."""
         chat = await self.store.get_chat(owner, chat_id)
         if chat.status in (chat_pb2.CHAT_STATUS_RUNNING, chat_pb2.CHAT_STATUS_PENDING):
             raise FailedPrecondition(
@@ -370,10 +388,7 @@ class ChatAPI:
         )
         if info.agents_md is None:
             info.agents_md = ""  # not read outside a run: reading needs a fenced write
-        summary = await compact(ctx, info, history, fenced=False)
-        return chat_service_pb2.CompactChatResponse(
-            chat=await self.store.get_chat(owner, chat_id), summary=summary
-        )
+        return await compact(ctx, info, history, fenced=False)
 
     async def get_usage(self, req: chat_service_pb2.GetUsageRequest) -> chat_service_pb2.GetUsageResponse:
         """Usage of the caller (or, for admins, any user) over a time range."""

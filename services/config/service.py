@@ -205,7 +205,7 @@ class ConfigService:
         """ListProviders (admin or service)."""
         _require_admin_or_service()
         size = pagination.page_size(page_size)
-        after = pagination.decode_token("providers", page_token)
+        after = pagination.decode_token("providers", page_token, pagination.TIME_AND_ID)
         rows = await self._store.list_providers(after, size + 1)
         token = ""
         if len(rows) > size:
@@ -339,7 +339,7 @@ class ConfigService:
         size = pagination.page_size(req.page_size)
         provider_id = validation.uuid_field("provider_id", req.provider_id) if req.provider_id else ""
         kind = f"models:{provider_id}:{int(include_disabled)}"
-        after = pagination.decode_token(kind, req.page_token)
+        after = pagination.decode_token(kind, req.page_token, pagination.TIME_AND_ID)
         rows = await self._store.list_models(
             after, size + 1, provider_id=provider_id, include_disabled=include_disabled
         )
@@ -488,7 +488,7 @@ class ConfigService:
         include_disabled = req.include_disabled and _sees_disabled()
         size = pagination.page_size(req.page_size)
         kind = f"templates:{int(include_disabled)}"
-        after = pagination.decode_token(kind, req.page_token)
+        after = pagination.decode_token(kind, req.page_token, pagination.NAME)
         rows = await self._store.list_templates(after, size + 1, include_disabled=include_disabled)
         token = ""
         if len(rows) > size:

@@ -165,6 +165,7 @@ def _validate_message(message: inference_pb2.Message, field: str, call_ids: set[
 
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
+PAGE_TOKEN = re.compile(r"o[0-9]{1,9}\Z")
 
 
 def validate_list_models(request: inference_service_pb2.ListProviderModelsRequest) -> tuple[int, int]:
@@ -176,7 +177,8 @@ def validate_list_models(request: inference_service_pb2.ListProviderModelsReques
     size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
     offset = 0
     if request.page_token:
-        if not request.page_token.startswith("o") or not request.page_token[1:].isdigit():
+        # ASCII digits only: str.isdigit() also accepts '²' and '٣', which int() refuses or reads.
+        if not PAGE_TOKEN.match(request.page_token):
             raise InvalidArgument("page_token", "is not a token from a previous response")
         offset = int(request.page_token[1:])
     return offset, size

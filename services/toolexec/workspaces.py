@@ -368,8 +368,11 @@ def _decode_token(token: str, owner: str) -> tuple[dt.datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         data = json.loads(raw)
-        position = (dt.datetime.fromisoformat(data["t"]), str(data["i"]))
+        position = (dt.datetime.fromisoformat(data["t"]), data["i"])
         token_owner = data["o"]
+        # Tokens are not tamper-proof: an id of any other form would reach the query as it is.
+        if not isinstance(position[1], str) or not WORKSPACE_ID_RE.match(position[1]):
+            raise ValueError(position[1])
     except (binascii.Error, ValueError, KeyError, TypeError):
         raise InvalidArgument(
             "page_token", "is not a token from a previous ListWorkspaces response"

@@ -15,6 +15,8 @@ draws new ones on each run (with the seed to reproduce a failure printed by hypo
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 from collections.abc import AsyncIterator
 
@@ -48,21 +50,60 @@ CALLERS: dict[str, tuple[str, str, str]] = {
 NOT_SERVED = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection")
 
 
+PAGED = [t for t in ALL_RPCS if {"page_token", "page_size"} <= set(t.method.input_type.fields_by_name)]
+# Page tokens no server wrote: digits that are not ASCII, far too many of them, broken base64,
+# and JSON (padded or not) with the keys the services' tokens use and values of the wrong kind.
+ODD_PAYLOADS: list[object] = [
+    {},
+    [],
+    {"s": 1e300},
+    {"s": 10**21},
+    {"o": -1},
+    {"o": 10**30},
+    {"u": "9999-12-31T23:59:59", "i": "00000000-0000-0000-0000-000000000000"},
+    {"u": 5, "i": None},
+    {"k": "providers", "p": ["x", "y"]},
+    {"k": "templates:0", "p": [None]},
+    {"k": "models::0", "p": ["2020-01-01T00:00:00+00:00", "not-a-uuid"]},
+    {"o": "alice", "t": "x", "i": 1},
+    {"o": "alice", "t": "2020-01-01T00:00:00+00:00", "i": "\u0000"},
+    {"o": "alice", "t": "2020-01-01T00:00:00+00:00", "i": {"a": 1}},
+    {"k": "templates:0", "p": ["\u0000"]},
+    {"u": "2020-01-01T00:00:00+00:00", "i": "\u0000"},
+]
+ODD_PAGE_TOKENS = [
+    "o\u00b2",
+    "o\u0663",
+    "o" + "9" * 5000,
+    "o-1",
+    "!!!",
+    *(
+        encoded
+        for payload in ODD_PAYLOADS
+        for encoded in {
+            base64.urlsafe_b64encode(json.dumps(payload).encode()).decode(),
+            base64.urlsafe_b64encode(json.dumps(payload).encode()).decode().rstrip("="),
+        }
+    ),
+]
+
+
+def _paged_request(world: World, target: Rpc, **fields: object) -> Message:
+    """A request of a List RPC on the world's data (the ids it needs filled in)."""
+    request = target.request_class(**fields)
+    names = target.method.input_type.fields_by_name
+    for name, value in (("chat_id", world.users["alice"].busy_chat_id), ("provider_id", world.provider_id)):
+        if name in names:
+            setattr(request, name, value)
+    return request
+
+
 async def _page_tokens(world: World) -> list[str]:
     """Real next-page tokens of every List RPC that gives one on a page of one item."""
     tokens: list[str] = []
-    for target in ALL_RPCS:
-        fields = target.method.input_type.fields_by_name
-        if "page_token" not in fields or "page_size" not in fields:
-            continue
+    for target in PAGED:
         for caller in ("admin", "alice", "chat-for-alice"):
-            request = target.request_class(page_size=1)
-            for name, value in (
-                ("chat_id", world.users["alice"].busy_chat_id),
-                ("provider_id", world.provider_id),
-            ):
-                if name in fields:
-                    setattr(request, name, value)
+            request = _paged_request(world, target, page_size=1)
             subject, role, acting = CALLERS[caller]
             try:
                 [response] = await invoke(
@@ -124,6 +165,18 @@ def _metadata(world: World, caller: str, garbage: str) -> list[tuple[str, str]]:
         return [(auth.AUTHORIZATION_METADATA_KEY, f"Bearer {garbage}")]
     subject, role, acting = CALLERS[caller]
     return world.metadata(subject, role, acting)
+
+
+@pytest.mark.parametrize("target", PAGED, ids=lambda t: t.name)
+async def test_every_list_takes_any_page_token(world: World, target: Rpc) -> None:
+    # The tokens above on every paginated RPC, by callers that get past its authorization.
+    for token in ODD_PAGE_TOKENS:
+        for caller in ("admin", "alice", "chat-for-alice"):
+            request = _paged_request(world, target, page_token=token)
+            try:
+                await invoke(world.channel(target.server), target, request, _metadata(world, caller, ""))
+            except grpc.aio.AioRpcError as exc:
+                check_error(exc, f"{target.name} as {caller} with page token {token[:20]!r}")
 
 
 @pytest.mark.parametrize("target", ALL_RPCS, ids=lambda t: t.name)

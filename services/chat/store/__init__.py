@@ -6,7 +6,7 @@
 |---|---|
 | `rows` | rows <-> protobuf messages, page tokens, `parse_uuid`, status and role maps, errors |
 | `eventlog` | `EventLog`: the one writer of changes (seqs, messages, durable events) |
-| `chats` | `Chats`: create, get, list, update, delete, fork, usage, event replay |
+| `chats` | `Chats`: create, get, list, update, delete, fork, usage, event replay, watches, request keys |
 | `messages` | `Messages`: send (the busy/idle rule), edit, queue, interrupt |
 | `leases` | `Leases`: claim, renew, sweep, release |
 | `runs` | `Runs`: the fenced writes of a run (the loop's `Store` protocol) |
