@@ -492,6 +492,13 @@ async def _race_interrupt(ctx: RunContext, work: Coroutine[Any, Any, None]) -> b
     waiter = asyncio.ensure_future(ctx.interrupted.wait())
     try:
         await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        # The run itself is cancelled (its replica stopping): the work goes with it, or it would
+        # stream on in an orphaned task and write after the run (and the pool) ended.
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        raise
     finally:
         waiter.cancel()
     if task.done():

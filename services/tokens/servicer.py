@@ -99,7 +99,11 @@ class TokenServicer(pb_grpc.TokenServiceServicer):
 
 def _decode(token: str) -> str:
     try:
-        return base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
+        after = base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
+        # A token id never holds NUL (Postgres text cannot): this token was not written by us.
+        if "\x00" in after:
+            raise ValueError(after)
+        return after
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise InvalidArgument(
             "page_token", "is not a token from a previous ListRevokedTokens response"

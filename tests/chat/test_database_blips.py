@@ -202,3 +202,46 @@ async def test_chats_survive_quick_database_restarts_and_an_outage(
     finally:
         await stop_stack(stack)
         await proxy.cut()
+
+
+async def _generation(database_url: str, chat_id: str) -> int:
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        cur = await conn.execute("SELECT generation FROM chat_chats WHERE id = %s", (chat_id,))
+        row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+@pytest.mark.timeout(60)
+async def test_a_worker_that_loses_its_liveness_session_stops_its_runs(
+    settings: Settings, make_token: Callable[..., str], workspaces_dir: str
+) -> None:
+    """Only the session holding the worker's liveness lock ends: from then on other replicas may
+    take its chats, so its runs stop at once; the chat is handed back and finishes once."""
+    stack = await start_stack(settings, make_token, workspaces_dir, chat_settings=LONG_LEASE, script=SCRIPT)
+    db_url = stack.settings.require_database_url()
+    try:
+        [chat_id] = await _start_chats(stack, 1)
+        before = await _generation(db_url, chat_id)
+        async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as admin:
+            cur = await admin.execute(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 10000)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND application_name = %s",
+                (APPLICATION_NAME,),
+            )
+            row = await cur.fetchone()
+        assert row is not None and row[0] == 1, "the worker held its liveness lock"
+        # The run stopped (its generation is over) and a new one generates the reply again.
+        await wait_until(
+            lambda: _generation(db_url, chat_id), until=lambda g: g > before, what="the run to be stopped"
+        )
+        await wait_until(
+            lambda: stack.sim.gate("final"),
+            until=lambda gate: gate.arrived >= 2 and gate.held == 1,
+            what="a new run generating, the stopped one's stream closed",
+        )
+        await stack.sim.open_gate("final")
+        await stack.wait_status(chat_id, chat_pb2.CHAT_STATUS_WAITING)
+        await _check_answers(stack, [chat_id])
+    finally:
+        await stop_stack(stack)

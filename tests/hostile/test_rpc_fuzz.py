@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 import grpc
 import grpc.aio
 import pytest
-from agentplane.toolexec.v1 import toolexec_service_pb2
+from agentplane.toolexec.v1 import toolexec_service_pb2, workspace_agent_service_pb2
 from google.protobuf import descriptor_pool
 from google.protobuf.message import Message
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -77,6 +77,8 @@ ODD_PAGE_TOKENS = [
     "o" + "9" * 5000,
     "o-1",
     "!!!",
+    "AAAA",  # three NUL bytes
+    "A000A000A00A",
     *(
         encoded
         for payload in ODD_PAYLOADS
@@ -228,7 +230,8 @@ async def test_an_agent_with_its_token_and_any_first_message(
     # within the hello's limits). A valid hello is welcomed; the stream is then closed.
     workspace_id, token = agent
     target = next(t for t in ALL_RPCS if t.name == "WorkspaceAgentService.Connect")
-    first = data.draw(fuzzer.message(target.method.input_type), label="first message")
+    first = data.draw(fuzzer.message(workspace_agent_service_pb2.ConnectRequest.DESCRIPTOR), label="first")
+    assert isinstance(first, workspace_agent_service_pb2.ConnectRequest)
     if data.draw(st.booleans(), label="a hello for its own workspace"):
         first.hello.workspace_id = workspace_id
     channel = world.channel("toolexec")

@@ -1,0 +1,373 @@
+"""What the fault tests run: scripted chats whose every reply and side effect is recognisable,
+clients that retry the way a real one does, and live followers that reconnect.
+
+Each chat has a marker (`c07`) and a conversation of its own in the simulator's script. For its
+k-th user message the model first calls `execute` (one or two calls), each appending a token
+(`c07-k-i`) to `effects.log` in the chat's workspace, then streams a text reply (`c07 reply k:
+...`). So the invariants can name what each chat should hold (`ChatPlan.expected`), and the side
+effects of every tool call are counted in the workspace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import grpc.aio
+from agentplane.chat.v1 import chat_pb2, chat_service_pb2
+
+from services.common.rpc_errors import error_info
+from tests.faults.invariants import WAITING, ChatExpectation, signature_of_calls
+from tests.faults.stack import FaultStack
+from tests.helpers import wait_until
+
+EFFECTS_FILE = "effects.log"
+# Codes a client retries (with the same request id): the server went away, the database blipped.
+RETRIED = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED}
+
+
+@dataclass
+class TurnPlan:
+    """What the model does for one user message: tool calls (their tokens), then a reply."""
+
+    calls: list[str]
+    reply: str
+    tool_seconds: float = 0.0
+    # Simulator faults of this turn's tool-call generation and of its reply (script form).
+    call_fault: dict[str, Any] | None = None
+    reply_fault: dict[str, Any] | None = None
+    reply_gate: dict[str, Any] | str | None = None
+    # A command that waits for this file in the workspace after appending its token.
+    tool_gate: str | None = None
+
+    def command(self, token: str) -> str:
+        command = f"echo {token} >> {EFFECTS_FILE}"
+        if self.tool_gate:
+            command += f"; while [ ! -e {self.tool_gate} ]; do sleep 0.02; done"
+        if self.tool_seconds:
+            command += f"; sleep {self.tool_seconds}"
+        return command
+
+    def turns(self, token_delay_ms: float) -> list[dict[str, Any]]:
+        """The two script turns (a tool step, a text step); one when the turn has no calls."""
+        out: list[dict[str, Any]] = []
+        if self.calls:
+            step: dict[str, Any] = {
+                "tool_calls": [
+                    {"name": "execute", "arguments": {"command": self.command(t), "timeout_seconds": 60}}
+                    for t in self.calls
+                ]
+            }
+            if self.call_fault:
+                step["fault"] = self.call_fault
+            out.append(step)
+        reply: dict[str, Any] = {"text": self.reply, "token_delay_ms": token_delay_ms}
+        if self.reply_fault:
+            reply["fault"] = self.reply_fault
+        if self.reply_gate:
+            reply["gate"] = self.reply_gate
+        out.append(reply)
+        return out
+
+
+@dataclass
+class ChatPlan:
+    """One chat of a scenario: its marker, workspace, model and the turns of its user messages."""
+
+    marker: str
+    workspace_id: str
+    turns: list[TurnPlan]
+    model: str = ""
+    token_delay_ms: float = 10.0
+
+    def message(self, k: int) -> str:
+        """The k-th user message (the first names the conversation the simulator plays)."""
+        return f"[{self.marker}] message {k}"
+
+    def conversation(self) -> dict[str, Any]:
+        turns: list[dict[str, Any]] = []
+        for turn in self.turns:
+            turns += turn.turns(self.token_delay_ms)
+        return {"match": f"[{self.marker}]", "turns": turns}
+
+    def expected(self) -> dict[str, list[str]]:
+        """User message -> the signatures of its assistant messages, in order."""
+        out: dict[str, list[str]] = {}
+        for k, turn in enumerate(self.turns):
+            sigs = [signature_of_calls(turn.calls)] if turn.calls else []
+            out[self.message(k)] = [*sigs, turn.reply]
+        return out
+
+
+def reply_text(marker: str, k: int, words: int) -> str:
+    return f"{marker} reply {k}: " + " ".join(f"w{i}" for i in range(words))
+
+
+def plan_turns(
+    rng: random.Random,
+    marker: str,
+    count: int,
+    *,
+    words: tuple[int, int] = (20, 40),
+    tool_seconds: float = 0.0,
+    tools: bool = True,
+) -> list[TurnPlan]:
+    """`count` turns with one or two tool calls each (or none) and replies of a random length."""
+    out = []
+    for k in range(count):
+        calls = [f"{marker}-{k}-{i}" for i in range(rng.choice((1, 1, 2)))] if tools else []
+        out.append(
+            TurnPlan(calls=calls, reply=reply_text(marker, k, rng.randint(*words)), tool_seconds=tool_seconds)
+        )
+    return out
+
+
+def script_data(plans: Sequence[ChatPlan]) -> list[dict[str, Any]]:
+    return [p.conversation() for p in plans]
+
+
+@dataclass
+class TrackedChat:
+    """A chat the test drives: what it sent, in order, and what it expects."""
+
+    plan: ChatPlan
+    chat_id: str = ""
+    sent: list[str] = field(default_factory=list)
+
+    @property
+    def remaining(self) -> int:
+        return len(self.plan.turns) - len(self.sent)
+
+    def expectation(self, stack: FaultStack, **kwargs: Any) -> ChatExpectation:
+        return ChatExpectation(
+            chat_id=self.chat_id,
+            label=self.plan.marker,
+            sent=list(self.sent),
+            replies=self.plan.expected(),
+            effects_path=f"{stack.workspace_path(self.plan.workspace_id)}/{EFFECTS_FILE}",
+            token_prefix=f"{self.plan.marker}-",
+            **kwargs,
+        )
+
+
+class Client:
+    """Sends CreateChat / SendMessage as a careful client does: with a request id, retried (same
+    id) on whichever replica `addresses()` offers while the one it used is gone or the database
+    blips, for at most `within` seconds. Any other failure fails the test."""
+
+    def __init__(
+        self,
+        stack: FaultStack,
+        rng: random.Random,
+        addresses: Callable[[], Sequence[str]] | None = None,
+        within: float = 60.0,
+    ) -> None:
+        self._stack = stack
+        self._rng = rng
+        self._addresses = addresses or (lambda: [stack.chat.address])
+        self._within = within
+        self.retries = 0
+
+    async def _call(self, method: str, request: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._within
+        while True:
+            address = self._rng.choice(list(self._addresses()))
+            try:
+                return await getattr(self._stack.stub(address), method)(request, timeout=15)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in RETRIED or loop.time() > deadline:
+                    raise AssertionError(
+                        f"{method} failed: {exc.code().name} {error_info(exc)} {exc.details()}"
+                    ) from exc
+                self.retries += 1
+            # A client's backoff before the next attempt, not a wait for some state.
+            await asyncio.sleep(0.05)
+
+    async def create(self, chat: TrackedChat) -> None:
+        """CreateChat with the plan's first message."""
+        text = chat.plan.message(0)
+        request = chat_service_pb2.CreateChatRequest(
+            content=content(text),
+            workspace_id=chat.plan.workspace_id,
+            model_config_id=chat.plan.model,
+            request_id=f"create-{uuid.uuid4().hex}",
+        )
+        resp = await self._call("CreateChat", request)
+        chat.chat_id = resp.chat.id
+        chat.sent.append(text)
+
+    async def send(self, chat: TrackedChat) -> None:
+        """SendMessage with the plan's next message (queued when the chat is busy)."""
+        text = chat.plan.message(len(chat.sent))
+        request = chat_service_pb2.SendMessageRequest(
+            chat_id=chat.chat_id, content=content(text), request_id=f"send-{uuid.uuid4().hex}"
+        )
+        await self._call("SendMessage", request)
+        chat.sent.append(text)
+
+
+async def feed(
+    chat: TrackedChat, client: Client, follower: Follower, rng: random.Random, stop: asyncio.Event
+) -> None:
+    """Send the chat's messages one after another until `stop`: usually once the previous turn is
+    over, sometimes at once (queued behind the running turn). A chat that ended in ERROR gets no
+    more (its next message would resume it with a history the script does not foresee)."""
+    while chat.remaining and not stop.is_set():
+        if rng.random() < 0.7:
+            sent = len(chat.sent)
+            state = await wait_until(
+                lambda: "stop" if stop.is_set() else follower.idle_after(sent),
+                what=f"chat {chat.plan.marker} to finish the turn of message {sent}",
+                timeout=90,
+            )
+            if state != WAITING:
+                return
+        await client.send(chat)
+
+
+def content(value: str) -> list[chat_pb2.ContentPart]:
+    return [chat_pb2.ContentPart(text=chat_pb2.TextPart(text=value))]
+
+
+class Follower:
+    """A client following a chat live from seq 0: when its stream breaks (its replica was killed,
+    the database went away) it reconnects to a replica `addresses()` offers, after the last seq
+    it got, the way a client resumes. `events` is everything it received, in order."""
+
+    def __init__(
+        self,
+        stack: FaultStack,
+        chat_id: str,
+        rng: random.Random,
+        addresses: Callable[[], Sequence[str]] | None = None,
+    ) -> None:
+        self.chat_id = chat_id
+        self.events: list[chat_pb2.ChatEvent] = []
+        self.reconnects = 0
+        self.breaks: list[str] = []
+        self._stack = stack
+        self._rng = rng
+        self._addresses = addresses or (lambda: [stack.chat.address])
+        self.task = asyncio.create_task(self._follow())
+
+    @property
+    def last_seq(self) -> int:
+        return self.events[-1].seq if self.events else 0
+
+    def idle_after(self, sent: int) -> int | None:
+        """The chat's status (WAITING or ERROR) once `sent` user messages were persisted and the
+        chat went idle after the last one; None before."""
+        users, idle = 0, None
+        for e in self.events:
+            if e.HasField("message_persisted") and e.message_persisted.role == chat_pb2.MESSAGE_ROLE_USER:
+                users, idle = users + 1, None
+            elif e.HasField("status_changed"):
+                status = e.status_changed.status
+                idle = status if status in (WAITING, chat_pb2.CHAT_STATUS_ERROR) else None
+        return idle if users >= sent else None
+
+    async def _follow(self) -> None:
+        while True:
+            address = self._rng.choice(list(self._addresses()))
+            call = self._stack.stub(address).StreamChat(
+                chat_service_pb2.StreamChatRequest(chat_id=self.chat_id, after_seq=self.last_seq)
+            )
+            try:
+                async for item in call:
+                    self.events.append(item.event)
+                self.breaks.append(f"{address}: stream ended")
+            except grpc.aio.AioRpcError as exc:
+                self.breaks.append(f"{address}: {exc.code().name} {exc.details()}")
+            finally:
+                call.cancel()
+            self.reconnects += 1
+            await asyncio.sleep(0.05)  # a client's reconnect backoff
+
+    async def close(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+
+def phase_of(events: Sequence[chat_pb2.ChatEvent]) -> str:
+    """What a chat is doing by the end of `events`: "streaming" (a reply's deltas are coming),
+    "tool" (its calls are persisted and not all finished), or "" (anything else)."""
+    finished: set[str] = set()
+    for e in reversed(events):
+        kind = e.WhichOneof("event")
+        if kind == "part_delta":
+            return "streaming"
+        if kind == "tool_call_finished":
+            finished.add(e.tool_call_finished.tool_result.tool_call_id)
+        elif kind == "tool_call_started" and e.tool_call_started.tool_call.id not in finished:
+            return "tool"
+        elif kind == "message_persisted":
+            m = e.message_persisted
+            calls = {p.tool_call.id for p in m.parts if p.WhichOneof("part") == "tool_call"}
+            return "tool" if m.role == chat_pb2.MESSAGE_ROLE_ASSISTANT and calls - finished else ""
+        elif kind in ("status_changed", "reply_discarded"):
+            return ""
+    return ""
+
+
+class Scenario:
+    """Chats of `plans` driven by one client, each followed live and fed its messages until
+    `finish()`."""
+
+    def __init__(
+        self, stack: FaultStack, rng: random.Random, addresses: Callable[[], Sequence[str]] | None = None
+    ) -> None:
+        self.stack = stack
+        self.rng = rng
+        self.addresses = addresses
+        self.client = Client(stack, rng, addresses)
+        self.chats: list[TrackedChat] = []
+        self.followers: dict[str, Follower] = {}
+        self._stop = asyncio.Event()
+        self._feeders: list[asyncio.Task[None]] = []
+
+    async def start(self, plans: Sequence[ChatPlan]) -> None:
+        """Create the chats (their first message), follow them, and start feeding the rest."""
+        for plan in plans:
+            chat = TrackedChat(plan)
+            await self.client.create(chat)
+            self.chats.append(chat)
+            self.followers[chat.chat_id] = Follower(self.stack, chat.chat_id, self.rng, self.addresses)
+        for chat in self.chats:
+            follower = self.followers[chat.chat_id]
+            rng = random.Random(self.rng.random())
+            self._feeders.append(asyncio.create_task(feed(chat, self.client, follower, rng, self._stop)))
+
+    def in_phase(self, phase: str) -> bool:
+        return any(phase_of(f.events) == phase for f in self.followers.values())
+
+    async def wait_phase(self, phase: str, within: float = 45) -> None:
+        """Until some chat is in `phase` (see `phase_of`)."""
+        await wait_until(lambda: self.in_phase(phase), what=f"a chat in phase {phase!r}", timeout=within)
+
+    async def finish(self) -> None:
+        """Send no more messages (the ones sent run to their end)."""
+        self._stop.set()
+        await asyncio.gather(*self._feeders)
+
+    def expectations(self, **kwargs: Any) -> list[ChatExpectation]:
+        return [chat.expectation(self.stack, **kwargs) for chat in self.chats]
+
+    @property
+    def reconnects(self) -> int:
+        return sum(f.reconnects for f in self.followers.values())
+
+    async def close(self) -> None:
+        self._stop.set()
+        for task in self._feeders:
+            task.cancel()
+        await asyncio.gather(*self._feeders, return_exceptions=True)
+        for follower in self.followers.values():
+            await follower.close()
