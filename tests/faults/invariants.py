@@ -87,6 +87,8 @@ class ChatExpectation:
     token_prefix: str = ""
     # ERROR reasons this chat may end with: None any (with a reason and a message), empty none.
     allowed_errors: Collection[str] | None = None
+    # The chat must end in ERROR (with one of `allowed_errors`): its fault outlasts every retry.
+    must_fail: bool = False
     # Deltas may be missing from the replay after the turn, or from the live follower's stream
     # (they crossed a Redis outage; see the module docstring).
     replay_may_lose_deltas: bool = False
@@ -146,6 +148,8 @@ def errored(events: Iterable[chat_pb2.ChatEvent]) -> bool:
 
 def status_violations(exp: ChatExpectation, chat: chat_pb2.Chat) -> list[str]:
     out = []
+    if exp.must_fail and chat.status != ERROR:
+        out.append(f"expected to end in ERROR ({sorted(exp.allowed_errors or [])}), ended {_status(chat)}")
     if chat.status == ERROR:
         err = chat.last_error
         if not err.reason or not err.message:
@@ -159,6 +163,11 @@ def status_violations(exp: ChatExpectation, chat: chat_pb2.Chat) -> list[str]:
             f"not settled: {chat_pb2.ChatStatus.Name(chat.status)} with {chat.queued_message_count} queued"
         )
     return out
+
+
+def _status(chat: chat_pb2.Chat) -> str:
+    status = chat_pb2.ChatStatus.Name(chat.status).removeprefix("CHAT_STATUS_")
+    return f"{status} {chat.last_error.reason}" if chat.status == ERROR else status
 
 
 def history_violations(
@@ -297,6 +306,15 @@ def stream_violations(
     return out
 
 
+def read_lines(path: str) -> list[str]:
+    """The lines of a small local file (none when it does not exist)."""
+    try:
+        with open(path) as f:
+            return f.read().splitlines()
+    except FileNotFoundError:
+        return []
+
+
 def _deltas_of(events: Sequence[chat_pb2.ChatEvent], message_id: str) -> list[str]:
     return [
         e.part_delta.text
@@ -397,13 +415,7 @@ async def _observe(access: ChatAccess, stub: Any, exp: ChatExpectation, chat: ch
         )
         durable = [int(r[0]) for r in await cur.fetchall()]
     replay = await _replay(stub, exp.chat_id, chat.last_seq)
-    effects: list[str] = []
-    if exp.effects_path is not None:
-        try:
-            with open(exp.effects_path) as f:
-                effects = f.read().splitlines()
-        except FileNotFoundError:
-            pass
+    effects = read_lines(exp.effects_path) if exp.effects_path is not None else []
     return Observed(chat, list(msgs.messages), list(queued.queued_messages), durable, replay, effects)
 
 
@@ -427,8 +439,8 @@ async def _replay(stub: Any, chat_id: str, last_seq: int) -> list[chat_pb2.ChatE
 async def _chat_row(database_url: str, chat_id: str) -> dict[str, Any]:
     async with await psycopg.AsyncConnection.connect(database_url) as conn:
         cur = await conn.execute(
-            "SELECT status, worker_id, lease_expires_at, generation, interrupt, last_seq, streaming_message_id,"
-            " last_error_reason FROM chat_chats WHERE id = %s",
+            "SELECT status, worker_id, lease_expires_at, generation, interrupt, last_seq,"
+            " streaming_message_id, last_error_reason FROM chat_chats WHERE id = %s",
             (chat_id,),
         )
         row = await cur.fetchone()
@@ -482,9 +494,7 @@ def _report(
 ) -> str:
     lines = [f"chat {exp.label} ({exp.chat_id}):", *(f"  - {v}" for v in violations)]
     if observed is not None:
-        lines.append(
-            f"  messages ({chat_pb2.ChatStatus.Name(observed.chat.status)}, last_seq {observed.chat.last_seq}):"
-        )
+        lines.append(f"  messages ({_status(observed.chat)}, last_seq {observed.chat.last_seq}):")
         lines += [f"    {_describe(m)}" for m in observed.messages]
         if observed.effects:
             mine = [line for line in observed.effects if line.startswith(exp.token_prefix)]

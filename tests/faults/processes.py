@@ -55,7 +55,8 @@ class ServiceProcess:
 
     async def start(self, within: float = 60.0) -> None:
         """Spawn the process and wait until its health check answers SERVING."""
-        with open(self.log_path, "ab") as log:  # handed to the child; closed here right after
+        # The child's output goes to a local file (opened in microseconds), closed here once handed over.
+        with open(self.log_path, "ab") as log:  # noqa: ASYNC230
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",

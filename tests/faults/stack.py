@@ -170,7 +170,8 @@ async def start_fault_stack(
         else:
             toolexec_address = await toolexec(settings)
         settings = settings.with_service("toolexec", address=toolexec_address)
-        chat = await chat_server.start(settings, chat_settings, registry=CollectorRegistry())
+        own_id = replace(chat_settings, worker_id=f"in-process-{uuid.uuid4().hex[:8]}")
+        chat = await chat_server.start(settings, own_id, registry=CollectorRegistry())
         servers.append(chat)
         settings = settings.with_service("chat", address=chat.address)
     except BaseException:

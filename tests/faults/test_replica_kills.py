@@ -95,10 +95,11 @@ async def test_replicas_killed_at_random_points_keep_every_chat_whole(
             while replicas.kills < KILLS:
                 phase = rng.choice(PHASES)
                 victim = await wait_until(
-                    lambda: _victim(conn, replicas, phase),
+                    lambda phase=phase: _victim(conn, replicas, phase),  # type: ignore[misc]
                     what=f"a serving replica with a chat in phase {phase!r} (kill {replicas.kills + 1})",
                     timeout=45,
                 )
+                assert victim is not None
                 # Where in the phase it dies: a random moment of it, not its first instant.
                 await asyncio.sleep(rng.uniform(0, 0.25 if phase == "any" else 0.1))
                 await replicas.kill(victim)

@@ -223,7 +223,7 @@ async def feed(
         if rng.random() < 0.7:
             sent = len(chat.sent)
             state = await wait_until(
-                lambda: "stop" if stop.is_set() else follower.idle_after(sent),
+                lambda sent=sent: "stop" if stop.is_set() else follower.idle_after(sent),  # type: ignore[misc]
                 what=f"chat {chat.plan.marker} to finish the turn of message {sent}",
                 timeout=90,
             )
@@ -333,17 +333,28 @@ class Scenario:
         self._stop = asyncio.Event()
         self._feeders: list[asyncio.Task[None]] = []
 
-    async def start(self, plans: Sequence[ChatPlan]) -> None:
-        """Create the chats (their first message), follow them, and start feeding the rest."""
+    async def start(self, plans: Sequence[ChatPlan], *, feed_them: bool = True) -> None:
+        """Create the chats (their first message), follow them, and (unless told not to: the test
+        sends them itself) start feeding the rest."""
         for plan in plans:
             chat = TrackedChat(plan)
             await self.client.create(chat)
             self.chats.append(chat)
             self.followers[chat.chat_id] = Follower(self.stack, chat.chat_id, self.rng, self.addresses)
-        for chat in self.chats:
+        for chat in self.chats if feed_them else []:
             follower = self.followers[chat.chat_id]
             rng = random.Random(self.rng.random())
             self._feeders.append(asyncio.create_task(feed(chat, self.client, follower, rng, self._stop)))
+
+    async def wait_idle(self, within: float = 45) -> None:
+        """Until every chat is idle after the last message sent to it."""
+        for chat in self.chats:
+            follower, sent = self.followers[chat.chat_id], len(chat.sent)
+            await wait_until(
+                lambda: follower.idle_after(sent),  # noqa: B023 (awaited within the iteration)
+                what=f"chat {chat.plan.marker} to finish the turn of message {sent}",
+                timeout=within,
+            )
 
     def in_phase(self, phase: str) -> bool:
         return any(phase_of(f.events) == phase for f in self.followers.values())
@@ -351,6 +362,11 @@ class Scenario:
     async def wait_phase(self, phase: str, within: float = 45) -> None:
         """Until some chat is in `phase` (see `phase_of`)."""
         await wait_until(lambda: self.in_phase(phase), what=f"a chat in phase {phase!r}", timeout=within)
+
+    async def fed(self, within: float = 60) -> None:
+        """Until every message of every plan was sent (a chat that ended in ERROR gets no more)."""
+        async with asyncio.timeout(within):
+            await asyncio.gather(*self._feeders)
 
     async def finish(self) -> None:
         """Send no more messages (the ones sent run to their end)."""
