@@ -119,6 +119,29 @@ class LocalDriver:
                 os.chown(path, uid, gid)
         self._write_info(workspace_id, {"network": network})
 
+    def _adopt_files(self, workspace_id: str) -> None:
+        """Give the workspace's files to its uid when they belong to another one: workspaces made
+        before each had its own uid (all ran as 65534) keep working after an upgrade."""
+        if not self.sandbox.drops_privileges():
+            return
+        uid, gid = self.sandbox.ids_for(workspace_id)
+        root = self.path_of(workspace_id)
+        state = os.path.join(self.agent_dir(workspace_id), "state")
+        if os.stat(root).st_uid == uid:
+            return
+        # Called right after kill_agent: nothing of the workspace runs (its agent was the sandbox's
+        # pid 1), so no directory can be swapped for a symlink under the walk; lchown never follows.
+        log.info(
+            "giving a workspace's files to its own uid", extra={"workspace_id": workspace_id, "uid": uid}
+        )
+        for top in (root, state):
+            if not os.path.isdir(top):
+                continue
+            os.lchown(top, uid, gid)
+            for dirpath, dirnames, filenames in os.walk(top):
+                for name in dirnames + filenames:
+                    os.lchown(os.path.join(dirpath, name), uid, gid)
+
     def _info_path(self, workspace_id: str) -> str:
         return os.path.join(self.agent_dir(workspace_id), "agent.json")
 
@@ -205,6 +228,7 @@ class LocalDriver:
             netns.require()
         # A sandbox left by an earlier agent (and its network) goes before a new one starts.
         await asyncio.to_thread(self.kill_agent, workspace_id)
+        await asyncio.to_thread(self._adopt_files, workspace_id)
         info_read, info_write = os.pipe() if network else (-1, -1)
         argv = self.agent_argv(workspace_id, info_write if network else None)
         log_path = os.path.join(self.agent_dir(workspace_id), "agent.log")

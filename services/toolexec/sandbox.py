@@ -31,7 +31,7 @@ SOCKET_MOUNT = "/run/agentplane/sock"
 TEMPLATE_MOUNT = "/run/agentplane/template"
 SOCKET_NAME = "agent.sock"
 DEFAULT_WORKSPACE_UID = 65534
-# `user` mode: workspace uids in [base, base + span), one per workspace.
+# Workspace uids (as root, `user` and `bwrap` modes): [base, base + span), one per workspace.
 USER_MODE_UID_BASE = 1_000_000
 USER_MODE_UID_SPAN = 1_000_000_000
 MODES = ("auto", "bwrap", "user", "none")
@@ -57,6 +57,8 @@ class Sandbox:
     mode: str
     uid: int
     gid: int
+    # True when AGENTPLANE_WORKSPACE_UID chose one uid for every workspace (bwrap mode).
+    shared_uid: bool = False
 
     @property
     def isolated(self) -> bool:
@@ -70,11 +72,16 @@ class Sandbox:
     def ids_for(self, workspace_id: str) -> tuple[int, int]:
         """The uid and gid a workspace runs as.
 
-        In `user` mode (no namespaces) each workspace gets its own uid, derived from its id, so
-        one workspace cannot read, write or signal another's files and processes; in `bwrap`
-        mode the namespaces keep them apart and they share the workspace user.
+        Whenever we choose (toolexec is root and drops privileges), each workspace gets its own
+        uid, derived from its id. In `user` mode (no namespaces) that is what keeps one workspace
+        from reading, writing or signalling another's files and processes. In `bwrap` mode the
+        namespaces already keep them apart, but per-user limits do not follow namespaces: the
+        agent's RLIMIT_NPROC counts every process of the uid on the host, so with one shared uid a
+        workspace that starts hundreds of processes would leave every other workspace unable to
+        fork. Not as root, every workspace runs as toolexec's own user; with
+        ``AGENTPLANE_WORKSPACE_UID`` set, every bwrap workspace runs as that one uid.
         """
-        if self.mode != "user":
+        if self.mode not in ("user", "bwrap") or self.shared_uid or not self.drops_privileges():
             return self.uid, self.gid
         n = USER_MODE_UID_BASE + int(workspace_id.removeprefix("ws_")[:8], 16) % USER_MODE_UID_SPAN
         return n, n
@@ -124,7 +131,7 @@ def choose(requested: str, uid: int | None = None, gid: int | None = None) -> Sa
         raise SandboxUnavailable("AGENTPLANE_WORKSPACE_SANDBOX=user needs toolexec to run as root")
     if mode == "none":
         wuid, wgid = os.geteuid(), os.getegid()
-    return Sandbox(mode, wuid, wgid)
+    return Sandbox(mode, wuid, wgid, shared_uid=uid is not None and mode == "bwrap")
 
 
 def python_binds() -> list[str]:

@@ -19,7 +19,7 @@ from services.simulator.script import Script
 from tests.faults.datastores import PrivatePostgres, PrivateRedis
 from tests.faults.invariants import check_chats
 from tests.faults.stack import FAST_CHAT, FaultStack, start_fault_stack
-from tests.faults.workload import ChatPlan, Scenario, plan_turns, script_data
+from tests.faults.workload import ChatPlan, Probe, Scenario, plan_turns, script_data
 from tests.helpers import make_test_settings
 
 CHATS = 6
@@ -60,12 +60,16 @@ async def test_postgres_restarted_and_stopped_during_turns(
     settings = make_test_settings(database_url=postgres.url, redis_url=redis_url, keys_dir=keys_dir)
     stack = await start_fault_stack(settings, make_token, workspaces_dir)
     scenario: Scenario | None = None
+    probe = Probe(stack.database_url)
     faults: list[str] = []
     try:
         scenario = await _start(stack, rng)
+        seen = 0
         for fault in ("restart", "stop", rng.choice(("restart", "stop"))):
+            # Each fault once the chats recovered from the last one, in a phase of a turn.
+            seen = await scenario.wait_progress(probe, seen)
             phase = rng.choice(("streaming", "tool"))
-            await scenario.wait_phase(phase)
+            await scenario.wait_phase(probe, phase)
             if fault == "restart":
                 await postgres.restart()
                 faults.append(f"restart while {phase}")
@@ -76,16 +80,18 @@ async def test_postgres_restarted_and_stopped_during_turns(
                 await postgres.start_again()
                 faults.append(f"stopped {outage:.1f} s while {phase}")
         await scenario.finish()
+        print(scenario.stats())
         await check_chats(
             stack,
             scenario.expectations(),
             scenario.followers,
-            context=f"seed {fault_seed}; postgres: {', '.join(faults)}",
+            context=f"seed {fault_seed}; {scenario.stats()}; postgres: {', '.join(faults)}",
             settle_within=45,
         )
     finally:
         if scenario is not None:
             await scenario.close()
+        await probe.close()
         await stack.close()
         await postgres.close()
 
@@ -104,12 +110,15 @@ async def test_redis_stopped_and_started_during_turns(
     settings = make_test_settings(database_url=database_url, redis_url=redis.url, keys_dir=keys_dir)
     stack = await start_fault_stack(settings, make_token, workspaces_dir)
     scenario: Scenario | None = None
+    probe = Probe(stack.database_url)
     faults: list[str] = []
     try:
         scenario = await _start(stack, rng)
+        seen = 0
         for _ in range(2):
+            seen = await scenario.wait_progress(probe, seen)
             phase = rng.choice(("streaming", "tool"))
-            await scenario.wait_phase(phase)
+            await scenario.wait_phase(probe, phase)
             outage = rng.uniform(1.0, 3.0)
             await redis.stop()
             await asyncio.sleep(outage)  # the outage itself: Redis is away this long
@@ -119,14 +128,16 @@ async def test_redis_stopped_and_started_during_turns(
         # A replay after the turn reads deltas from the Redis buffer, which lost what was
         # published while Redis was away (and the restarted server is empty): by design, its
         # deltas may be missing, never duplicated or out of place.
+        print(scenario.stats())
         await check_chats(
             stack,
             scenario.expectations(allowed_errors=(), replay_may_lose_deltas=True),
             scenario.followers,
-            context=f"seed {fault_seed}; redis: {', '.join(faults)}",
+            context=f"seed {fault_seed}; {scenario.stats()}; redis: {', '.join(faults)}",
         )
     finally:
         if scenario is not None:
             await scenario.close()
+        await probe.close()
         await stack.close()
         await redis.close()

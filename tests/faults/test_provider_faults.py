@@ -98,8 +98,9 @@ async def test_provider_faults_are_retried_or_end_in_a_clear_error(
             exp.allowed_errors = reasons or ()
             exp.must_fail = reasons is not None
             expectations.append(exp)
+        print(scenario.stats())
         await check_chats(
-            stack, expectations, scenario.followers, context=f"seed {fault_seed}; faults: {faults}"
+            stack, expectations, scenario.followers, context=f"seed {fault_seed}; {scenario.stats()}; faults: {faults}"
         )
     finally:
         await scenario.close()

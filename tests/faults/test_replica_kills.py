@@ -16,7 +16,6 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-import psycopg
 import pytest
 
 from services.common.settings import Settings
@@ -24,7 +23,7 @@ from services.simulator.script import Script
 from tests.faults.invariants import check_chats
 from tests.faults.processes import ChatReplicas, ServiceProcess
 from tests.faults.stack import FaultStack, start_fault_stack
-from tests.faults.workload import ChatPlan, Scenario, plan_turns, script_data
+from tests.faults.workload import ChatPlan, Probe, Scenario, plan_turns, script_data
 from tests.helpers import wait_until
 
 KILLS = 20
@@ -33,28 +32,13 @@ CHATS = 8
 WORKSPACES = 3
 PHASES = ("streaming", "tool", "any")
 
-# Running chats of live replicas, by phase: a reply is streaming (its deltas are out, it is not
-# persisted yet), tool calls are running (the last message is an assistant message with calls),
-# or anything.
-_RUNNING = "SELECT c.worker_id FROM chat_chats c WHERE c.status = 'running' AND c.worker_id = ANY(%s)"
-_PHASE_SQL = {
-    "streaming": _RUNNING + " AND c.streaming_message_id IS NOT NULL",
-    "tool": _RUNNING
-    + " AND (SELECT m.role = 'assistant' AND m.parts @> '[{\"tool_call\": {}}]' FROM chat_messages m"
-    " WHERE m.chat_id = c.id AND NOT m.deleted ORDER BY m.seq DESC LIMIT 1)",
-    "any": _RUNNING,
-}
 
-
-async def _victim(
-    conn: psycopg.AsyncConnection[tuple[str]], replicas: ChatReplicas, phase: str
-) -> ServiceProcess | None:
+async def _victim(probe: Probe, replicas: ChatReplicas, phase: str) -> ServiceProcess | None:
     """A serving replica with a chat in `phase` now (None when there is none)."""
     ready = {r.name: r for r in replicas.ready}
     if len(ready) < 2:
         return None  # one replica must stay up to take the victim's chats over
-    cur = await conn.execute(_PHASE_SQL[phase], (list(ready),))
-    owners = sorted({row[0] for row in await cur.fetchall()})
+    owners = sorted({worker for _, worker in await probe.in_phase(phase) if worker in ready})
     return ready[owners[0]] if owners else None
 
 
@@ -75,6 +59,7 @@ async def test_replicas_killed_at_random_points_keep_every_chat_whole(
         return [stack.chat.address] + [r.address for r in replicas.ready]
 
     scenario = Scenario(stack, rng, addresses)
+    probe = Probe(stack.database_url)
     spawns: list[asyncio.Task[ServiceProcess]] = []
     kills: list[str] = []
     try:
@@ -91,28 +76,28 @@ async def test_replicas_killed_at_random_points_keep_every_chat_whole(
         await asyncio.gather(*(replicas.spawn() for _ in range(REPLICAS)))
         await scenario.start(plans)
 
-        async with await psycopg.AsyncConnection.connect(stack.database_url, autocommit=True) as conn:
-            while replicas.kills < KILLS:
-                phase = rng.choice(PHASES)
-                victim = await wait_until(
-                    lambda phase=phase: _victim(conn, replicas, phase),  # type: ignore[misc]
-                    what=f"a serving replica with a chat in phase {phase!r} (kill {replicas.kills + 1})",
-                    timeout=45,
-                )
-                assert victim is not None
-                # Where in the phase it dies: a random moment of it, not its first instant.
-                await asyncio.sleep(rng.uniform(0, 0.25 if phase == "any" else 0.1))
-                await replicas.kill(victim)
-                kills.append(f"{victim.name} ({phase})")
-                spawns.append(asyncio.create_task(replicas.spawn()))
+        while replicas.kills < KILLS:
+            phase = rng.choice(PHASES)
+            victim = await wait_until(
+                lambda: _victim(probe, replicas, phase),  # noqa: B023 (awaited in this iteration)
+                what=f"a serving replica with a chat in phase {phase!r} (kill {replicas.kills + 1})",
+                timeout=45,
+            )
+            assert victim is not None
+            # Where in the phase it dies: a random moment of it, not its first instant.
+            await asyncio.sleep(rng.uniform(0, 0.25 if phase == "any" else 0.1))
+            await replicas.kill(victim)
+            kills.append(f"{victim.name} ({phase})")
+            spawns.append(asyncio.create_task(replicas.spawn()))
         await scenario.finish()
         await asyncio.gather(*spawns)
 
+        print(scenario.stats())
         await check_chats(
             stack,
             scenario.expectations(allowed_errors=()),
             scenario.followers,
-            context=f"seed {fault_seed}; kills: {', '.join(kills)}",
+            context=f"seed {fault_seed}; {scenario.stats()}; kills: {', '.join(kills)}",
         )
         assert scenario.reconnects > 0, "no live follower reconnected across a kill"
     finally:
@@ -120,5 +105,6 @@ async def test_replicas_killed_at_random_points_keep_every_chat_whole(
             task.cancel()
         await asyncio.gather(*spawns, return_exceptions=True)
         await scenario.close()
+        await probe.close()
         await replicas.close()
         await stack.close()

@@ -27,7 +27,7 @@ from agentplane.chat.v1 import chat_pb2, chat_service_pb2
 from services.common.settings import Settings
 from services.simulator.script import Script
 from services.toolexec.local_driver import kill_agents
-from tests.faults.invariants import check_chats, tool_results
+from tests.faults.invariants import check_chats, read_lines, tool_results
 from tests.faults.processes import ServiceProcess, service_process
 from tests.faults.stack import FAST_CHAT, start_fault_stack
 from tests.faults.workload import EFFECTS_FILE, ChatPlan, Scenario, TurnPlan, reply_text, script_data
@@ -35,14 +35,6 @@ from tests.helpers import wait_until
 
 CHATS = 4
 WORKSPACES = 2
-
-
-def _lines(path: str) -> list[str]:
-    try:
-        with open(path) as f:
-            return f.read().splitlines()
-    except FileNotFoundError:
-        return []
 
 
 def _touch(path: str) -> None:
@@ -101,7 +93,7 @@ async def test_toolexec_and_agents_killed_during_execute(
                     await scenario.client.send(chat)
             tokens = {f"{p.marker}-{k}-0" for p in plans}
             await wait_until(
-                lambda: {line for ws in workspaces for line in _lines(effects[ws])},
+                lambda: {line for ws in workspaces for line in read_lines(effects[ws])},
                 until=lambda seen: tokens <= seen,  # noqa: B023 (awaited within the iteration)
                 what=f"every chat's command of turn {k} to be running",
                 timeout=30,
@@ -119,11 +111,12 @@ async def test_toolexec_and_agents_killed_during_execute(
 
         for chat in scenario.chats:
             await scenario.client.send(chat)
+        print(scenario.stats())
         await check_chats(
             stack,
             scenario.expectations(allowed_errors=()),
             scenario.followers,
-            context=f"seed {fault_seed}; faults in order: {order}",
+            context=f"seed {fault_seed}; {scenario.stats()}; faults in order: {order}",
         )
         # The faults did what the test means them to: after the toolexec kill every call has its
         # real result; after the agent kill every call's outcome is unknown.

@@ -20,6 +20,7 @@ from typing import Any
 
 import grpc
 import grpc.aio
+import psycopg
 from agentplane.chat.v1 import chat_pb2, chat_service_pb2
 
 from services.common.rpc_errors import error_info
@@ -223,7 +224,7 @@ async def feed(
         if rng.random() < 0.7:
             sent = len(chat.sent)
             state = await wait_until(
-                lambda sent=sent: "stop" if stop.is_set() else follower.idle_after(sent),  # type: ignore[misc]
+                lambda: "stop" if stop.is_set() else follower.idle_after(sent),  # noqa: B023 (awaited here)
                 what=f"chat {chat.plan.marker} to finish the turn of message {sent}",
                 timeout=90,
             )
@@ -296,27 +297,6 @@ class Follower:
             await self.task
 
 
-def phase_of(events: Sequence[chat_pb2.ChatEvent]) -> str:
-    """What a chat is doing by the end of `events`: "streaming" (a reply's deltas are coming),
-    "tool" (its calls are persisted and not all finished), or "" (anything else)."""
-    finished: set[str] = set()
-    for e in reversed(events):
-        kind = e.WhichOneof("event")
-        if kind == "part_delta":
-            return "streaming"
-        if kind == "tool_call_finished":
-            finished.add(e.tool_call_finished.tool_result.tool_call_id)
-        elif kind == "tool_call_started" and e.tool_call_started.tool_call.id not in finished:
-            return "tool"
-        elif kind == "message_persisted":
-            m = e.message_persisted
-            calls = {p.tool_call.id for p in m.parts if p.WhichOneof("part") == "tool_call"}
-            return "tool" if m.role == chat_pb2.MESSAGE_ROLE_ASSISTANT and calls - finished else ""
-        elif kind in ("status_changed", "reply_discarded"):
-            return ""
-    return ""
-
-
 class Scenario:
     """Chats of `plans` driven by one client, each followed live and fed its messages until
     `finish()`."""
@@ -356,12 +336,23 @@ class Scenario:
                 timeout=within,
             )
 
-    def in_phase(self, phase: str) -> bool:
-        return any(phase_of(f.events) == phase for f in self.followers.values())
+    async def wait_phase(self, probe: Probe, phase: str, within: float = 45) -> list[tuple[str, str]]:
+        """Until some chat is in `phase` (`PHASE_SQL`); returns (chat id, worker id) of each."""
+        return await wait_until(
+            lambda: probe.in_phase(phase), what=f"a chat in phase {phase!r}", timeout=within
+        )
 
-    async def wait_phase(self, phase: str, within: float = 45) -> None:
-        """Until some chat is in `phase` (see `phase_of`)."""
-        await wait_until(lambda: self.in_phase(phase), what=f"a chat in phase {phase!r}", timeout=within)
+    async def wait_progress(self, probe: Probe, since: int, within: float = 45) -> int:
+        """Until the chats persisted a message each (on average) after `since` messages: the
+        system recovered from the last fault. Returns the count now."""
+        count = await wait_until(
+            probe.messages,
+            until=lambda n: n is not None and n >= since + len(self.chats),
+            what=f"the chats to persist {len(self.chats)} more messages after {since}",
+            timeout=within,
+        )
+        assert count is not None
+        return count
 
     async def fed(self, within: float = 60) -> None:
         """Until every message of every plan was sent (a chat that ended in ERROR gets no more)."""
@@ -380,6 +371,17 @@ class Scenario:
     def reconnects(self) -> int:
         return sum(f.reconnects for f in self.followers.values())
 
+    def stats(self) -> str:
+        """What the faults did, as the clients saw it (for reports)."""
+        events = [e for f in self.followers.values() for e in f.events]
+        discarded = sum(1 for e in events if e.HasField("reply_discarded"))
+        retries = sum(1 for e in events if e.HasField("retry_scheduled"))
+        sent = sum(len(c.sent) for c in self.chats)
+        return (
+            f"{sent} messages sent ({self.client.retries} RPC retries), followers reconnected"
+            f" {self.reconnects} times, saw {discarded} replies discarded and {retries} retry notices"
+        )
+
     async def close(self) -> None:
         self._stop.set()
         for task in self._feeders:
@@ -387,3 +389,52 @@ class Scenario:
         await asyncio.gather(*self._feeders, return_exceptions=True)
         for follower in self.followers.values():
             await follower.close()
+
+
+# Chats of the test's database by what they are doing now: a reply streaming (its deltas are out,
+# it is not persisted yet), tool calls running (the last message is an assistant message with
+# calls), or running at all; with the worker that runs each.
+_RUNNING = "SELECT c.id::text, c.worker_id FROM chat_chats c WHERE c.status = 'running'"
+PHASE_SQL = {
+    "streaming": _RUNNING + " AND c.streaming_message_id IS NOT NULL",
+    "tool": _RUNNING
+    + " AND (SELECT m.role = 'assistant' AND m.parts @> '[{\"tool_call\": {}}]' FROM chat_messages m"
+    " WHERE m.chat_id = c.id AND NOT m.deleted ORDER BY m.seq DESC LIMIT 1)",
+    "any": _RUNNING,
+}
+
+
+class Probe:
+    """Reads the test's database directly (its own connection, made again after a restart), to
+    see what the chats are doing; a query the database cannot answer now returns None."""
+
+    def __init__(self, database_url: str) -> None:
+        self._url = database_url
+        self._conn: psycopg.AsyncConnection[tuple[Any, ...]] | None = None
+
+    async def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]] | None:
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = await psycopg.AsyncConnection.connect(
+                    self._url, autocommit=True, connect_timeout=2
+                )
+            cur = await self._conn.execute(sql, params)  # type: ignore[arg-type]
+            return list(await cur.fetchall())
+        except psycopg.OperationalError:
+            await self.close()
+            return None
+
+    async def in_phase(self, phase: str) -> list[tuple[str, str]]:
+        """(chat id, worker id) of the chats in `phase` now (none while the database is away)."""
+        return [(str(r[0]), str(r[1])) for r in await self.rows(PHASE_SQL[phase]) or []]
+
+    async def messages(self) -> int | None:
+        """How many messages the chats have persisted so far."""
+        rows = await self.rows("SELECT count(*) FROM chat_messages")
+        return int(rows[0][0]) if rows else None
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            with contextlib.suppress(psycopg.Error):
+                await conn.close()

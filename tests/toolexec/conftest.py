@@ -112,11 +112,12 @@ def ws_own(tx: Toolexec, workspace_id: str) -> None:
     sandbox = tx.server.driver.sandbox
     if not sandbox.drops_privileges():
         return
+    uid, gid = sandbox.ids_for(workspace_id)
     root = ws_path(tx, workspace_id)
     for dirpath, dirnames, filenames in os.walk(root):
         for name in [*dirnames, *filenames]:
-            os.lchown(os.path.join(dirpath, name), sandbox.uid, sandbox.gid)
-    os.lchown(root, sandbox.uid, sandbox.gid)
+            os.lchown(os.path.join(dirpath, name), uid, gid)
+    os.lchown(root, uid, gid)
 
 
 def ws_read(tx: Toolexec, workspace_id: str, rel: str) -> str:

@@ -78,10 +78,13 @@ def test_serve_refuses_without_a_sandbox(database_url: str, keys_dir: str, tmp_p
     ]
 
 
-def test_user_mode_gives_each_workspace_its_own_uid() -> None:
+def test_user_and_bwrap_modes_give_each_workspace_its_own_uid() -> None:
     user = sandbox.Sandbox("user", 65534, 65534)
     a, b = user.ids_for("ws_0123456789abcdef0123"), user.ids_for("ws_fedcba98765432100123")
     assert a != b and min(a[0], b[0]) >= sandbox.USER_MODE_UID_BASE
     assert user.ids_for("ws_0123456789abcdef0123") == a
-    # With namespaces the workspaces share the one workspace user: they cannot see each other.
-    assert sandbox.Sandbox("bwrap", 65534, 65534).ids_for("ws_0123456789abcdef0123") == (65534, 65534)
+    # With namespaces too (per-user limits such as RLIMIT_NPROC do not follow namespaces)...
+    assert sandbox.Sandbox("bwrap", 65534, 65534).ids_for("ws_0123456789abcdef0123") == a
+    # ...unless AGENTPLANE_WORKSPACE_UID chose one uid for all.
+    shared = sandbox.Sandbox("bwrap", 4242, 4242, shared_uid=True)
+    assert shared.ids_for("ws_0123456789abcdef0123") == (4242, 4242)
