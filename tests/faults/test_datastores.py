@@ -76,8 +76,13 @@ async def test_postgres_restarted_and_stopped_during_turns(
             else:
                 outage = rng.uniform(1.5, 4.0)
                 await postgres.stop()
+                # A client sends meanwhile: refused (UNAVAILABLE) until the database is back,
+                # retried with its request id, stored once.
+                sending = scenario.send_soon()
                 await asyncio.sleep(outage)  # the outage itself: the database is away this long
                 await postgres.start_again()
+                if sending is not None:
+                    await sending
                 faults.append(f"stopped {outage:.1f} s while {phase}")
         await scenario.finish()
         print(scenario.stats())
@@ -121,8 +126,11 @@ async def test_redis_stopped_and_started_during_turns(
             await scenario.wait_phase(probe, phase)
             outage = rng.uniform(1.0, 3.0)
             await redis.stop()
+            sending = scenario.send_soon()  # a client sends meanwhile
             await asyncio.sleep(outage)  # the outage itself: Redis is away this long
             await redis.start_again()
+            if sending is not None:
+                await sending
             faults.append(f"stopped {outage:.1f} s while {phase}")
         await scenario.finish()
         # A replay after the turn reads deltas from the Redis buffer, which lost what was

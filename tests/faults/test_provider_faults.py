@@ -100,7 +100,10 @@ async def test_provider_faults_are_retried_or_end_in_a_clear_error(
             expectations.append(exp)
         print(scenario.stats())
         await check_chats(
-            stack, expectations, scenario.followers, context=f"seed {fault_seed}; {scenario.stats()}; faults: {faults}"
+            stack,
+            expectations,
+            scenario.followers,
+            context=f"seed {fault_seed}; {scenario.stats()}; faults: {faults}",
         )
     finally:
         await scenario.close()

@@ -140,6 +140,8 @@ class TrackedChat:
     plan: ChatPlan
     chat_id: str = ""
     sent: list[str] = field(default_factory=list)
+    # One send at a time: `sent` is in the order the server stored the messages.
+    sending: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def remaining(self) -> int:
@@ -206,12 +208,13 @@ class Client:
 
     async def send(self, chat: TrackedChat) -> None:
         """SendMessage with the plan's next message (queued when the chat is busy)."""
-        text = chat.plan.message(len(chat.sent))
-        request = chat_service_pb2.SendMessageRequest(
-            chat_id=chat.chat_id, content=content(text), request_id=f"send-{uuid.uuid4().hex}"
-        )
-        await self._call("SendMessage", request)
-        chat.sent.append(text)
+        async with chat.sending:
+            text = chat.plan.message(len(chat.sent))
+            request = chat_service_pb2.SendMessageRequest(
+                chat_id=chat.chat_id, content=content(text), request_id=f"send-{uuid.uuid4().hex}"
+            )
+            await self._call("SendMessage", request)
+            chat.sent.append(text)
 
 
 async def feed(
@@ -353,6 +356,14 @@ class Scenario:
         )
         assert count is not None
         return count
+
+    def send_soon(self) -> asyncio.Task[None] | None:
+        """Send one more message to a random chat that has one left, now (in a task: the client
+        retries it until the service answers); None when no chat has one left."""
+        chats = [c for c in self.chats if c.remaining]
+        if not chats:
+            return None
+        return asyncio.create_task(self.client.send(self.rng.choice(chats)))
 
     async def fed(self, within: float = 60) -> None:
         """Until every message of every plan was sent (a chat that ended in ERROR gets no more)."""
