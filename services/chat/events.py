@@ -5,8 +5,9 @@ chat (bounded, so reconnecting clients find in-flight parts) when Redis is confi
 to an in-process buffer otherwise. A subscriber replays durable events from Postgres and
 buffered ones after its `after_seq`, then follows live events; a gap in the live sequence
 is filled from Postgres (the seq allocation's row lock guarantees every lower durable
-event committed before a higher seq exists). A subscriber that falls behind its bounded
-queue is dropped with RESOURCE_EXHAUSTED instead of slowing the loop.
+event committed before a higher seq exists) and from the buffer (streaming events). A
+subscriber that falls behind its bounded queue is dropped with RESOURCE_EXHAUSTED instead of
+slowing the loop.
 
 While Redis is unreachable a replica stops calling it (one warning when it goes, one line when
 it is back, a probe in between) and relays what it publishes through Postgres NOTIFY
@@ -32,6 +33,9 @@ from services.common.errors import ResourceExhausted
 log = logging.getLogger(__name__)
 
 ORIGIN_BYTES = 8
+# Events published while Redis is down that a replica keeps to append to the buffers on its return
+# (a longer outage keeps the latest ones).
+MAX_UNBUFFERED = 10_000
 
 DurableReader = Callable[[str, int, int | None], Awaitable[list[chat_pb2.ChatEvent]]]
 
@@ -68,9 +72,12 @@ class EventHub:
 
     When a Redis call fails the hub marks Redis down (logged once): it stops calling it, hands
     what it publishes to `relay` (Postgres NOTIFY) instead, and probes Redis every
-    `probe_seconds`. Once a probe succeeds (logged once) it follows its chats again, replays
-    what Redis buffered meanwhile, and keeps relaying for `overlap_seconds` more, so subscribers
-    of replicas that notice the return later miss nothing (duplicates are dropped by seq).
+    `probe_seconds`. Once a probe succeeds (logged once) it appends to the buffers what it
+    published meanwhile, follows its chats again, replays what Redis buffered meanwhile, and keeps
+    relaying for `overlap_seconds` more, so subscribers of replicas that notice the return later
+    miss nothing (duplicates are dropped by seq). A subscriber fills a gap in the live sequence
+    from the buffer and Postgres: a newer event may come through Redis before an older one still
+    on its way through the relay.
     """
 
     def __init__(
@@ -119,6 +126,9 @@ class EventHub:
         self._up.set()
         self._prober: asyncio.Task[None] | None = None
         self._relay_until = 0.0
+        # What was published while Redis was down, by chat: appended to the buffers on the way back.
+        self._unbuffered: dict[str, list[chat_pb2.ChatEvent]] = {}
+        self._unbuffered_count = 0
 
     def _key(self, chat_id: str) -> str:
         return f"{self._prefix}{chat_id}"
@@ -153,6 +163,8 @@ class EventHub:
                 self._redis_failed("publishing chat events", exc)
         if self._relaying():
             self._relay.send(chat_id, events)  # type: ignore[union-attr]
+        if not self._redis_up:
+            self._keep_unbuffered(chat_id, events)
 
     async def publish_many(self, batch: Sequence[tuple[str, Sequence[chat_pb2.ChatEvent]]]) -> None:
         """Publish committed events of many chats at once (one Redis round trip); never raises."""
@@ -175,6 +187,19 @@ class EventHub:
         if self._relaying():
             for chat_id, events in batch:
                 self._relay.send(chat_id, events)  # type: ignore[union-attr]
+        if not self._redis_up:
+            for chat_id, events in batch:
+                self._keep_unbuffered(chat_id, events)
+
+    def _keep_unbuffered(self, chat_id: str, events: Sequence[chat_pb2.ChatEvent]) -> None:
+        """Remember events published while Redis is down (the failed batch included: it may or may
+        not have reached Redis) to append them to the chat's buffer on the way back. A long outage
+        keeps the latest: those still on their way through the relay when Redis returns."""
+        if self._unbuffered_count + len(events) > MAX_UNBUFFERED:
+            self._unbuffered.clear()
+            self._unbuffered_count = 0
+        self._unbuffered.setdefault(chat_id, []).extend(events)
+        self._unbuffered_count += len(events)
 
     def _relaying(self) -> bool:
         """Whether published events go through the Postgres relay too (Redis down, or just back)."""
@@ -223,6 +248,7 @@ class EventHub:
                     # A write, as publishing is: a Redis that answers PING but refuses writes
                     # (out of memory, a read-only replica) is still down for us.
                     await self._redis.set(f"{self._prefix}probe", b"1", ex=60)
+                    await self._append_unbuffered()
             except Exception:
                 continue
             break
@@ -237,6 +263,31 @@ class EventHub:
         for chat_id in list(self._subs):
             await self._follow(chat_id)
         self._resync = True
+
+    async def _append_unbuffered(self) -> None:
+        """Append to the buffers what was published while Redis was down, before anything new is
+        published through Redis again: the relay and Redis pub/sub are not ordered, so another
+        replica's subscriber may get a newer event through Redis first and fill the gap; the
+        gap's streaming events are then found in the buffer (Postgres has the durable ones)."""
+        assert self._redis is not None
+        while self._unbuffered:  # (no await between the last check and going back up)
+            kept, self._unbuffered, self._unbuffered_count = self._unbuffered, {}, 0
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for chat_id, events in kept.items():
+                        for ev in events:
+                            pipe.xadd(
+                                self._key(chat_id),
+                                {"e": ev.SerializeToString()},
+                                maxlen=self._buffer_size,
+                                approximate=True,
+                            )
+                        pipe.expire(self._key(chat_id), 24 * 3600)
+                    await pipe.execute()
+            except BaseException:
+                for chat_id, events in kept.items():  # still down: keep them for the next probe
+                    self._keep_unbuffered(chat_id, events)
+                raise
 
     def _append(self, pipe: Any, chat_id: str, events: Sequence[chat_pb2.ChatEvent]) -> None:
         """Queue on `pipe` the stream entries and the one pub/sub message for `events`."""
@@ -436,19 +487,25 @@ class EventHub:
                             yield ev
                             sub.last = ev.seq
                     continue
-                live = _coalesce(sub.queue, sub.last)
-                if live is None:
+                coalesced = _coalesce(sub.queue, sub.last)
+                if coalesced is None:
                     continue
+                first, live = coalesced
                 if is_stub(live):
                     # A relayed event too large for a notification: durable, so in Postgres.
                     for ev in await durable(chat_id, sub.last, live.seq + 1):
                         yield ev
                         sub.last = ev.seq
                     continue
-                if live.seq > sub.last + 1:
-                    for missing in await durable(chat_id, sub.last, live.seq):
-                        yield missing
-                        sub.last = missing.seq
+                if first > sub.last + 1:
+                    # Durable events are in Postgres; streaming ones another replica relayed while
+                    # Redis was away may still be on their way, and are in the buffer since its
+                    # return (`_append_unbuffered`).
+                    gap = {ev.seq: ev for ev in await self._buffered(chat_id, sub.last) if ev.seq < first}
+                    gap.update({ev.seq: ev for ev in await durable(chat_id, sub.last, first)})
+                    for seq in sorted(gap):
+                        yield gap[seq]
+                        sub.last = seq
                 yield live
                 sub.last = live.seq
         finally:
@@ -493,17 +550,19 @@ class EventHub:
             self._pubsub = None
 
 
-def _coalesce(queue: asyncio.Queue[chat_pb2.ChatEvent], last: int) -> chat_pb2.ChatEvent | None:
+def _coalesce(queue: asyncio.Queue[chat_pb2.ChatEvent], last: int) -> tuple[int, chat_pb2.ChatEvent] | None:
     """The next queued event after seq `last` (older ones are dropped: the client has them), with
-    the consecutive deltas of the same part queued behind it merged into it; None if none."""
+    the consecutive deltas of the same part queued behind it merged into it (it then has the seq
+    of the last one); None if none. Returned with the seq of the first of the events it stands for."""
     while True:
         if queue.empty():
             return None
         ev = queue.get_nowait()
         if ev.seq > last:
             break
+    first = ev.seq
     if ev.WhichOneof("event") != "part_delta":
-        return ev
+        return first, ev
     merged: Any = None
     while not queue.empty():
         nxt = queue._queue[0]  # type: ignore[attr-defined]  # peek: asyncio.Queue is a deque inside
@@ -527,4 +586,4 @@ def _coalesce(queue: asyncio.Queue[chat_pb2.ChatEvent], last: int) -> chat_pb2.C
             ev.part_delta.reasoning += nxt.part_delta.reasoning
         ev.seq = nxt.seq
         ev.time.CopyFrom(nxt.time)
-    return ev
+    return first, ev

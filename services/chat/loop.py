@@ -424,9 +424,10 @@ async def _stream(
 ) -> _Streamed:
     """Build the prompt and consume the model's stream (deltas go out coalesced) until it ends or
     the run is interrupted; `begun` is when the step's generation began (time to first delta)."""
+    # Before anything can fail: a failure names the reply of this generation, never an earlier one.
+    ctx.unpersisted_reply = None
     request = await build_request(ctx, info, history)
     message_id = str(uuid.uuid4())
-    ctx.unpersisted_reply = None
 
     async def emit(events: list[chat_pb2.ChatEvent]) -> None:
         ctx.unpersisted_reply = message_id  # its deltas may be out: a failure must discard them

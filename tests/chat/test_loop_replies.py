@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import asyncio
 
+from services.chat.loop import ModelError
 from services.chat.loop_replies import RUN_ABANDONED, STREAM_INTERRUPTED
-from tests.chat.loopkit import Fail, Gate, Item, LoopKit, Text, Usage, finish
+from tests.chat.loopkit import Call, Fail, Gate, Item, LoopKit, Text, Usage, finish
 from tests.chat.transcript import Transcript, streamed_text, text_of
 
 
@@ -140,3 +141,20 @@ async def test_a_run_announces_the_reply_its_predecessor_abandoned() -> None:
     kit.model.add([Text("Again.")])
     await kit.run(chat_id)
     assert _kinds(kit, chat_id).count("reply_discarded") == 1
+
+
+async def test_a_failure_before_the_next_generation_streams_discards_no_persisted_reply() -> None:
+    kit = LoopKit()
+    echo = kit.tools.gate("echo")
+    kit.model.add([Text("Let me look."), Call("echo", id="c1")])
+    chat_id = kit.create_chat()
+    _, task = kit.start(chat_id)
+    await echo.reached()
+    # The next step cannot even build its request: the tools cannot be listed.
+    kit.tools.listing_errors.append(ModelError("UNAVAILABLE", "toolexec is down"))
+    echo.open()
+    await finish(task)
+    assert kit.store.chats[chat_id].status == "error"
+    assert kit.store.roles(chat_id) == ["user", "assistant", "tool"]
+    # The reply streamed and persisted in step 1 stays: nothing is announced discarded.
+    assert "reply_discarded" not in _kinds(kit, chat_id)

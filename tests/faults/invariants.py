@@ -71,6 +71,8 @@ class LiveStream(Protocol):
 
     events: list[chat_pb2.ChatEvent]
     reconnects: int
+    # StreamChat failures other than the stream's replica or database being away.
+    errors: list[str]
 
     @property
     def last_seq(self) -> int: ...
@@ -409,6 +411,7 @@ async def _check_one(
         except AssertionError as exc:
             violations.append(f"follower: {exc}")
         live = list(follower.events)
+        violations += [f"follower: StreamChat failed with {error}" for error in follower.errors]
         violations += stream_violations("follower", live, lossy=exp.follower_may_lose_deltas, **common)  # type: ignore[arg-type]
     if not violations:
         return ""
@@ -515,7 +518,21 @@ def _report(
             lines.append(f"  side effects: {mine}")
         streams = [("replay", observed.replay)] + ([("follower", live)] if live is not None else [])
         for name, events in streams:
-            if any(v.startswith(f"{name}:") for v in violations):
-                lines.append(f"  {name} events ({len(events)}, last {REPORT_EVENTS}):")
-                lines += [f"    {describe_event(e)}" for e in events[-REPORT_EVENTS:]]
+            mine = [v for v in violations if v.startswith(f"{name}:")]
+            if mine:
+                shown = _window(events, {m for v in mine for m in _UUID.findall(v)})
+                lines.append(f"  {name} events ({len(shown)} of {len(events)}):")
+                lines += [f"    {describe_event(e)}" for e in shown]
     return "\n".join(lines)
+
+
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def _window(events: Sequence[chat_pb2.ChatEvent], message_ids: set[str]) -> Sequence[chat_pb2.ChatEvent]:
+    """The events around the messages a violation names (from a few before the first event that
+    names one to a few after the last), else the last `REPORT_EVENTS`."""
+    touching = [i for i, e in enumerate(events) if message_ids & set(_UUID.findall(str(e)))]
+    if not touching:
+        return events[-REPORT_EVENTS:]
+    return events[max(touching[0] - 8, 0) : touching[-1] + 4][-REPORT_EVENTS:]

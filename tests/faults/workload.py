@@ -43,7 +43,6 @@ class TurnPlan:
     # Simulator faults of this turn's tool-call generation and of its reply (script form).
     call_fault: dict[str, Any] | None = None
     reply_fault: dict[str, Any] | None = None
-    reply_gate: dict[str, Any] | str | None = None
     # A command that waits for this file in the workspace after appending its token.
     tool_gate: str | None = None
 
@@ -56,7 +55,7 @@ class TurnPlan:
         return command
 
     def turns(self, token_delay_ms: float) -> list[dict[str, Any]]:
-        """The two script turns (a tool step, a text step); one when the turn has no calls."""
+        """Its script turns: a tool step (unless it has no calls), then the text reply."""
         out: list[dict[str, Any]] = []
         if self.calls:
             step: dict[str, Any] = {
@@ -71,8 +70,6 @@ class TurnPlan:
         reply: dict[str, Any] = {"text": self.reply, "token_delay_ms": token_delay_ms}
         if self.reply_fault:
             reply["fault"] = self.reply_fault
-        if self.reply_gate:
-            reply["gate"] = self.reply_gate
         out.append(reply)
         return out
 
@@ -117,12 +114,12 @@ def plan_turns(
     *,
     words: tuple[int, int] = (20, 40),
     tool_seconds: float = 0.0,
-    tools: bool = True,
 ) -> list[TurnPlan]:
-    """`count` turns with one or two tool calls each (or none) and replies of a random length."""
+    """`count` turns with one or two tool calls each (commands that take `tool_seconds`) and
+    replies of a random length."""
     out = []
     for k in range(count):
-        calls = [f"{marker}-{k}-{i}" for i in range(rng.choice((1, 1, 2)))] if tools else []
+        calls = [f"{marker}-{k}-{i}" for i in range(rng.choice((1, 1, 2)))]
         out.append(
             TurnPlan(calls=calls, reply=reply_text(marker, k, rng.randint(*words)), tool_seconds=tool_seconds)
         )
@@ -255,7 +252,8 @@ class Follower:
         self.chat_id = chat_id
         self.events: list[chat_pb2.ChatEvent] = []
         self.reconnects = 0
-        self.breaks: list[str] = []
+        # Failures a client must not see (anything but its replica or database being away).
+        self.errors: list[str] = []
         self._stack = stack
         self._rng = rng
         self._addresses = addresses or (lambda: [stack.chat.address])
@@ -286,9 +284,11 @@ class Follower:
             try:
                 async for item in call:
                     self.events.append(item.event)
-                self.breaks.append(f"{address}: stream ended")
             except grpc.aio.AioRpcError as exc:
-                self.breaks.append(f"{address}: {exc.code().name} {exc.details()}")
+                # Its replica died or lost its database (UNAVAILABLE), or it fell behind
+                # (RESOURCE_EXHAUSTED): a client resumes elsewhere, and a gap would show.
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
+                    self.errors.append(f"{exc.code().name} {error_info(exc)} {exc.details()}")
             finally:
                 call.cancel()
             self.reconnects += 1
