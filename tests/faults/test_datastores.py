@@ -24,7 +24,8 @@ from tests.helpers import make_test_settings
 
 CHATS = 6
 WORKSPACES = 2
-TURNS = 12
+# Messages each chat may get: more than the faults leave time for (the tests stop sending after).
+TURNS = 60
 
 
 async def _start(stack: FaultStack, rng: random.Random) -> Scenario:

@@ -30,6 +30,9 @@ KILLS = 20
 REPLICAS = 3
 CHATS = 8
 WORKSPACES = 3
+# Messages each chat may get: more than the kills leave time for (a chat with none left has no
+# turn to be killed in), fewer than the script would be slow to build.
+TURNS = 80
 PHASES = ("streaming", "tool", "any")
 
 
@@ -68,7 +71,7 @@ async def test_replicas_killed_at_random_points_keep_every_chat_whole(
             ChatPlan(
                 marker=f"c{i:02d}",
                 workspace_id=workspaces[i % WORKSPACES],
-                turns=plan_turns(rng, f"c{i:02d}", 20, tool_seconds=0.3),
+                turns=plan_turns(rng, f"c{i:02d}", TURNS, tool_seconds=0.3),
             )
             for i in range(CHATS)
         ]
