@@ -11,6 +11,7 @@ from typing import Any
 import psycopg
 import pytest
 from agentplane.chat.v1 import chat_pb2
+from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from services.chat.deltas import EventNumberer
@@ -19,6 +20,7 @@ from services.chat.liveness import LivenessLock
 from services.chat.server import create_chat_pool
 from services.chat.settings import ChatSettings
 from services.chat.store import ChatStore
+from services.chat.store.leases import owner_gone
 from tests.chat.conftest import text
 from tests.helpers import wait_until
 
@@ -55,6 +57,13 @@ async def alive(database_url: str, worker_id: str) -> AsyncIterator[LivenessLock
         yield lock
     finally:
         await lock.stop()
+
+
+async def _owner_gone(database_url: str, chat_id: str) -> bool:
+    """What InterruptChat sees: the chat's owner can no longer be running it."""
+    async with await psycopg.AsyncConnection.connect(database_url, row_factory=dict_row) as conn:
+        async with conn.cursor() as cur:
+            return await owner_gone(cur, chat_id)
 
 
 async def _owner(database_url: str, chat_id: str) -> tuple[str | None, str | None, str]:
@@ -342,7 +351,9 @@ async def test_interrupt_of_a_chat_whose_worker_is_gone_leaves_it_idle_and_unown
     )
     async with alive(database_url, "gone"):
         [claim] = await s.claim("gone", 5, lease_seconds=30)
-    # Its worker died with the run; the lease still runs for 30 s.
+    # Its worker died with the run; the lease still runs for 30 s. Postgres drops the session's
+    # lock once the backend has exited, a moment after the client closed it.
+    await wait_until(lambda: _owner_gone(database_url, chat.id), what="the dead worker's lock to go")
     interrupted = await s.interrupt("alice", chat.id)
     assert interrupted.status == chat_pb2.CHAT_STATUS_WAITING
     assert await _owner(database_url, chat.id) == (None, None, "waiting")
