@@ -8,20 +8,17 @@ chat, user or workspace id is ever a label. docs/operations.md lists every metri
 
 from __future__ import annotations
 
-import threading
 import time
-import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool
 
-from services.common.metrics import LATENCY_BUCKETS, CachedStateCollector
+from services.common.metrics import LATENCY_BUCKETS, CachedStateCollector, PerRegistry
 
 TURN_OUTCOMES = ("done", "interrupted", "failed", "lost", "error")
 STEP_OUTCOMES = ("tool_calls", "answer", "interrupted", "failed")
@@ -61,14 +58,11 @@ class ChatState:
     queued_messages: int
 
 
-class ChatMetrics:
+class ChatMetrics(PerRegistry):
     """The chat collectors registered in one registry (one set per registry, like `RpcMetrics`)."""
 
-    _by_registry: weakref.WeakKeyDictionary[CollectorRegistry, ChatMetrics] = weakref.WeakKeyDictionary()
-    _lock = threading.Lock()
-
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.registry = registry
+        super().__init__(registry)
         self.turns = Counter(
             "agentplane_chat_turns",
             "Turns ended, by outcome: done (answered), interrupted, failed (the chat is in ERROR), lost "
@@ -176,17 +170,6 @@ class ChatMetrics:
         self.phase = {phase: self.step_phase_seconds.labels(phase) for phase in STEP_PHASES}
         self.step_outcome = {outcome: self.steps.labels(outcome) for outcome in STEP_OUTCOMES}
         self.turn_outcome = {outcome: self.turns.labels(outcome) for outcome in TURN_OUTCOMES}
-
-    @classmethod
-    def for_registry(cls, registry: CollectorRegistry | None = None) -> ChatMetrics:
-        """The collectors of `registry` (default: the global registry), created once."""
-        registry = registry or prometheus_client.REGISTRY
-        with cls._lock:
-            metrics = cls._by_registry.get(registry)
-            if metrics is None:
-                metrics = cls(registry)
-                cls._by_registry[registry] = metrics
-            return metrics
 
     def watch_state(self, pool: AsyncConnectionPool[Any]) -> Any:
         """Compute the state gauges from `pool` on scrape (see `CachedStateCollector`); returns detach."""

@@ -1,6 +1,6 @@
 """Prometheus metrics per RPC, health, gauges computed from the database, and the metrics endpoint.
 
-Collectors live in a `CollectorRegistry`; `RpcMetrics.for_registry(registry)` returns the one
+Collectors live in a `CollectorRegistry`; `for_registry(registry)` of each `PerRegistry` class returns the one
 set of collectors for that registry, so several servers in one process (tests) share them
 instead of failing on duplicate registration. Production uses the default registry.
 
@@ -18,7 +18,7 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Self, TypeVar
 
 import grpc
 import grpc.aio
@@ -39,15 +39,39 @@ STATE_CACHE_SECONDS = 15.0
 STATE_QUERY_TIMEOUT_SECONDS = 2.0
 
 
-class RpcMetrics:
-    """The per-RPC collectors registered in one registry."""
+class PerRegistry:
+    """Collectors registered in one `CollectorRegistry`, created once per registry and class:
+    several servers in one process (tests) share them instead of failing on duplicate registration."""
 
-    _by_registry: weakref.WeakKeyDictionary[CollectorRegistry, RpcMetrics] = weakref.WeakKeyDictionary()
-    _lock = threading.Lock()
+    _instances: ClassVar[weakref.WeakKeyDictionary[CollectorRegistry, Any]]
+    _instances_lock: ClassVar[threading.Lock]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._instances = weakref.WeakKeyDictionary()
+        cls._instances_lock = threading.Lock()
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    @classmethod
+    def for_registry(cls, registry: CollectorRegistry | None = None) -> Self:
+        """The collectors of `registry` (default: prometheus_client's global registry), created once."""
+        registry = registry or prometheus_client.REGISTRY
+        with cls._instances_lock:
+            metrics = cls._instances.get(registry)
+            if metrics is None:
+                metrics = cls(registry)
+                cls._instances[registry] = metrics
+            return metrics  # type: ignore[no-any-return]
+
+
+class RpcMetrics(PerRegistry):
+    """The per-RPC collectors registered in one registry."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         labels = ("service", "method")
-        self.registry = registry
+        super().__init__(registry)
         self.requests = Counter(
             "agentplane_rpc_requests",
             "RPCs handled, by final status code.",
@@ -78,17 +102,6 @@ class RpcMetrics:
             ("service", "dependency"),
             registry=registry,
         )
-
-    @classmethod
-    def for_registry(cls, registry: CollectorRegistry | None = None) -> RpcMetrics:
-        """The collectors of `registry` (default: prometheus_client's global registry), created once."""
-        registry = registry or prometheus_client.REGISTRY
-        with cls._lock:
-            metrics = cls._by_registry.get(registry)
-            if metrics is None:
-                metrics = cls(registry)
-                cls._by_registry[registry] = metrics
-            return metrics
 
 
 def split_method(method: str) -> tuple[str, str]:

@@ -3,23 +3,18 @@ database queries, and invalidation messages published or lost while Redis was do
 
 from __future__ import annotations
 
-import threading
-import weakref
-
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter
 
+from services.common.metrics import PerRegistry
 from services.config.cache import CacheCounters
 
 
-class ConfigMetrics:
+class ConfigMetrics(PerRegistry):
     """The config collectors registered in one registry (one set per registry, like `RpcMetrics`)."""
 
-    _by_registry: weakref.WeakKeyDictionary[CollectorRegistry, ConfigMetrics] = weakref.WeakKeyDictionary()
-    _lock = threading.Lock()
-
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.registry = registry
+        super().__init__(registry)
         self.cache_hits = Counter(
             "agentplane_config_cache_hits",
             "Config cache reads answered from memory.",
@@ -55,17 +50,6 @@ class ConfigMetrics:
             ["op"],
             registry=registry,
         )
-
-    @classmethod
-    def for_registry(cls, registry: CollectorRegistry | None = None) -> ConfigMetrics:
-        """The collectors of `registry` (default: the global registry), created once."""
-        registry = registry or prometheus_client.REGISTRY
-        with cls._lock:
-            metrics = cls._by_registry.get(registry)
-            if metrics is None:
-                metrics = cls(registry)
-                cls._by_registry[registry] = metrics
-            return metrics
 
     def cache_counters(self, cache: str) -> CacheCounters:
         """Pre-labelled counters for the cache named `cache` (labels resolved once, off the hot path)."""

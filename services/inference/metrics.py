@@ -6,28 +6,23 @@ model config's model name, `reason` an ErrorReason name; all bounded by the depl
 
 from __future__ import annotations
 
-import threading
-import weakref
-
-import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from services.common.metrics import PerRegistry
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
 TPS_BUCKETS = (1, 5, 10, 20, 40, 60, 80, 100, 150, 200, 400, 1000, 5000)
-
 
 TOKEN_KINDS = ("input", "output", "reasoning", "cache_read", "cache_write")
 PROVIDER_OUTCOMES = ("ok", "retried", "error", "cancelled")
 
 
-class InferenceMetrics:
+class InferenceMetrics(PerRegistry):
     """Requests, provider requests, time to first token, output tokens per second, errors, retries,
     tokens and cost."""
 
-    _by_registry: weakref.WeakKeyDictionary[CollectorRegistry, InferenceMetrics] = weakref.WeakKeyDictionary()
-    _lock = threading.Lock()
-
     def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__(registry)
         labels = ("provider", "model")
         self.requests = Counter(
             "agentplane_inference_requests",
@@ -81,14 +76,3 @@ class InferenceMetrics:
             labels,
             registry=registry,
         )
-
-    @classmethod
-    def for_registry(cls, registry: CollectorRegistry | None = None) -> InferenceMetrics:
-        """The collectors of `registry` (default: the global registry), created once."""
-        registry = registry or prometheus_client.REGISTRY
-        with cls._lock:
-            metrics = cls._by_registry.get(registry)
-            if metrics is None:
-                metrics = cls(registry)
-                cls._by_registry[registry] = metrics
-            return metrics

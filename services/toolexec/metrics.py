@@ -5,19 +5,16 @@ state (read from the database on scrape). Labels are bounded: tool names are the
 from __future__ import annotations
 
 import asyncio
-import threading
-import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool
 
 from services.agent.tools.base import ToolResult
-from services.common.metrics import LATENCY_BUCKETS, CachedStateCollector
+from services.common.metrics import LATENCY_BUCKETS, CachedStateCollector, PerRegistry
 from services.toolexec.tools.definitions import TOOLS_BY_NAME
 
 UNKNOWN_TOOL = "unknown"
@@ -28,13 +25,11 @@ TOOL_OUTCOMES = ("ok", "error", "offline", "outcome_unknown", "replayed")
 STATE_QUERY = "SELECT state, driver, count(*) FROM toolexec_workspaces GROUP BY state, driver"
 
 
-class ToolexecMetrics:
+class ToolexecMetrics(PerRegistry):
     """The toolexec collectors registered in one registry (one set per registry, like `RpcMetrics`)."""
 
-    _by_registry: weakref.WeakKeyDictionary[CollectorRegistry, ToolexecMetrics] = weakref.WeakKeyDictionary()
-    _lock = threading.Lock()
-
     def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__(registry)
         self.tool_calls = Counter(
             "agentplane_toolexec_tool_calls",
             "CallTool answers, by tool and outcome: ok, error (the tool failed), offline (no agent "
@@ -57,17 +52,6 @@ class ToolexecMetrics:
         )
         self.state = CachedStateCollector(_render_state)
         registry.register(self.state)
-
-    @classmethod
-    def for_registry(cls, registry: CollectorRegistry | None = None) -> ToolexecMetrics:
-        """The collectors of `registry` (default: the global registry), created once."""
-        registry = registry or prometheus_client.REGISTRY
-        with cls._lock:
-            metrics = cls._by_registry.get(registry)
-            if metrics is None:
-                metrics = cls(registry)
-                cls._by_registry[registry] = metrics
-            return metrics
 
     def watch(self, pool: AsyncConnectionPool[Any], connected: Callable[[], int]) -> Callable[[], None]:
         """Report `connected()` agents and the workspaces in `pool` (on scrape); returns detach."""
